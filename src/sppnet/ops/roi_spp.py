@@ -1,0 +1,390 @@
+"""Spatial pyramid pooling of many windows of one feature map (SPP-net Sec. 4).
+
+SPP-net's detector runs the conv layers once per image and scale, maps each of
+~2,000 candidate windows onto conv5 (``ops/mapping.py``) and pools every window
+with the pyramid. ``roi_spatial_pyramid_pool`` does that for all windows in one
+call, without a Python loop over windows or bins.
+
+Windows are in integer feature-map cells, both ends INCLUSIVE: a window with
+``x1 = x2`` is one cell wide. Bin ``i`` of ``n`` along a window side of ``a``
+cells starting at cell ``s`` covers cells ``[s + floor(i*a/n), s + ceil((i+1)*a/n))``
+(Appendix bins, the same as the image-level ``bins="adaptive"``): pooling a
+window that is the whole map equals ``spatial_pyramid_pool`` of the map.
+
+Implementations, chosen automatically (all exact, tested against a loop):
+* CPU, float32/float64, max: a numba kernel that reads each window once for the
+  finest level and derives coarser levels from it; argmax kept for backward.
+* otherwise (CUDA, bfloat16/float16, or numba missing), max: a 2-D sparse table
+  (range-max over power-of-two blocks) and four look-ups per bin, pure PyTorch.
+* avg, everywhere: a summed-area table and four look-ups per bin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from sppnet.ops import _kernels
+from sppnet.ops._bins import check_levels, check_mode
+
+__all__ = ["roi_spatial_pyramid_pool", "RoISpatialPyramidPool", "check_rois"]
+
+_CHUNK_BYTES = 256 * 2**20  # bound on the gather intermediate of the PyTorch paths
+
+
+def _rois_from_list(rois: list[Tensor] | tuple[Tensor, ...], n_img: int, device: torch.device) -> Tensor:
+    if len(rois) != n_img:
+        raise ValueError(f"rois as a list needs one Tensor[L_i, 4] per image: got {len(rois)} for {n_img} images")
+    parts = []
+    for i, r in enumerate(rois):
+        r = torch.as_tensor(r)
+        if r.dim() != 2 or r.shape[1] != 4:
+            raise ValueError(f"rois[{i}] must be Tensor[L, 4] (x1, y1, x2, y2), got shape {tuple(r.shape)}")
+        idx = torch.full((r.shape[0], 1), i, dtype=torch.float64, device=r.device)
+        parts.append(torch.cat([idx, r.to(torch.float64)], dim=1))
+    if not parts:
+        return torch.zeros((0, 5), dtype=torch.float64, device=device)
+    return torch.cat(parts, dim=0).to(device)
+
+
+def check_rois(rois: Tensor | Sequence[Tensor], features_shape: Sequence[int]) -> Tensor:
+    """Validates windows and returns them as ``LongTensor[K, 5]``.
+
+    Args:
+        rois: ``Tensor[K, 5]`` rows ``(batch_index, x1, y1, x2, y2)``, or a list of
+            ``Tensor[L_i, 4]`` rows ``(x1, y1, x2, y2)``, one per image; integer
+            feature-map cells, both ends inclusive, any numeric dtype holding
+            whole numbers.
+        features_shape: ``(N, C, H, W)`` of the feature maps.
+
+    Raises:
+        ValueError: naming the first offending row for a wrong shape, a
+            non-finite or fractional value, ``x2 < x1`` / ``y2 < y1``, a window
+            outside the ``H x W`` map, or a batch index outside ``[0, N)``.
+    """
+    n_img, _, height, width = (int(s) for s in features_shape)
+    if isinstance(rois, (list, tuple)):
+        r = _rois_from_list(rois, n_img, torch.device("cpu"))
+    elif isinstance(rois, Tensor):
+        if rois.dim() != 2 or rois.shape[1] != 5:
+            raise ValueError(
+                f"rois must be Tensor[K, 5] (batch_index, x1, y1, x2, y2) or a list of Tensor[L, 4], "
+                f"got shape {tuple(rois.shape)}"
+            )
+        r = rois.detach()
+    else:
+        raise ValueError(f"rois must be a Tensor or a list of Tensors, got {type(rois).__name__}")
+    if r.shape[0] == 0:
+        return torch.zeros((0, 5), dtype=torch.long)
+    rf = r.to(torch.float64).cpu()
+
+    def first_bad(mask: Tensor) -> int:
+        return int(mask.nonzero()[0, 0])
+
+    bad = ~torch.isfinite(rf).all(dim=1)
+    if bad.any():
+        i = first_bad(bad)
+        raise ValueError(f"rois must be finite, got row {i} = {rf[i].tolist()}")
+    bad = (rf != rf.round()).any(dim=1)
+    if bad.any():
+        i = first_bad(bad)
+        raise ValueError(
+            f"rois must be whole feature-map cells (map image boxes with map_boxes_to_features), "
+            f"got row {i} = {rf[i].tolist()}"
+        )
+    rl = rf.long()
+    b, x1, y1, x2, y2 = rl.unbind(1)
+    checks = [
+        ((b < 0) | (b >= n_img), f"batch index must be in [0, {n_img})"),
+        ((x2 < x1) | (y2 < y1), "windows must satisfy x1 <= x2 and y1 <= y2"),
+        ((x1 < 0) | (y1 < 0) | (x2 >= width) | (y2 >= height), f"windows must lie in the {height}x{width} map"),
+    ]
+    for mask, what in checks:
+        if mask.any():
+            i = first_bad(mask)
+            raise ValueError(f"{what}, got row {i} = {rl[i].tolist()} (batch_index, x1, y1, x2, y2)")
+    return rl
+
+
+# ---------------------------------------------------------------------------- numba
+
+
+class _PyramidMaxKernel(torch.autograd.Function):
+    """Max pyramid over windows with the numba kernel; backward scatters by argmax."""
+
+    @staticmethod
+    def forward(ctx, features: Tensor, rois: Tensor, levels: tuple[int, ...]) -> Tensor:  # type: ignore[override]
+        feats = features.detach().contiguous()
+        n_img, chans, height, width = feats.shape
+        lv, src, out_off, order = _kernels.make_plan(levels, chans)
+        n_win = rois.shape[0]
+        dim = chans * sum(n * n for n in levels)
+        out = torch.empty((n_win, dim), dtype=feats.dtype)
+        arg = torch.empty((n_win, dim), dtype=torch.int32)
+        if n_win:
+            direct = [levels[i] for i in range(len(levels)) if src[i] < 0]
+            la, lb = _table_depth(rois, direct)
+            _kernels.set_threads(torch.get_num_threads())
+            # Cost model (cells x channels touched): scanning reads every bin cell by
+            # cell; the sparse table pays la*lb map copies once, then 4 reads a bin.
+            hw = (rois[:, 4] - rois[:, 2] + 1) * (rois[:, 3] - rois[:, 1] + 1)
+            scan_cost = 1.5 * float(hw.sum()) * len(direct)
+            table_cost = 2.0 * la * lb * n_img * height * width + 4.0 * n_win * sum(n * n for n in direct)
+            if scan_cost <= table_cost:
+                _kernels.scan_pyramid_max_forward(
+                    feats.numpy(), rois.numpy(), lv, src, out_off, order, out.numpy(), arg.numpy()
+                )
+            else:
+                feats_cl = feats.permute(0, 2, 3, 1).contiguous()  # [N, H, W, C]
+                tab_val = torch.empty((la, lb, n_img, height, width, chans), dtype=feats.dtype)
+                tab_arg = torch.empty((la, lb, n_img, height, width, chans), dtype=torch.int32)
+                _kernels.build_max_tables(feats_cl.numpy(), tab_val.numpy(), tab_arg.numpy())
+                _kernels.roi_pyramid_max_forward(
+                    tab_val.numpy(), tab_arg.numpy(), rois.numpy(), lv, src, out_off, order, out.numpy(), arg.numpy()
+                )
+                del tab_val, tab_arg
+        ctx.save_for_backward(arg, rois)
+        ctx.shape = (n_img, chans, height, width)
+        ctx.levels = levels
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        arg, rois = ctx.saved_tensors
+        n_img, chans, height, width = ctx.shape
+        grad_in = torch.zeros((n_img, chans * height * width), dtype=grad_out.dtype)
+        if rois.shape[0]:
+            cols = []  # cols_of_chan[c]: the output columns that read channel c
+            off = 0
+            for n in ctx.levels:
+                nn_ = n * n
+                cols.append(off + np.arange(chans)[:, None] * nn_ + np.arange(nn_)[None, :])
+                off += chans * nn_
+            cols_of_chan = np.ascontiguousarray(np.concatenate(cols, axis=1), dtype=np.int64)
+            _kernels.set_threads(torch.get_num_threads())
+            _kernels.roi_pyramid_max_backward(
+                grad_out.contiguous().numpy(),
+                arg.numpy(),
+                np.ascontiguousarray(rois[:, 0].numpy()),
+                cols_of_chan,
+                grad_in.numpy(),
+            )
+        return grad_in.view(n_img, chans, height, width), None, None
+
+
+def _table_depth(rois: Tensor, direct_levels: list[int]) -> tuple[int, int]:
+    """Sparse-table depth needed for the longest bin side of the direct levels."""
+    _, x1, y1, x2, y2 = rois.unbind(1)
+    max_h = max(int((hi - lo).max()) for lo, hi in (_bin_edges(y1, y2 - y1 + 1, n) for n in direct_levels))
+    max_w = max(int((hi - lo).max()) for lo, hi in (_bin_edges(x1, x2 - x1 + 1, n) for n in direct_levels))
+    return max_h.bit_length(), max_w.bit_length()
+
+
+def _use_kernel(features: Tensor, mode: str) -> bool:
+    return (
+        _kernels.HAVE_NUMBA
+        and mode == "max"
+        and features.device.type == "cpu"
+        and features.dtype in (torch.float32, torch.float64)
+        and not torch.jit.is_tracing()
+    )
+
+
+def pyramid_max_kernel(features: Tensor, rois: Tensor, levels: tuple[int, ...]) -> Tensor:
+    """``[K, C * sum(n*n)]`` via the numba kernel (validated LongTensor rois)."""
+    return _PyramidMaxKernel.apply(features, rois.contiguous(), levels)
+
+
+# -------------------------------------------------------------------------- PyTorch
+
+
+def _bin_edges(start: Tensor, length: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """Adaptive bins of windows: ``(lo, hi)`` each ``LongTensor[K, n]``, hi exclusive."""
+    i = torch.arange(n, device=start.device)
+    lo = start[:, None] + torch.div(i[None] * length[:, None], n, rounding_mode="floor")
+    hi = start[:, None] + torch.div((i[None] + 1) * length[:, None] + n - 1, n, rounding_mode="floor")
+    return lo, hi
+
+
+def _floor_log2(v: Tensor) -> Tensor:
+    """floor(log2(v)) for positive integer tensors, exactly."""
+    out = torch.zeros_like(v)
+    for s in (32, 16, 8, 4, 2, 1):
+        big = v >= (1 << s)
+        out = out + big.long() * s
+        v = torch.where(big, v >> s, v)
+    return out
+
+
+def _chunks(n_win: int, per_window_bytes: int) -> list[tuple[int, int]]:
+    step = max(1, _CHUNK_BYTES // max(1, per_window_bytes))
+    return [(s, min(n_win, s + step)) for s in range(0, n_win, step)]
+
+
+def _roi_max_torch(features: Tensor, rois: Tensor, levels: tuple[int, ...]) -> Tensor:
+    """Max pyramid from a 2-D sparse table: ``table[a][b][y, x]`` = max over
+    ``[y, y + 2^a) x [x, x + 2^b)``; any bin is the max of four overlapping blocks."""
+    n_img, chans, height, width = features.shape
+    n_win = rois.shape[0]
+    dev = features.device
+    rois = rois.to(dev)
+    b, x1, y1, x2, y2 = rois.unbind(1)
+    hgt, wid = y2 - y1 + 1, x2 - x1 + 1
+    direct = [n for n in sorted(set(levels), reverse=True)]
+    derive_from: dict[int, int] = {}
+    read: list[int] = []
+    for n in direct:
+        srcs = [m for m in read if m % n == 0]
+        if srcs:
+            derive_from[n] = min(srcs)
+        else:
+            read.append(n)
+    edges = {n: (_bin_edges(y1, hgt, n), _bin_edges(x1, wid, n)) for n in read}
+    max_h = max(int((hi - lo).max()) for (lo, hi), _ in edges.values())
+    max_w = max(int((hi - lo).max()) for _, (lo, hi) in edges.values())
+    la, lb = max_h.bit_length(), max_w.bit_length()
+
+    xl = features.permute(0, 2, 3, 1)  # [N, H, W, C]
+    rows = [xl]
+    for a in range(1, la):
+        p, s = rows[-1], 1 << (a - 1)
+        rows.append(torch.cat([torch.maximum(p[:, : height - s], p[:, s:]), p[:, height - s :]], dim=1))
+    tables = []
+    for r in rows:
+        cols = [r]
+        for bb in range(1, lb):
+            p, s = cols[-1], 1 << (bb - 1)
+            cols.append(torch.cat([torch.maximum(p[:, :, : width - s], p[:, :, s:]), p[:, :, width - s :]], dim=2))
+        tables.append(torch.stack(cols, 0))
+    table = torch.stack(tables, 0).reshape(-1, chans)  # [la*lb*N*H*W, C]
+
+    pooled: dict[int, Tensor] = {}
+    for n in read:
+        (rs, re), (cs, ce) = edges[n]
+        ka, kb = _floor_log2(re - rs), _floor_log2(ce - cs)  # [K, n]
+        r0, r1 = rs, re - (1 << ka)
+        c0, c1 = cs, ce - (1 << kb)
+        base = ((ka[:, :, None] * lb + kb[:, None, :]) * n_img + b[:, None, None]) * height  # [K, n, n]
+
+        def at(r: Tensor, c: Tensor) -> Tensor:
+            return (base + r[:, :, None]) * width + c[:, None, :]
+
+        idx = torch.stack([at(r0, c0), at(r0, c1), at(r1, c0), at(r1, c1)], dim=-1)  # [K, n, n, 4]
+        outs = []
+        for s, e in _chunks(n_win, n * n * 4 * chans * features.element_size()):
+            g = table.index_select(0, idx[s:e].reshape(-1)).view(e - s, n * n, 4, chans)
+            outs.append(g.amax(dim=2))  # [k, n*n, C]
+        pooled[n] = torch.cat(outs, 0).view(n_win, n, n, chans)
+    for n in sorted(derive_from, reverse=True):
+        fine = pooled[derive_from[n]]
+        k = fine.shape[1] // n
+        pooled[n] = fine.view(n_win, n, k, n, k, chans).amax(dim=(2, 4))  # [K, n, n, C]
+    return torch.cat([pooled[n].permute(0, 3, 1, 2).reshape(n_win, -1) for n in levels], dim=1)
+
+
+def _roi_avg_torch(features: Tensor, rois: Tensor, levels: tuple[int, ...]) -> Tensor:
+    """Avg pyramid from a summed-area table: four look-ups per bin, exact."""
+    n_img, chans, height, width = features.shape
+    n_win = rois.shape[0]
+    dev = features.device
+    rois = rois.to(dev)
+    acc = torch.float64 if features.dtype == torch.float64 or dev.type == "cpu" else torch.float32
+    sat = features.to(acc).permute(0, 2, 3, 1).cumsum(1).cumsum(2)  # [N, H, W, C]
+    sat = torch.nn.functional.pad(sat, (0, 0, 1, 0, 1, 0))  # [N, H+1, W+1, C], zero row/col first
+    flat = sat.reshape(-1, chans)
+    b, x1, y1, x2, y2 = rois.unbind(1)
+    hgt, wid = y2 - y1 + 1, x2 - x1 + 1
+    outs = []
+    for n in levels:
+        rs, re = _bin_edges(y1, hgt, n)
+        cs, ce = _bin_edges(x1, wid, n)
+        base = b[:, None, None] * (height + 1)
+
+        def at(r: Tensor, c: Tensor) -> Tensor:
+            return (base + r[:, :, None]) * (width + 1) + c[:, None, :]  # [K, n, n]
+
+        area = ((re - rs)[:, :, None] * (ce - cs)[:, None, :]).to(acc)  # [K, n, n]
+        idx = torch.stack([at(re, ce), at(rs, ce), at(re, cs), at(rs, cs)], dim=-1)  # [K, n, n, 4]
+        sign = torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=acc, device=dev)
+        parts = []
+        for s, e in _chunks(n_win, n * n * 4 * chans * 8):
+            g = flat.index_select(0, idx[s:e].reshape(-1)).view(e - s, n * n, 4, chans)
+            sums = (g * sign[None, None, :, None]).sum(2)  # [k, n*n, C]
+            parts.append(sums / area[s:e].reshape(e - s, n * n, 1))
+        lvl = torch.cat(parts, 0) if parts else flat.new_zeros((0, n * n, chans))
+        outs.append(lvl.permute(0, 2, 1).reshape(n_win, -1).to(features.dtype))
+    return torch.cat(outs, dim=1)
+
+
+def roi_spatial_pyramid_pool(
+    features: Tensor,
+    rois: Tensor | Sequence[Tensor],
+    levels: int | Sequence[int] = (6, 3, 2, 1),
+    mode: str = "max",
+) -> Tensor:
+    """Pools K windows of a batch of feature maps with the spatial pyramid.
+
+    Args:
+        features (Tensor[N, C, H, W]): conv feature maps (float).
+        rois (Tensor[K, 5] or list[Tensor[L_i, 4]]): windows as
+            ``(batch_index, x1, y1, x2, y2)`` rows, or one ``(x1, y1, x2, y2)``
+            tensor per image; integer feature-map cells (any numeric dtype,
+            whole-number values), both ends inclusive; windows must lie in the
+            map. Use :func:`map_boxes_to_features` to get them from image boxes.
+        levels: bins per side of each level, in output order.
+        mode: ``"max"`` or ``"avg"``.
+
+    Returns:
+        Tensor[K, C * sum(n*n)]: per level the flatten of ``(C, n, n)``, levels
+        concatenated (the layout of :func:`spatial_pyramid_pool`). Rows follow
+        the order of ``rois`` (list form: image 0's windows first). ``K = 0``
+        gives an empty ``[0, C * sum(n*n)]`` tensor.
+    """
+    if not isinstance(features, Tensor) or features.dim() != 4:
+        shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
+        raise ValueError(f"features must be a Tensor[N, C, H, W] (4 dims), got {shape}")
+    if not features.is_floating_point():
+        raise ValueError(f"features must be a floating-point tensor, got dtype {features.dtype}")
+    levels = check_levels(levels)
+    check_mode(mode)
+    r = check_rois(rois, features.shape)
+    dim = features.shape[1] * sum(n * n for n in levels)
+    if r.shape[0] == 0:
+        return features.new_zeros((0, dim))
+    if _use_kernel(features, mode):
+        return pyramid_max_kernel(features, r, levels)
+    if mode == "max":
+        return _roi_max_torch(features, r, levels)
+    return _roi_avg_torch(features, r, levels)
+
+
+class RoISpatialPyramidPool(nn.Module):
+    """Module form of :func:`roi_spatial_pyramid_pool`.
+
+    Args:
+        levels: bins per side of each level, in output order (the released
+            detection code uses ``(1, 2, 3, 6)``).
+        mode: ``"max"`` or ``"avg"``.
+    """
+
+    def __init__(self, levels: int | Sequence[int] = (6, 3, 2, 1), mode: str = "max") -> None:
+        super().__init__()
+        self.levels = check_levels(levels)
+        self.mode = check_mode(mode)
+
+    @property
+    def num_bins(self) -> int:
+        return sum(n * n for n in self.levels)
+
+    def output_dim(self, channels: int) -> int:
+        """Width of the output for ``channels`` feature channels."""
+        return channels * self.num_bins
+
+    def forward(self, features: Tensor, rois: Tensor | Sequence[Tensor]) -> Tensor:
+        return roi_spatial_pyramid_pool(features, rois, self.levels, self.mode)
+
+    def extra_repr(self) -> str:
+        return f"levels={self.levels}, mode={self.mode!r}, num_bins={self.num_bins}"

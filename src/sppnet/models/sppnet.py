@@ -1,0 +1,302 @@
+"""The paper's networks (Table 1) with an SPP head or the no-SPP baseline head.
+
+Every network is a conv backbone described by a list of layer specs (so its
+stride, receptive-field offset, feature-map size and minimum input size are
+computed, never typed in) plus a head:
+
+* ``spp=True``: the spatial pyramid (default ``(6, 3, 2, 1)``) replaces pool5,
+  then fc6-4096, fc7-4096 (ReLU, dropout 0.5) and the classifier. fc6's input
+  width is ``channels * sum(n*n)`` from the pyramid. Any input at least
+  ``min_input_size`` works.
+* ``spp=False``: the baseline pools conv5 to 6x6 with a fixed window, then the
+  same fc layers. It accepts exactly one input size (``input_size``).
+
+Table 1 (filters x size, stride; map size for a 224 input):
+
+==========  ==============================  =========================  ==========
+model       conv1                           conv2                      conv3-5
+==========  ==============================  =========================  ==========
+zf5         96x7 s2 p1; LRN; pool 3 s2 (55) 256x5 s2 p1; LRN; pool 3   384,384,256 x3 (13)
+convnet5    96x11 s4 p2; LRN (55)           256x5 p2; LRN; pool 3 s2   384x3; pool 3 s2; 384, 256 (13)
+overfeat5   96x7 s2 p1; pool 3 s3; LRN (36) 256x5 p2; pool 2 s2 (18)   512 x3 (18)
+overfeat7   as overfeat5                                               + conv6, conv7 512x3
+==========  ==============================  =========================  ==========
+
+Padding: chosen to give the table's map sizes. ZF-5's conv2 uses padding 1 so
+that its map is the table's 27x27 (the released Caffe model uses 0 and gets
+26x26; both end at 13x13 after the ceil-mode pool). Pools in ZF-5 use ceil
+mode, as in the released Caffe model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from sppnet.models._registry import register_model
+from sppnet.ops import SpatialPyramidPool, backbone_geometry
+from sppnet.ops._bins import check_levels
+
+__all__ = ["SPPNet", "Conv", "Pool", "LRN", "ZF5", "CONVNET5", "OVERFEAT5", "OVERFEAT7"]
+
+
+@dataclass(frozen=True)
+class Conv:
+    """A conv layer followed by ReLU."""
+
+    out: int
+    k: int
+    s: int = 1
+    p: int = 0
+
+
+@dataclass(frozen=True)
+class Pool:
+    """A max-pooling layer."""
+
+    k: int
+    s: int
+    p: int = 0
+    ceil: bool = False
+
+
+@dataclass(frozen=True)
+class LRN:
+    """Local response normalisation across channels (Caffe semantics)."""
+
+    size: int = 5
+    alpha: float = 1e-4
+    beta: float = 0.75
+    k: float = 1.0
+
+
+# SPP-net Table 1. LRN sizes: 3 in the released ZF-5, 5 (AlexNet's) elsewhere.
+ZF5 = (
+    Conv(96, 7, 2, 1), LRN(3, 5e-5), Pool(3, 2, ceil=True),
+    Conv(256, 5, 2, 1), LRN(3, 5e-5), Pool(3, 2, ceil=True),
+    Conv(384, 3, 1, 1), Conv(384, 3, 1, 1), Conv(256, 3, 1, 1),
+)  # fmt: skip
+CONVNET5 = (
+    Conv(96, 11, 4, 2), LRN(),
+    Conv(256, 5, 1, 2), LRN(), Pool(3, 2),
+    Conv(384, 3, 1, 1), Pool(3, 2),
+    Conv(384, 3, 1, 1), Conv(256, 3, 1, 1),
+)  # fmt: skip
+OVERFEAT5 = (
+    Conv(96, 7, 2, 1), Pool(3, 3), LRN(),
+    Conv(256, 5, 1, 2), Pool(2, 2),
+    Conv(512, 3, 1, 1), Conv(512, 3, 1, 1), Conv(512, 3, 1, 1),
+)  # fmt: skip
+OVERFEAT7 = OVERFEAT5 + (Conv(512, 3, 1, 1), Conv(512, 3, 1, 1))
+
+
+def _out_size(a: int, k: int, s: int, p: int, ceil: bool) -> int:
+    """Output length of a conv/pool on an axis of ``a`` cells (PyTorch's rule); 0 if invalid."""
+    span = a + 2 * p - k
+    if span < 0:
+        return 0
+    if not ceil:
+        return span // s + 1
+    out = -(-span // s) + 1
+    if (out - 1) * s >= a + p:  # the last window must start inside the input or left padding
+        out -= 1
+    return out
+
+
+def _scale(channels: int, width: float) -> int:
+    return max(1, int(round(channels * width)))
+
+
+class SPPNet(nn.Module):
+    """A Table 1 network with an SPP head (or the no-SPP baseline head).
+
+    Args:
+        layers: backbone layer specs (``Conv`` / ``Pool`` / ``LRN``), input first.
+        num_classes: classifier outputs.
+        spp: pyramid head (True) or the fixed 6x6 pool5 baseline (False).
+        levels: pyramid levels (``spp=True``).
+        width: channel multiplier for every conv layer (1.0 is the paper).
+        fc_dim: width of fc6 and fc7 (4096 in the paper).
+        dropout: dropout after fc6 and fc7.
+        input_size: the one input side the ``spp=False`` baseline accepts.
+        name: registry name, kept for checkpoints.
+
+    Shapes: ``forward_features(x: Tensor[N, 3, H, W]) -> Tensor[N, C5, h, w]``;
+    ``forward_head(maps) -> Tensor[N, num_classes]``; ``pool(maps) ->
+    Tensor[N, C5 * sum(n*n)]``; ``fc(pooled) -> Tensor[N, fc_dim]`` (fc7).
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[Conv | Pool | LRN],
+        num_classes: int = 1000,
+        spp: bool = True,
+        levels: int | Sequence[int] = (6, 3, 2, 1),
+        width: float = 1.0,
+        fc_dim: int = 4096,
+        dropout: float = 0.5,
+        input_size: int = 224,
+        name: str = "custom",
+    ) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if not (width > 0 and math.isfinite(width)):
+            raise ValueError(f"width must be a positive number, got {width}")
+        if fc_dim < 1:
+            raise ValueError(f"fc_dim must be >= 1, got {fc_dim}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.name = name
+        self.layer_specs = tuple(layers)
+        self.spp = bool(spp)
+        self.levels = check_levels(levels)
+        self.width = float(width)
+        self.num_classes = int(num_classes)
+        self.fc_dim = int(fc_dim)
+        self.dropout = float(dropout)
+
+        modules: list[nn.Module] = []
+        chans = 3
+        for spec in self.layer_specs:
+            if isinstance(spec, Conv):
+                out = _scale(spec.out, width)
+                modules += [nn.Conv2d(chans, out, spec.k, spec.s, spec.p), nn.ReLU(inplace=True)]
+                chans = out
+            elif isinstance(spec, Pool):
+                modules.append(nn.MaxPool2d(spec.k, spec.s, spec.p, ceil_mode=spec.ceil))
+            elif isinstance(spec, LRN):
+                modules.append(nn.LocalResponseNorm(spec.size, spec.alpha, spec.beta, spec.k))
+            else:
+                raise ValueError(f"unknown layer spec {spec!r}")
+        self.features = nn.Sequential(*modules)
+        self.feature_channels = chans
+        self.stride, self.offset = backbone_geometry(
+            [(s.k, s.s, s.p) for s in self.layer_specs if isinstance(s, (Conv, Pool))]
+        )
+        self.min_input_size = self._min_size()
+
+        if self.spp:
+            self.input_size = None
+            self.pool: nn.Module = SpatialPyramidPool(self.levels, "max", "adaptive")
+            pooled_dim = self.pool.output_dim(chans)
+        else:
+            self.input_size = int(input_size)
+            a, _ = self.feature_size(self.input_size, self.input_size)
+            if a < 6:
+                raise ValueError(
+                    f"spp=False needs a conv5 map of at least 6x6; input_size={input_size} gives {a}x{a}"
+                )
+            stride = a // 6  # pool5 as a fixed sliding window that gives exactly 6x6 bins
+            self.pool = nn.Sequential(nn.MaxPool2d(a - 5 * stride, stride), nn.Flatten(1))
+            pooled_dim = chans * 36
+        self.pooled_dim = pooled_dim
+        self.fc = nn.Sequential(
+            nn.Linear(pooled_dim, fc_dim), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Linear(fc_dim, fc_dim), nn.ReLU(inplace=True), nn.Dropout(dropout),
+        )  # fmt: skip
+        self.classifier = nn.Linear(fc_dim, num_classes)
+        self._init_weights()
+
+    # ---------------------------------------------------------------- geometry
+    def feature_size(self, height: int, width: int) -> tuple[int, int]:
+        """conv5 map size ``(h, w)`` for an input of ``height x width`` (0 if too small)."""
+        h, w = int(height), int(width)
+        for s in self.layer_specs:
+            if isinstance(s, (Conv, Pool)):
+                ceil = isinstance(s, Pool) and s.ceil
+                h, w = _out_size(h, s.k, s.s, s.p, ceil), _out_size(w, s.k, s.s, s.p, ceil)
+                if h < 1 or w < 1:
+                    return 0, 0
+        return h, w
+
+    def _min_size(self) -> int:
+        a = 1
+        while self.feature_size(a, a)[0] < 1:
+            a += 1
+        return a
+
+    def config(self) -> dict:
+        """Keyword arguments that rebuild this model with ``get_model(name, **config)``."""
+        cfg = {
+            "num_classes": self.num_classes,
+            "spp": self.spp,
+            "levels": list(self.levels),
+            "width": self.width,
+            "fc_dim": self.fc_dim,
+            "dropout": self.dropout,
+        }
+        if not self.spp:
+            cfg["input_size"] = self.input_size
+        return cfg
+
+    # ----------------------------------------------------------------- forward
+    def check_input(self, x: Tensor) -> None:
+        """ValueError for a wrong rank, channel count or an input too small / of the wrong size."""
+        if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != 3:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"{self.name} expects images as Tensor[N, 3, H, W], got {shape}")
+        h, w = int(x.shape[-2]), int(x.shape[-1])
+        if not self.spp and (h, w) != (self.input_size, self.input_size):
+            raise ValueError(
+                f"{self.name} with spp=False accepts only {self.input_size}x{self.input_size} inputs, got {h}x{w}"
+            )
+        if min(h, w) < self.min_input_size:
+            raise ValueError(
+                f"{self.name} needs inputs of at least {self.min_input_size}x{self.min_input_size} "
+                f"pixels, got {h}x{w}"
+            )
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """conv1-conv5: ``Tensor[N, 3, H, W] -> Tensor[N, C5, h, w]`` (run ONCE per image and scale)."""
+        if not torch.jit.is_tracing() and not _exporting():
+            self.check_input(x)
+        return self.features(x)
+
+    def forward_head(self, maps: Tensor, pre_logits: bool = False) -> Tensor:
+        """pool5 (pyramid) -> fc6 -> fc7 -> classifier; ``pre_logits`` returns fc7."""
+        feats = self.fc(self.pool(maps))
+        return feats if pre_logits else self.classifier(feats)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0.0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def extra_repr(self) -> str:
+        head = f"spp levels={self.levels}" if self.spp else f"no-SPP input_size={self.input_size}"
+        return (
+            f"name={self.name!r}, {head}, width={self.width}, stride={self.stride}, "
+            f"offset={self.offset}, min_input_size={self.min_input_size}"
+        )
+
+
+def _exporting() -> bool:
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return torch.onnx.is_in_onnx_export() or bool(is_exporting is not None and is_exporting())
+
+
+def _builder(name: str, layers: tuple):
+    def build(**kwargs) -> SPPNet:
+        return SPPNet(layers, name=name, **kwargs)
+
+    build.__name__ = name
+    build.__doc__ = f"{name} from SPP-net Table 1; keyword arguments as in :class:`SPPNet`."
+    return register_model(name)(build)
+
+
+zf5 = _builder("zf5", ZF5)
+convnet5 = _builder("convnet5", CONVNET5)
+overfeat5 = _builder("overfeat5", OVERFEAT5)
+overfeat7 = _builder("overfeat7", OVERFEAT7)

@@ -1,0 +1,1 @@
+"""Pictures: training curves, detections, feature maps, pyramid bins (matplotlib, Agg)."""

@@ -1,0 +1,54 @@
+"""Training curves as PNG."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from sppnet.utils.io import atomic_path  # noqa: E402
+
+
+def plot_curves(
+    rows: Sequence[dict],
+    png: str | os.PathLike,
+    x: str = "epoch",
+    title: str = "",
+    groups: Sequence[Sequence[str]] | None = None,
+) -> Path:
+    """One panel per group of numeric columns (default: losses | everything else).
+
+    Args:
+        rows: per-epoch dicts, e.g. ``{"epoch": 1, "train_loss": .., "val_top1": ..}``.
+        png: output file (written atomically).
+        x: the column on the x axis.
+        groups: column names per panel.
+    """
+    cols = [k for k in rows[0] if k != x and all(isinstance(r.get(k), (int, float)) for r in rows)]
+    if groups is None:
+        losses = [c for c in cols if "loss" in c]
+        others = [c for c in cols if c not in losses and c not in ("lr", "size", "seconds")]
+        groups = [g for g in (losses, others) if g]
+    groups = [g for g in groups if g] or [cols]
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 3.8), squeeze=False)
+    xs = [r[x] for r in rows]
+    for ax, group in zip(axes[0], groups):
+        for c in group:
+            ax.plot(xs, [r[c] for r in rows], marker="o", ms=3, label=c)
+        ax.set_xlabel(x)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    png = Path(png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return png

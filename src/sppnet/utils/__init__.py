@@ -1,0 +1,43 @@
+"""Utilities shared by every layer: safe persistence (:mod:`sppnet.utils.io`)."""
+
+from sppnet.utils.io import (
+    CHECKPOINT_FORMAT_VERSION,
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_text,
+    capture_rng_state,
+    file_digest,
+    flatten_state,
+    load_cache,
+    load_checkpoint,
+    load_json,
+    load_torch_weights_only,
+    read_checkpoint,
+    restore_rng_state,
+    save_cache,
+    save_checkpoint,
+    save_json,
+    tensor_digest,
+    unflatten_state,
+)
+
+__all__ = [
+    "CHECKPOINT_FORMAT_VERSION",
+    "atomic_path",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "capture_rng_state",
+    "file_digest",
+    "flatten_state",
+    "load_cache",
+    "load_checkpoint",
+    "load_json",
+    "load_torch_weights_only",
+    "read_checkpoint",
+    "restore_rng_state",
+    "save_cache",
+    "save_checkpoint",
+    "save_json",
+    "tensor_digest",
+    "unflatten_state",
+]

@@ -28,11 +28,12 @@ def make_plan(levels: tuple[int, ...], channels: int) -> tuple[np.ndarray, ...]:
     """Arrays that tell the kernel what to compute and where to write it.
 
     Returns:
-        ``(lv, src, out_off, order)``: ``lv[l]`` bins per side of level ``l``
-        (output order); ``src[l]`` the index of a finer level that ``lv[l]``
+        ``(lv, src, out_off, buf_off, order)``: ``lv[l]`` bins per side of level
+        ``l`` (output order); ``src[l]`` the index of a finer level that ``lv[l]``
         divides (derive from it) or -1 (read the map); ``out_off[l]`` where the
         level starts in the output row (``channels * sum of earlier n*n``);
-        ``order`` a processing order in which sources come first.
+        ``buf_off[l]`` its first bin in a window's buffer (``buf_off[L]`` = all
+        bins); ``order`` a processing order in which sources come first.
     """
     lv = np.asarray(levels, dtype=np.int64)
     out_off = np.zeros(len(levels), dtype=np.int64)
@@ -50,7 +51,8 @@ def make_plan(levels: tuple[int, ...], channels: int) -> tuple[np.ndarray, ...]:
             src[i] = min(cands, key=lambda j: levels[j])
         done.setdefault(n, i)
         order.append(i)
-    return lv, src, out_off, np.asarray(order, dtype=np.int64)
+    buf_off = np.concatenate([[0], np.cumsum(lv * lv)]).astype(np.int64)
+    return lv, src, out_off, buf_off, np.asarray(order, dtype=np.int64)
 
 
 if HAVE_NUMBA:
@@ -61,6 +63,16 @@ if HAVE_NUMBA:
         while (2 << a) <= v:
             a += 1
         return a
+
+    @njit(cache=True, nogil=True, inline="always")
+    def _max_rows(v1, a1, v2, a2, dv, da):  # pragma: no cover
+        """dv, da = elementwise (max, argmax) of (v1, a1) and (v2, a2); ties keep 1."""
+        for c in range(v1.shape[0]):
+            x = v1[c]
+            y = v2[c]
+            m = (y > x) | ((y != y) & (x == x))
+            dv[c] = y if m else x
+            da[c] = a2[c] if m else a1[c]
 
     @njit(parallel=True, cache=True, nogil=True)
     def build_max_tables(feat, val, arg):  # pragma: no cover
@@ -75,25 +87,20 @@ if HAVE_NUMBA:
             n = t // height
             y = t - n * height
             for x in range(width):
+                val[0, 0, n, y, x, :] = feat[n, y, x, :]
+                dst = arg[0, 0, n, y, x]
                 for c in range(chans):
-                    val[0, 0, n, y, x, c] = feat[n, y, x, c]
-                    arg[0, 0, n, y, x, c] = (c * height + y) * width + x
+                    dst[c] = (c * height + y) * width + x
         for b in range(1, lb):
             s = 1 << (b - 1)
             for t in prange(n_img * height):
                 n = t // height
                 y = t - n * height
+                src_v = val[0, b - 1, n, y]
+                src_a = arg[0, b - 1, n, y]
                 for x in range(width):
                     x2 = min(x + s, width - 1)
-                    for c in range(chans):
-                        v1 = val[0, b - 1, n, y, x, c]
-                        v2 = val[0, b - 1, n, y, x2, c]
-                        if v2 > v1 or (v2 != v2 and v1 == v1):
-                            val[0, b, n, y, x, c] = v2
-                            arg[0, b, n, y, x, c] = arg[0, b - 1, n, y, x2, c]
-                        else:
-                            val[0, b, n, y, x, c] = v1
-                            arg[0, b, n, y, x, c] = arg[0, b - 1, n, y, x, c]
+                    _max_rows(src_v[x], src_a[x], src_v[x2], src_a[x2], val[0, b, n, y, x], arg[0, b, n, y, x])
         for a in range(1, la):
             s = 1 << (a - 1)
             for t in prange(n_img * height):
@@ -101,151 +108,173 @@ if HAVE_NUMBA:
                 y = t - n * height
                 y2 = min(y + s, height - 1)
                 for b in range(lb):
+                    v_top = val[a - 1, b, n, y]
+                    a_top = arg[a - 1, b, n, y]
+                    v_bot = val[a - 1, b, n, y2]
+                    a_bot = arg[a - 1, b, n, y2]
                     for x in range(width):
-                        for c in range(chans):
-                            v1 = val[a - 1, b, n, y, x, c]
-                            v2 = val[a - 1, b, n, y2, x, c]
-                            if v2 > v1 or (v2 != v2 and v1 == v1):
-                                val[a, b, n, y, x, c] = v2
-                                arg[a, b, n, y, x, c] = arg[a - 1, b, n, y2, x, c]
-                            else:
-                                val[a, b, n, y, x, c] = v1
-                                arg[a, b, n, y, x, c] = arg[a - 1, b, n, y, x, c]
+                        _max_rows(v_top[x], a_top[x], v_bot[x], a_bot[x], val[a, b, n, y, x], arg[a, b, n, y, x])
+
+    @njit(cache=True, nogil=True)
+    def _derive_and_write(k, buf, bufa, lv, src, out_off, buf_off, order, out, out_arg):  # pragma: no cover
+        """Derived levels from finer ones (in the window's buffer), then the
+        transposed write of every level into the output row ``k``.
+
+        ``buf[buf_off[l] + i*n + j, c]`` holds bin (i, j) of level ``l``, channel
+        ``c`` (channels last, so the max over channels vectorises); the output
+        wants ``c*n*n + i*n + j``.
+        """
+        chans = buf.shape[1]
+        n_lv = lv.shape[0]
+        for q in range(n_lv):
+            li = order[q]
+            s = src[li]
+            if s < 0:
+                continue
+            n = lv[li]
+            nf = lv[s]
+            kk = nf // n
+            for i in range(n):
+                for j in range(n):
+                    dst = buf[buf_off[li] + i * n + j]
+                    dsta = bufa[buf_off[li] + i * n + j]
+                    f0 = buf_off[s] + (i * kk) * nf + j * kk
+                    dst[:] = buf[f0]
+                    dsta[:] = bufa[f0]
+                    for a in range(kk):
+                        for bb in range(kk):
+                            f = buf_off[s] + (i * kk + a) * nf + (j * kk + bb)
+                            row = buf[f]
+                            rowa = bufa[f]
+                            for c in range(chans):
+                                v = row[c]
+                                m = (v > dst[c]) | ((v != v) & (dst[c] == dst[c]))
+                                dst[c] = v if m else dst[c]
+                                dsta[c] = rowa[c] if m else dsta[c]
+        orow = out[k]
+        arow = out_arg[k]
+        for li in range(n_lv):
+            nn = lv[li] * lv[li]
+            base = out_off[li]
+            boff = buf_off[li]
+            for c in range(chans):
+                for o in range(nn):
+                    orow[base + c * nn + o] = buf[boff + o, c]
+                    arow[base + c * nn + o] = bufa[boff + o, c]
 
     @njit(parallel=True, cache=True, nogil=True)
-    def roi_pyramid_max_forward(val, arg, rois, lv, src, out_off, order, out, out_arg):  # pragma: no cover
+    def roi_pyramid_max_forward(val, arg, rois, lv, src, out_off, buf_off, order, out, out_arg):  # pragma: no cover
         """out[k, off + c*n*n + i*n + j] = max of bin (i, j) of window k, channel c.
 
         Directly computed levels take the max of four overlapping power-of-two
-        blocks of the sparse table; derived levels take the max over the finer
-        bins they are made of. ``out_arg`` gets the flat index ``c*H*W + y*W + x``
-        of the maximum inside the image.
+        blocks of the sparse table (``build_max_tables``); derived levels the
+        max over the finer bins they are made of. ``out_arg`` gets the flat
+        index ``c*H*W + y*W + x`` of the maximum inside the image.
         """
         n_win = rois.shape[0]
         chans = val.shape[5]
         n_lv = lv.shape[0]
+        total = buf_off[n_lv]
         for k in prange(n_win):
             b = rois[k, 0]
             x1 = rois[k, 1]
             y1 = rois[k, 2]
             h = rois[k, 4] - y1 + 1
             w = rois[k, 3] - x1 + 1
-            for q in range(n_lv):
-                li = order[q]
+            buf = np.empty((total, chans), val.dtype)
+            bufa = np.empty((total, chans), np.int32)
+            for li in range(n_lv):
+                if src[li] >= 0:
+                    continue
                 n = lv[li]
-                nn = n * n
-                base = out_off[li]
-                s = src[li]
-                if s < 0:
-                    for i in range(n):
-                        rs = y1 + (i * h) // n
-                        re = y1 + ((i + 1) * h + n - 1) // n
-                        ka = _floor_log2(re - rs)
-                        r1 = re - (1 << ka)
-                        for j in range(n):
-                            cs = x1 + (j * w) // n
-                            ce = x1 + ((j + 1) * w + n - 1) // n
-                            kb = _floor_log2(ce - cs)
-                            c1 = ce - (1 << kb)
-                            o = base + i * n + j
-                            for c in range(chans):
-                                best = val[ka, kb, b, rs, cs, c]
-                                bi = arg[ka, kb, b, rs, cs, c]
-                                v = val[ka, kb, b, rs, c1, c]
-                                if v > best or (v != v and best == best):
-                                    best = v
-                                    bi = arg[ka, kb, b, rs, c1, c]
-                                v = val[ka, kb, b, r1, cs, c]
-                                if v > best or (v != v and best == best):
-                                    best = v
-                                    bi = arg[ka, kb, b, r1, cs, c]
-                                v = val[ka, kb, b, r1, c1, c]
-                                if v > best or (v != v and best == best):
-                                    best = v
-                                    bi = arg[ka, kb, b, r1, c1, c]
-                                out[k, o + c * nn] = best
-                                out_arg[k, o + c * nn] = bi
-                else:
-                    nf = lv[s]
-                    fbase = out_off[s]
-                    nnf = nf * nf
-                    kk = nf // n
-                    for c in range(chans):
-                        for i in range(n):
-                            for j in range(n):
-                                f0 = fbase + c * nnf + (i * kk) * nf + j * kk
-                                best = out[k, f0]
-                                bi = out_arg[k, f0]
-                                for a in range(kk):
-                                    for bb in range(kk):
-                                        f = fbase + c * nnf + (i * kk + a) * nf + (j * kk + bb)
-                                        v = out[k, f]
-                                        if v > best or (v != v and best == best):
-                                            best = v
-                                            bi = out_arg[k, f]
-                                out[k, base + c * nn + i * n + j] = best
-                                out_arg[k, base + c * nn + i * n + j] = bi
+                for i in range(n):
+                    rs = y1 + (i * h) // n
+                    re = y1 + ((i + 1) * h + n - 1) // n
+                    ka = _floor_log2(re - rs)
+                    r1 = re - (1 << ka)
+                    for j in range(n):
+                        cs = x1 + (j * w) // n
+                        ce = x1 + ((j + 1) * w + n - 1) // n
+                        kb = _floor_log2(ce - cs)
+                        c1 = ce - (1 << kb)
+                        t = val[ka, kb, b]
+                        ta = arg[ka, kb, b]
+                        v0 = t[rs, cs]
+                        v1 = t[rs, c1]
+                        v2 = t[r1, cs]
+                        v3 = t[r1, c1]
+                        a0 = ta[rs, cs]
+                        a1 = ta[rs, c1]
+                        a2 = ta[r1, cs]
+                        a3 = ta[r1, c1]
+                        dst = buf[buf_off[li] + i * n + j]
+                        dsta = bufa[buf_off[li] + i * n + j]
+                        for c in range(chans):
+                            best = v0[c]
+                            bi = a0[c]
+                            v = v1[c]
+                            m = (v > best) | ((v != v) & (best == best))
+                            best = v if m else best
+                            bi = a1[c] if m else bi
+                            v = v2[c]
+                            m = (v > best) | ((v != v) & (best == best))
+                            best = v if m else best
+                            bi = a2[c] if m else bi
+                            v = v3[c]
+                            m = (v > best) | ((v != v) & (best == best))
+                            best = v if m else best
+                            bi = a3[c] if m else bi
+                            dst[c] = best
+                            dsta[c] = bi
+            _derive_and_write(k, buf, bufa, lv, src, out_off, buf_off, order, out, out_arg)
 
     @njit(parallel=True, cache=True, nogil=True)
-    def scan_pyramid_max_forward(feat, rois, lv, src, out_off, order, out, out_arg):  # pragma: no cover
-        """Like ``roi_pyramid_max_forward`` but reads every bin cell by cell.
-
-        Parallel over (window, channel) on the NCHW map; cheaper than building a
-        sparse table when there are few windows (the image-level pyramid).
-        """
+    def scan_pyramid_max_forward(feat, rois, lv, src, out_off, buf_off, order, out, out_arg):  # pragma: no cover
+        """Like ``roi_pyramid_max_forward`` but reads every bin cell by cell from
+        the channels-last map ``feat[N, H, W, C]``; cheaper than building a sparse
+        table when the windows are few or small (the image-level pyramid)."""
         n_win = rois.shape[0]
-        chans = feat.shape[1]
-        width = feat.shape[3]
-        plane = feat.shape[2] * width
+        height = feat.shape[1]
+        width = feat.shape[2]
+        chans = feat.shape[3]
         n_lv = lv.shape[0]
-        for t in prange(n_win * chans):
-            k = t // chans
-            c = t - k * chans
+        total = buf_off[n_lv]
+        for k in prange(n_win):
             b = rois[k, 0]
             x1 = rois[k, 1]
             y1 = rois[k, 2]
             h = rois[k, 4] - y1 + 1
             w = rois[k, 3] - x1 + 1
-            for q in range(n_lv):
-                li = order[q]
+            buf = np.empty((total, chans), feat.dtype)
+            bufa = np.empty((total, chans), np.int32)
+            img = feat[b]
+            for li in range(n_lv):
+                if src[li] >= 0:
+                    continue
                 n = lv[li]
-                base = out_off[li] + c * n * n
-                s = src[li]
-                if s < 0:
-                    for i in range(n):
-                        rs = y1 + (i * h) // n
-                        re = y1 + ((i + 1) * h + n - 1) // n
-                        for j in range(n):
-                            cs = x1 + (j * w) // n
-                            ce = x1 + ((j + 1) * w + n - 1) // n
-                            best = feat[b, c, rs, cs]
-                            bi = rs * width + cs
-                            for yy in range(rs, re):
-                                for xx in range(cs, ce):
-                                    v = feat[b, c, yy, xx]
-                                    if v > best or (v != v and best == best):
-                                        best = v
-                                        bi = yy * width + xx
-                            out[k, base + i * n + j] = best
-                            out_arg[k, base + i * n + j] = c * plane + bi
-                else:
-                    nf = lv[s]
-                    fbase = out_off[s] + c * nf * nf
-                    kk = nf // n
-                    for i in range(n):
-                        for j in range(n):
-                            f0 = fbase + (i * kk) * nf + j * kk
-                            best = out[k, f0]
-                            bi = out_arg[k, f0]
-                            for a in range(kk):
-                                for bb in range(kk):
-                                    f = fbase + (i * kk + a) * nf + (j * kk + bb)
-                                    v = out[k, f]
-                                    if v > best or (v != v and best == best):
-                                        best = v
-                                        bi = out_arg[k, f]
-                            out[k, base + i * n + j] = best
-                            out_arg[k, base + i * n + j] = bi
+                for i in range(n):
+                    rs = y1 + (i * h) // n
+                    re = y1 + ((i + 1) * h + n - 1) // n
+                    for j in range(n):
+                        cs = x1 + (j * w) // n
+                        ce = x1 + ((j + 1) * w + n - 1) // n
+                        dst = buf[buf_off[li] + i * n + j]
+                        dsta = bufa[buf_off[li] + i * n + j]
+                        first = img[rs, cs]
+                        p0 = rs * width + cs
+                        for c in range(chans):
+                            dst[c] = first[c]
+                            dsta[c] = c * height * width + p0
+                        for yy in range(rs, re):
+                            for xx in range(cs, ce):
+                                row = img[yy, xx]
+                                p = yy * width + xx
+                                for c in range(chans):
+                                    v = row[c]
+                                    m = (v > dst[c]) | ((v != v) & (dst[c] == dst[c]))
+                                    dst[c] = v if m else dst[c]
+                                    dsta[c] = (c * height * width + p) if m else dsta[c]
+            _derive_and_write(k, buf, bufa, lv, src, out_off, buf_off, order, out, out_arg)
 
     @njit(parallel=True, cache=True, nogil=True)
     def roi_pyramid_max_backward(grad_out, arg, batch_idx, cols_of_chan, grad_in):  # pragma: no cover

@@ -29,6 +29,7 @@ follow the paper: a cell is kept iff its centre lies inside the window.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -54,6 +55,11 @@ def backbone_geometry(layers: Sequence[tuple[int, int, int]]) -> tuple[int, floa
         offset += ((k - 1) / 2 - p) * stride
         stride *= s
     return stride, offset
+
+
+def _is_real(v: object) -> bool:
+    """A real number (Python or NumPy int/float), not a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def map_boxes_to_features(
@@ -90,9 +96,9 @@ def map_boxes_to_features(
         boxes = torch.as_tensor(boxes)
     if boxes.dim() != 2 or boxes.shape[1] != 4:
         raise ValueError(f"boxes must be Tensor[K, 4] (x1, y1, x2, y2), got shape {tuple(boxes.shape)}")
-    if not (isinstance(stride, (int, float)) and math.isfinite(stride) and stride > 0):
+    if not (_is_real(stride) and math.isfinite(stride) and stride > 0):
         raise ValueError(f"stride must be a positive number, got {stride!r}")
-    if not (isinstance(offset, (int, float)) and math.isfinite(offset)):
+    if not (_is_real(offset) and math.isfinite(offset)):
         raise ValueError(f"offset must be a finite number, got {offset!r}")
     if feature_size is not None:
         fh, fw = (int(v) for v in feature_size)

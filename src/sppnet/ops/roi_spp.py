@@ -119,7 +119,7 @@ class _PyramidMaxKernel(torch.autograd.Function):
     def forward(ctx, features: Tensor, rois: Tensor, levels: tuple[int, ...]) -> Tensor:  # type: ignore[override]
         feats = features.detach().contiguous()
         n_img, chans, height, width = feats.shape
-        lv, src, out_off, order = _kernels.make_plan(levels, chans)
+        lv, src, out_off, buf_off, order = _kernels.make_plan(levels, chans)
         n_win = rois.shape[0]
         dim = chans * sum(n * n for n in levels)
         out = torch.empty((n_win, dim), dtype=feats.dtype)
@@ -133,18 +133,15 @@ class _PyramidMaxKernel(torch.autograd.Function):
             hw = (rois[:, 4] - rois[:, 2] + 1) * (rois[:, 3] - rois[:, 1] + 1)
             scan_cost = 1.5 * float(hw.sum()) * len(direct)
             table_cost = 2.0 * la * lb * n_img * height * width + 4.0 * n_win * sum(n * n for n in direct)
+            feats_cl = feats.permute(0, 2, 3, 1).contiguous()  # [N, H, W, C]
+            plan = (lv, src, out_off, buf_off, order, out.numpy(), arg.numpy())
             if scan_cost <= table_cost:
-                _kernels.scan_pyramid_max_forward(
-                    feats.numpy(), rois.numpy(), lv, src, out_off, order, out.numpy(), arg.numpy()
-                )
+                _kernels.scan_pyramid_max_forward(feats_cl.numpy(), rois.numpy(), *plan)
             else:
-                feats_cl = feats.permute(0, 2, 3, 1).contiguous()  # [N, H, W, C]
                 tab_val = torch.empty((la, lb, n_img, height, width, chans), dtype=feats.dtype)
                 tab_arg = torch.empty((la, lb, n_img, height, width, chans), dtype=torch.int32)
                 _kernels.build_max_tables(feats_cl.numpy(), tab_val.numpy(), tab_arg.numpy())
-                _kernels.roi_pyramid_max_forward(
-                    tab_val.numpy(), tab_arg.numpy(), rois.numpy(), lv, src, out_off, order, out.numpy(), arg.numpy()
-                )
+                _kernels.roi_pyramid_max_forward(tab_val.numpy(), tab_arg.numpy(), rois.numpy(), *plan)
                 del tab_val, tab_arg
         ctx.save_for_backward(arg, rois)
         ctx.shape = (n_img, chans, height, width)
@@ -286,15 +283,30 @@ def _roi_max_torch(features: Tensor, rois: Tensor, levels: tuple[int, ...]) -> T
 
 
 def _roi_avg_torch(features: Tensor, rois: Tensor, levels: tuple[int, ...]) -> Tensor:
-    """Avg pyramid from a summed-area table: four look-ups per bin, exact."""
+    """Avg pyramid from a summed-area table: four look-ups per bin, exact.
+
+    Non-finite values: a summed-area table would smear one NaN or inf over every
+    later bin (``inf - inf = NaN``). When the map holds any, the finite values are
+    summed and NaN / +inf / -inf are counted per bin instead, and each bin follows
+    torch's own pooling: NaN if it holds a NaN or both infinities, else +-inf if
+    it holds one, else the mean.
+    """
     n_img, chans, height, width = features.shape
     n_win = rois.shape[0]
     dev = features.device
     rois = rois.to(dev)
     acc = torch.float64 if features.dtype == torch.float64 or dev.type == "cpu" else torch.float32
-    sat = features.to(acc).permute(0, 2, 3, 1).cumsum(1).cumsum(2)  # [N, H, W, C]
-    sat = torch.nn.functional.pad(sat, (0, 0, 1, 0, 1, 0))  # [N, H+1, W+1, C], zero row/col first
-    flat = sat.reshape(-1, chans)
+    finite = torch.isfinite(features)
+    special = not bool(finite.all())
+    vals = features.to(acc)
+    if special:
+        inf = float("inf")
+        counts = [features.isnan(), features == inf, features == -inf]
+        vals = torch.cat([torch.where(finite, vals, 0.0)] + [m.to(acc) for m in counts], dim=1)  # [N, 4C, H, W]
+    cols = vals.shape[1]
+    sat = vals.permute(0, 2, 3, 1).cumsum(1).cumsum(2)  # [N, H, W, cols]
+    sat = torch.nn.functional.pad(sat, (0, 0, 1, 0, 1, 0))  # [N, H+1, W+1, cols], zero row/col first
+    flat = sat.reshape(-1, cols)
     b, x1, y1, x2, y2 = rois.unbind(1)
     hgt, wid = y2 - y1 + 1, x2 - x1 + 1
     outs = []
@@ -310,11 +322,17 @@ def _roi_avg_torch(features: Tensor, rois: Tensor, levels: tuple[int, ...]) -> T
         idx = torch.stack([at(re, ce), at(rs, ce), at(re, cs), at(rs, cs)], dim=-1)  # [K, n, n, 4]
         sign = torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=acc, device=dev)
         parts = []
-        for s, e in _chunks(n_win, n * n * 4 * chans * 8):
-            g = flat.index_select(0, idx[s:e].reshape(-1)).view(e - s, n * n, 4, chans)
-            sums = (g * sign[None, None, :, None]).sum(2)  # [k, n*n, C]
-            parts.append(sums / area[s:e].reshape(e - s, n * n, 1))
-        lvl = torch.cat(parts, 0) if parts else flat.new_zeros((0, n * n, chans))
+        for s, e in _chunks(n_win, n * n * 4 * cols * 8):
+            g = flat.index_select(0, idx[s:e].reshape(-1)).view(e - s, n * n, 4, cols)
+            sums = (g * sign[None, None, :, None]).sum(2)  # [k, n*n, cols]
+            mean = sums[..., :chans] / area[s:e].reshape(e - s, n * n, 1)  # [k, n*n, C]
+            if special:
+                n_nan, n_pos, n_neg = (sums[..., i * chans : (i + 1) * chans] > 0.5 for i in (1, 2, 3))
+                mean = torch.where(n_neg, -inf, mean)
+                mean = torch.where(n_pos, inf, mean)
+                mean = torch.where(n_nan | (n_pos & n_neg), float("nan"), mean)
+            parts.append(mean)
+        lvl = torch.cat(parts, 0)
         outs.append(lvl.permute(0, 2, 1).reshape(n_win, -1).to(features.dtype))
     return torch.cat(outs, dim=1)
 
@@ -353,7 +371,9 @@ def roi_spatial_pyramid_pool(
     r = check_rois(rois, features.shape)
     dim = features.shape[1] * sum(n * n for n in levels)
     if r.shape[0] == 0:
-        return features.new_zeros((0, dim))
+        # Empty, but still part of the graph (like torchvision's roi_pool), so that a
+        # loss summed over zero windows backpropagates zeros instead of failing.
+        return features.flatten(1)[:0, :1].expand(0, dim).clone()
     if _use_kernel(features, mode):
         return pyramid_max_kernel(features, r, levels)
     if mode == "max":

@@ -37,6 +37,8 @@ from sppnet.ops.roi_spp import _use_kernel, pyramid_max_kernel
 
 __all__ = ["spatial_pyramid_pool", "SpatialPyramidPool", "pyramid_output_dim"]
 
+_KERNEL_MAX_CELLS = 32 * 32  # image-level maps up to this many cells use the numba kernel
+
 
 def pyramid_output_dim(channels: int, levels: Sequence[int] = (6, 3, 2, 1)) -> int:
     """Length of the pyramid vector: ``channels * sum(n * n)``."""
@@ -110,21 +112,22 @@ def _pyramid_level_export(x: Tensor, n: int, mode: str) -> Tensor:
     """One adaptive level from bin masks: traceable with symbolic ``H, W``.
 
     PyTorch's ONNX export of adaptive pooling only handles output sizes that
-    divide the input; this form exports for any size. Max is separable (max over
-    the columns of a bin, then over its rows); avg is ``Mh @ x @ Mw^T``.
+    divide the input; this form exports for any size. Both modes are separable:
+    reduce over the columns of each bin, then over its rows. Cells outside a bin
+    are masked with ``torch.where`` (not multiplied by 0), so a NaN or inf
+    reaches only the bins that hold it, as in torch's own pooling.
     """
     h, w = x.shape[-2], x.shape[-1]
     mh = adaptive_masks(h, n, x.device)  # [n, H]
     mw = adaptive_masks(w, n, x.device)  # [n, W]
     if mode == "max":
-        low = torch.tensor(float("-inf"), dtype=x.dtype, device=x.device)
+        low = float("-inf")
         cols = torch.where(mw[None, None, None], x[:, :, :, None, :], low).amax(-1)  # [N, C, H, n]
         return torch.where(mh[None, None, :, :, None], cols[:, :, None], low).amax(3)  # [N, C, n, n]
-    mh_f = mh.to(x.dtype)
-    mw_f = mw.to(x.dtype)
-    mh_f = mh_f / mh_f.sum(1, keepdim=True)
-    mw_f = mw_f / mw_f.sum(1, keepdim=True)
-    return torch.matmul(torch.matmul(mh_f, x), mw_f.transpose(0, 1))  # [N, C, n, n]
+    cols = torch.where(mw[None, None, None], x[:, :, :, None, :], 0.0).sum(-1)  # [N, C, H, n]
+    sums = torch.where(mh[None, None, :, :, None], cols[:, :, None], 0.0).sum(3)  # [N, C, n, n]
+    area = mh.sum(1)[:, None] * mw.sum(1)[None, :]  # [n, n] cells per bin
+    return sums / area.to(x.dtype)
 
 
 def spatial_pyramid_pool(
@@ -160,7 +163,11 @@ def spatial_pyramid_pool(
     if x.shape[-2] < 1 or x.shape[-1] < 1 or x.shape[1] < 1:
         raise ValueError(f"x must have C, H, W >= 1, got shape {tuple(x.shape)}")
     n_img = x.shape[0]
-    if bins == "adaptive" and not _is_exporting() and _use_kernel(x, mode):
+    # Small maps (conv5 of a crop, e.g. 13x13): the kernel reads each map once and
+    # keeps argmax for a cheap backward. Large maps: PyTorch's adaptive pooling of
+    # the finest level plus derived coarse levels is faster than a channels-last copy.
+    small = x.shape[-2] * x.shape[-1] <= _KERNEL_MAX_CELLS
+    if bins == "adaptive" and small and not _is_exporting() and _use_kernel(x, mode):
         # One window per image: the whole map. Reads the map once, keeps argmax.
         h, w = x.shape[-2:]
         whole = torch.tensor([[0, 0, 0, w - 1, h - 1]], dtype=torch.long).repeat(n_img, 1)

@@ -276,6 +276,129 @@ if HAVE_NUMBA:
                                     dsta[c] = (c * height * width + p) if m else dsta[c]
             _derive_and_write(k, buf, bufa, lv, src, out_off, buf_off, order, out, out_arg)
 
+    # ------------------------------------------------------------------
+    # Values only (no argmax): used when no gradient is needed (inference,
+    # detection). ``np.maximum`` on channel rows lets LLVM vectorise; it
+    # propagates NaN like torch's pooling.
+
+    @njit(cache=True, nogil=True)
+    def _derive_and_write_values(k, buf, lv, src, out_off, buf_off, order, out):  # pragma: no cover
+        n_lv = lv.shape[0]
+        for q in range(n_lv):
+            li = order[q]
+            s = src[li]
+            if s < 0:
+                continue
+            n = lv[li]
+            nf = lv[s]
+            kk = nf // n
+            for i in range(n):
+                for j in range(n):
+                    dst = buf[buf_off[li] + i * n + j]
+                    dst[:] = buf[buf_off[s] + (i * kk) * nf + j * kk]
+                    for a in range(kk):
+                        for bb in range(kk):
+                            np.maximum(dst, buf[buf_off[s] + (i * kk + a) * nf + (j * kk + bb)], dst)
+        orow = out[k]
+        chans = buf.shape[1]
+        for li in range(n_lv):
+            nn = lv[li] * lv[li]
+            base = out_off[li]
+            boff = buf_off[li]
+            for c in range(chans):
+                for o in range(nn):
+                    orow[base + c * nn + o] = buf[boff + o, c]
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def scan_pyramid_max_values(feat, rois, lv, src, out_off, buf_off, order, out):  # pragma: no cover
+        """Values-only ``scan_pyramid_max_forward`` on the channels-last map."""
+        n_win = rois.shape[0]
+        chans = feat.shape[3]
+        n_lv = lv.shape[0]
+        total = buf_off[n_lv]
+        for k in prange(n_win):
+            b = rois[k, 0]
+            x1 = rois[k, 1]
+            y1 = rois[k, 2]
+            h = rois[k, 4] - y1 + 1
+            w = rois[k, 3] - x1 + 1
+            buf = np.empty((total, chans), feat.dtype)
+            img = feat[b]
+            for li in range(n_lv):
+                if src[li] >= 0:
+                    continue
+                n = lv[li]
+                for i in range(n):
+                    rs = y1 + (i * h) // n
+                    re = y1 + ((i + 1) * h + n - 1) // n
+                    for j in range(n):
+                        cs = x1 + (j * w) // n
+                        ce = x1 + ((j + 1) * w + n - 1) // n
+                        dst = buf[buf_off[li] + i * n + j]
+                        dst[:] = img[rs, cs]
+                        for yy in range(rs, re):
+                            for xx in range(cs, ce):
+                                np.maximum(dst, img[yy, xx], dst)
+            _derive_and_write_values(k, buf, lv, src, out_off, buf_off, order, out)
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def build_max_tables_values(feat, val):  # pragma: no cover
+        """Values-only ``build_max_tables``."""
+        la, lb, n_img, height, width, chans = val.shape
+        for t in prange(n_img * height):
+            n = t // height
+            y = t - n * height
+            val[0, 0, n, y] = feat[n, y]
+            for b in range(1, lb):
+                s = 1 << (b - 1)
+                prev = val[0, b - 1, n, y]
+                cur = val[0, b, n, y]
+                for x in range(width):
+                    np.maximum(prev[x], prev[min(x + s, width - 1)], cur[x])
+        for a in range(1, la):
+            s = 1 << (a - 1)
+            for t in prange(n_img * height):
+                n = t // height
+                y = t - n * height
+                y2 = min(y + s, height - 1)
+                for b in range(lb):
+                    np.maximum(val[a - 1, b, n, y], val[a - 1, b, n, y2], val[a, b, n, y])
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def roi_pyramid_max_values(val, rois, lv, src, out_off, buf_off, order, out):  # pragma: no cover
+        """Values-only ``roi_pyramid_max_forward`` from the sparse table."""
+        n_win = rois.shape[0]
+        chans = val.shape[5]
+        n_lv = lv.shape[0]
+        total = buf_off[n_lv]
+        for k in prange(n_win):
+            b = rois[k, 0]
+            x1 = rois[k, 1]
+            y1 = rois[k, 2]
+            h = rois[k, 4] - y1 + 1
+            w = rois[k, 3] - x1 + 1
+            buf = np.empty((total, chans), val.dtype)
+            for li in range(n_lv):
+                if src[li] >= 0:
+                    continue
+                n = lv[li]
+                for i in range(n):
+                    rs = y1 + (i * h) // n
+                    re = y1 + ((i + 1) * h + n - 1) // n
+                    ka = _floor_log2(re - rs)
+                    r1 = re - (1 << ka)
+                    for j in range(n):
+                        cs = x1 + (j * w) // n
+                        ce = x1 + ((j + 1) * w + n - 1) // n
+                        kb = _floor_log2(ce - cs)
+                        c1 = ce - (1 << kb)
+                        t = val[ka, kb, b]
+                        dst = buf[buf_off[li] + i * n + j]
+                        np.maximum(t[rs, cs], t[rs, c1], dst)
+                        np.maximum(dst, t[r1, cs], dst)
+                        np.maximum(dst, t[r1, c1], dst)
+            _derive_and_write_values(k, buf, lv, src, out_off, buf_off, order, out)
+
     @njit(parallel=True, cache=True, nogil=True)
     def roi_pyramid_max_backward(grad_out, arg, batch_idx, cols_of_chan, grad_in):  # pragma: no cover
         """grad_in[b_k, arg[k, d]] += grad_out[k, d], race-free.

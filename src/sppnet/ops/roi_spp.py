@@ -112,39 +112,59 @@ def check_rois(rois: Tensor | Sequence[Tensor], features_shape: Sequence[int]) -
 # ---------------------------------------------------------------------------- numba
 
 
+def _kernel_forward(feats: Tensor, rois: Tensor, levels: tuple[int, ...], with_arg: bool) -> tuple[Tensor, Tensor | None]:
+    """Runs the numba kernels: ``(out [K, D], argmax [K, D] int32 or None)``.
+
+    Without ``with_arg`` (no gradient needed) the values-only kernels run; they
+    vectorise over channels and read half the memory.
+    """
+    n_img, chans, height, width = feats.shape
+    lv, src, out_off, buf_off, order = _kernels.make_plan(levels, chans)
+    n_win = rois.shape[0]
+    dim = chans * sum(n * n for n in levels)
+    out = torch.empty((n_win, dim), dtype=feats.dtype)
+    arg = torch.empty((n_win, dim), dtype=torch.int32) if with_arg else None
+    if n_win == 0:
+        return out, arg
+    direct = [levels[i] for i in range(len(levels)) if src[i] < 0]
+    la, lb = _table_depth(rois, direct)
+    _kernels.set_threads(torch.get_num_threads())
+    # Cost model (cells x channels touched): scanning reads every bin cell by
+    # cell (~1.5x the window: adaptive bins overlap); the sparse table pays
+    # la*lb copies of the map once, then 4 reads a bin.
+    hw = (rois[:, 4] - rois[:, 2] + 1) * (rois[:, 3] - rois[:, 1] + 1)
+    scan_cost = 1.5 * float(hw.sum()) * len(direct)
+    table_cost = 2.0 * la * lb * n_img * height * width + 4.0 * n_win * sum(n * n for n in direct)
+    feats_cl = feats.permute(0, 2, 3, 1).contiguous().numpy()  # [N, H, W, C]
+    r = rois.numpy()
+    plan = (lv, src, out_off, buf_off, order, out.numpy())
+    if scan_cost <= table_cost:
+        if with_arg:
+            _kernels.scan_pyramid_max_forward(feats_cl, r, *plan, arg.numpy())
+        else:
+            _kernels.scan_pyramid_max_values(feats_cl, r, *plan)
+    else:
+        shape = (la, lb, n_img, height, width, chans)
+        tab_val = torch.empty(shape, dtype=feats.dtype).numpy()
+        if with_arg:
+            tab_arg = torch.empty(shape, dtype=torch.int32).numpy()
+            _kernels.build_max_tables(feats_cl, tab_val, tab_arg)
+            _kernels.roi_pyramid_max_forward(tab_val, tab_arg, r, *plan, arg.numpy())
+        else:
+            _kernels.build_max_tables_values(feats_cl, tab_val)
+            _kernels.roi_pyramid_max_values(tab_val, r, *plan)
+    return out, arg
+
+
 class _PyramidMaxKernel(torch.autograd.Function):
     """Max pyramid over windows with the numba kernel; backward scatters by argmax."""
 
     @staticmethod
     def forward(ctx, features: Tensor, rois: Tensor, levels: tuple[int, ...]) -> Tensor:  # type: ignore[override]
         feats = features.detach().contiguous()
-        n_img, chans, height, width = feats.shape
-        lv, src, out_off, buf_off, order = _kernels.make_plan(levels, chans)
-        n_win = rois.shape[0]
-        dim = chans * sum(n * n for n in levels)
-        out = torch.empty((n_win, dim), dtype=feats.dtype)
-        arg = torch.empty((n_win, dim), dtype=torch.int32)
-        if n_win:
-            direct = [levels[i] for i in range(len(levels)) if src[i] < 0]
-            la, lb = _table_depth(rois, direct)
-            _kernels.set_threads(torch.get_num_threads())
-            # Cost model (cells x channels touched): scanning reads every bin cell by
-            # cell; the sparse table pays la*lb map copies once, then 4 reads a bin.
-            hw = (rois[:, 4] - rois[:, 2] + 1) * (rois[:, 3] - rois[:, 1] + 1)
-            scan_cost = 1.5 * float(hw.sum()) * len(direct)
-            table_cost = 2.0 * la * lb * n_img * height * width + 4.0 * n_win * sum(n * n for n in direct)
-            feats_cl = feats.permute(0, 2, 3, 1).contiguous()  # [N, H, W, C]
-            plan = (lv, src, out_off, buf_off, order, out.numpy(), arg.numpy())
-            if scan_cost <= table_cost:
-                _kernels.scan_pyramid_max_forward(feats_cl.numpy(), rois.numpy(), *plan)
-            else:
-                tab_val = torch.empty((la, lb, n_img, height, width, chans), dtype=feats.dtype)
-                tab_arg = torch.empty((la, lb, n_img, height, width, chans), dtype=torch.int32)
-                _kernels.build_max_tables(feats_cl.numpy(), tab_val.numpy(), tab_arg.numpy())
-                _kernels.roi_pyramid_max_forward(tab_val.numpy(), tab_arg.numpy(), rois.numpy(), *plan)
-                del tab_val, tab_arg
+        out, arg = _kernel_forward(feats, rois, levels, with_arg=True)
         ctx.save_for_backward(arg, rois)
-        ctx.shape = (n_img, chans, height, width)
+        ctx.shape = tuple(feats.shape)
         ctx.levels = levels
         return out
 
@@ -192,7 +212,9 @@ def _use_kernel(features: Tensor, mode: str) -> bool:
 
 def pyramid_max_kernel(features: Tensor, rois: Tensor, levels: tuple[int, ...]) -> Tensor:
     """``[K, C * sum(n*n)]`` via the numba kernel (validated LongTensor rois)."""
-    return _PyramidMaxKernel.apply(features, rois.contiguous(), levels)
+    if torch.is_grad_enabled() and features.requires_grad:
+        return _PyramidMaxKernel.apply(features, rois.contiguous(), levels)
+    return _kernel_forward(features.detach().contiguous(), rois.contiguous(), levels, with_arg=False)[0]
 
 
 # -------------------------------------------------------------------------- PyTorch

@@ -382,6 +382,10 @@ def roi_spatial_pyramid_pool(
         concatenated (the layout of :func:`spatial_pyramid_pool`). Rows follow
         the order of ``rois`` (list form: image 0's windows first). ``K = 0``
         gives an empty ``[0, C * sum(n*n)]`` tensor.
+
+    Non-finite feature values propagate as in torch's own adaptive pooling of
+    each window's crop: a NaN in a bin makes that bin NaN (max and avg); in avg
+    mode +inf and -inf in one bin give NaN.
     """
     if not isinstance(features, Tensor) or features.dim() != 4:
         shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__

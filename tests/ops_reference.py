@@ -71,19 +71,24 @@ def map_box_ref(box, stride, offset=0.0, feature_size=None) -> list[int]:
     Per axis: keep the cells whose centre ``offset + stride * j`` lies in
     ``[lo, hi]``; if none, take the cell whose centre is nearest the window's
     centre (ties: the larger ``j``). Then clamp to ``feature_size = (H, W)``.
+    As documented in ``map_boxes_to_features``, a centre within ``1e-9`` cells
+    of an edge counts as on the edge (float64 division is not exact), and
+    distances within that tolerance count as ties.
     """
     s, o = Fraction(stride), Fraction(offset)
+    tol = Fraction(1, 10**9) * s
     lo_x, lo_y, hi_x, hi_y = (Fraction(float(v)) for v in box)
     result = []
     for lo, hi in ((lo_x, hi_x), (lo_y, hi_y)):
         first = math.floor((lo - o) / s) - 2
         last = math.ceil((hi - o) / s) + 2
-        inside = [j for j in range(first, last + 1) if lo <= o + s * j <= hi]
+        inside = [j for j in range(first, last + 1) if lo - tol <= o + s * j <= hi + tol]
         if inside:
             result.append((inside[0], inside[-1]))
         else:
             mid = (lo + hi) / 2
-            best = min(range(first, last + 1), key=lambda j: (abs(o + s * j - mid), -j))
+            nearest = min(abs(o + s * j - mid) for j in range(first, last + 1))
+            best = max(j for j in range(first, last + 1) if abs(o + s * j - mid) <= nearest + tol)
             result.append((best, best))
     (x1, x2), (y1, y2) = result
     if feature_size is not None:

@@ -121,7 +121,7 @@ def map_boxes_to_features(
     lo = torch.ceil(u[:, :2] - eps)  # first centre >= edge
     hi = torch.floor(u[:, 2:] + eps)  # last centre <= edge
     empty = lo > hi  # [K, 2]: no centre inside along x / y
-    mid = torch.floor((u[:, :2] + u[:, 2:]) / 2 + 0.5)
+    mid = torch.floor((u[:, :2] + u[:, 2:]) / 2 + 0.5 + eps)
     lo = torch.where(empty, mid, lo)
     hi = torch.where(empty, mid, hi)
     out = torch.cat([lo, hi], dim=1)

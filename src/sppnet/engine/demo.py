@@ -281,7 +281,7 @@ def _pictures(cls: dict, det: dict, figs: Path, report) -> None:
     from sppnet.viz.figures import plot_feature_maps, plot_pyramid_bins
 
     detector = det.pop("detector")
-    model = cls.pop("model")
+    cls.pop("model")
     image = pil_to_tensor(load_image(det["test_image"]))
     with torch.no_grad():
         maps = detector.backbone.forward_features(detector.normalize(image)[None])[0]
@@ -290,11 +290,12 @@ def _pictures(cls: dict, det: dict, figs: Path, report) -> None:
     h, w = image.shape[-2:]
     window = (w * 0.2, h * 0.2, w * 0.7, h * 0.75)
     lengths = {}
-    for side in (model.min_input_size * 2, 160, 300):
+    backbone = detector.backbone
+    for side in (backbone.min_input_size * 2, 160, 300):
         with torch.no_grad():
             x = torch.randn(1, 3, side, int(side * 1.5))
             lengths[f"input {side}x{int(side * 1.5)}"] = spatial_pyramid_pool(
-                model.forward_features(x), model.levels).shape[1]  # fmt: skip
+                backbone.forward_features(x), detector.levels).shape[1]  # fmt: skip
     pb = plot_pyramid_bins(image, maps, detector.stride, detector.offset, window, figs / "pyramid_bins.png",
                            levels=detector.levels, other_sizes=lengths)  # fmt: skip
     s = report.section("4. Inside the network (the paper's Fig. 2 and Fig. 3)")

@@ -75,7 +75,8 @@ def map_boxes_to_features(
     edge are kept). With ``offset = 0`` that is the paper's ``floor(x/S) + 1`` /
     ``ceil(x/S) - 1`` except on exact multiples. A window that contains no
     centre collapses to the cell whose centre is nearest the window's centre
-    (halves round up).
+    (halves round up). Comparisons allow ``1e-9`` cells of float64 rounding:
+    a centre that close to an edge counts as on it.
 
     Args:
         boxes (Tensor[K, 4]): ``(x1, y1, x2, y2)`` in continuous pixel coordinates.

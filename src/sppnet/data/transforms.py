@@ -1,0 +1,197 @@
+"""The paper's image transforms (SPP-net Sec. 3.1, after AlexNet), scaled with ``size``.
+
+Training (:class:`TrainTransform`), for a crop side ``size`` (224 in the paper):
+
+1. resize so the SHORT side is ``resize_side(size) = round(size * 256 / 224)``
+   (256 for the paper's 224), aspect ratio kept;
+2. cut a ``size x size`` crop from one of the four corners or the centre of the
+   ENTIRE resized image, chosen uniformly at random;
+3. flip it horizontally with probability 1/2;
+4. multi-size training: RESIZE the crop to the epoch's input size (e.g. 180 for
+   224 in the paper): the same content at a lower resolution, never a smaller crop;
+5. colour altering: AlexNet's PCA lighting noise -- add
+   ``eigvec @ (alpha * eigval)``, ``alpha ~ N(0, 0.1)`` per image, to every pixel
+   (ImageNet's RGB eigen-decomposition, the constants every AlexNet
+   reimplementation uses; the built-in shapes data have random colours, so the
+   noise is a mild, label-preserving perturbation there as on photographs);
+6. normalise with the ImageNet channel mean / std.
+
+Randomness comes from an explicit ``torch.Generator`` passed per call, so the
+training loop can seed every sample from ``(seed, epoch, index)``: the result is
+the same with 0 or N DataLoader workers, one process or many.
+
+Test-time crops (centre, ten-view, full image) live in :mod:`sppnet.engine.views`;
+they use the helpers below so training and testing agree on geometry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from sppnet.data.images import pil_to_tensor, to_rgb
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "PCA_EIGVAL",
+    "PCA_EIGVEC",
+    "MAX_ASPECT",
+    "resize_side",
+    "small_size_for",
+    "resize_short_side",
+    "crop_boxes",
+    "normalize",
+    "lighting",
+    "TrainTransform",
+]
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+# AlexNet (Krizhevsky et al. 2012, Sec. 4.1) colour altering: principal components
+# of ImageNet's RGB pixel values (pixels in [0, 1]); columns of PCA_EIGVEC are the
+# eigenvectors, as in fb.resnet.torch / timm.
+PCA_EIGVAL: tuple[float, float, float] = (0.2175, 0.0188, 0.0045)
+PCA_EIGVEC: tuple[tuple[float, float, float], ...] = (
+    (-0.5675, 0.7192, 0.4009),
+    (-0.5808, -0.0045, -0.8140),
+    (-0.5836, -0.6948, 0.4203),
+)
+#: Longest accepted ``long side / short side`` of an input image. Resizing the
+#: short side of a 1 x 5000 strip to 256 would make a 1.3-gigapixel image.
+MAX_ASPECT = 20.0
+
+
+def resize_side(size: int) -> int:
+    """Short side the image is resized to before ``size`` crops: 256 for 224 (Sec. 3.1)."""
+    return int(round(size * 256 / 224))
+
+
+def small_size_for(size: int) -> int:
+    """The multi-size partner of ``size``: 180 for 224 (Sec. 2.3), ``round(size * 180 / 224)``."""
+    return int(round(size * 180 / 224))
+
+
+def resize_short_side(img: Image.Image, side: int) -> Image.Image:
+    """Resizes ``img`` so that ``min(width, height) == side``, aspect ratio kept.
+
+    Small images are upscaled, large ones downscaled (bilinear, antialiased).
+
+    Raises:
+        ValueError: ``side < 1`` or an aspect ratio above :data:`MAX_ASPECT`.
+    """
+    if side < 1:
+        raise ValueError(f"side must be >= 1, got {side}")
+    w, h = img.size
+    if w < 1 or h < 1:
+        raise ValueError(f"image has no pixels ({w}x{h})")
+    if max(w, h) / min(w, h) > MAX_ASPECT:
+        raise ValueError(
+            f"image of {w}x{h} pixels has aspect ratio {max(w, h) / min(w, h):.1f}; "
+            f"at most {MAX_ASPECT:g} is supported"
+        )
+    if w <= h:
+        new = (side, max(side, int(round(h * side / w))))
+    else:
+        new = (max(side, int(round(w * side / h))), side)
+    if new == (w, h):
+        return img
+    return img.resize(new, Image.Resampling.BILINEAR)
+
+
+def crop_boxes(width: int, height: int, size: int) -> list[tuple[int, int, int, int]]:
+    """The five ``size x size`` crops of the paper, as PIL boxes ``(left, top, right, bottom)``.
+
+    Order: top-left, top-right, bottom-left, bottom-right, centre. The centre
+    crop starts at ``round((width - size) / 2)`` (torchvision's rule).
+
+    Raises:
+        ValueError: the image is smaller than ``size`` on a side.
+    """
+    if width < size or height < size:
+        raise ValueError(f"cannot cut a {size}x{size} crop from a {width}x{height} image")
+    r, b = width - size, height - size
+    cx, cy = int(round(r / 2)), int(round(b / 2))
+    corners = [(0, 0), (r, 0), (0, b), (r, b), (cx, cy)]
+    return [(x, y, x + size, y + size) for x, y in corners]
+
+
+def normalize(x: Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Tensor:
+    """``(x - mean) / std`` per channel, for ``x (Tensor[3, H, W])`` or ``Tensor[N, 3, H, W]`` in [0, 1]."""
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    return (x - m) / s
+
+
+def lighting(x: Tensor, alphastd: float, generator: torch.Generator | None = None) -> Tensor:
+    """AlexNet's PCA colour noise on ``x (Tensor[3, H, W])`` in [0, 1] (not clamped, as AlexNet).
+
+    ``x + eigvec @ (alpha * eigval)`` with ``alpha ~ N(0, alphastd)`` per channel.
+    """
+    if alphastd <= 0:
+        return x
+    alpha = torch.randn(3, generator=generator) * alphastd  # [3]
+    eigvec = torch.tensor(PCA_EIGVEC)  # [3 (rgb), 3 (component)]
+    rgb = eigvec @ (alpha * torch.tensor(PCA_EIGVAL))  # [3]
+    return x + rgb.to(x.dtype).view(3, 1, 1)
+
+
+class TrainTransform:
+    """Training augmentation of SPP-net (see the module docstring).
+
+    Args:
+        size: crop side taken from the image resized to ``resize_side(size)``
+            (224 in the paper).
+        out_size: side the crop is resized to (the epoch's size in multi-size
+            training; 180 for the paper's second size). ``None``: ``size``.
+        flip: random horizontal flips.
+        alphastd: strength of the PCA lighting noise (0.1 in AlexNet; 0 disables).
+        mean, std: normalisation.
+
+    ``transform(img, generator)`` takes an RGB ``PIL.Image`` and returns
+    ``Tensor[3, out_size, out_size]``; all randomness is drawn from ``generator``.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        out_size: int | None = None,
+        flip: bool = True,
+        alphastd: float = 0.1,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        if size < 1:
+            raise ValueError(f"size must be >= 1, got {size}")
+        out_size = size if out_size is None else int(out_size)
+        if out_size < 1:
+            raise ValueError(f"out_size must be >= 1, got {out_size}")
+        self.size = int(size)
+        self.out_size = out_size
+        self.flip = bool(flip)
+        self.alphastd = float(alphastd)
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+
+    def __call__(self, img: Image.Image, generator: torch.Generator | None = None) -> Tensor:
+        if img.mode != "RGB":
+            img = to_rgb(img)
+        img = resize_short_side(img, resize_side(self.size))
+        boxes = crop_boxes(img.width, img.height, self.size)
+        box = boxes[int(torch.randint(len(boxes), (1,), generator=generator))]
+        img = img.crop(box)
+        if self.flip and bool(torch.rand(1, generator=generator) < 0.5):
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if self.out_size != self.size:  # multi-size: same content, lower resolution (Sec. 2.3)
+            img = img.resize((self.out_size, self.out_size), Image.Resampling.BILINEAR)
+        x = lighting(pil_to_tensor(img), self.alphastd, generator)
+        return normalize(x, self.mean, self.std)
+
+    def __repr__(self) -> str:
+        return (
+            f"TrainTransform(size={self.size}, out_size={self.out_size}, resize={resize_side(self.size)}, "
+            f"flip={self.flip}, alphastd={self.alphastd})"
+        )

@@ -1,0 +1,263 @@
+"""Classification: config and presets, size schedules, training end to end, evaluation,
+prediction, the CLI and its error messages. Tiny networks on tiny data (seconds)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import Subset
+
+from sppnet.cli.main import main
+from sppnet.data.imagefolder import ImageFolderDataset
+from sppnet.data.synthetic import CLASSES, make_classification_dataset
+from sppnet.engine.classify import (
+    PRESETS,
+    ClassifyConfig,
+    SizeSchedule,
+    evaluate,
+    load_classifier,
+    predict,
+    train,
+)
+from sppnet.engine.common import UserError, load_weights
+from sppnet.utils.io import load_json
+
+TINY = dict(width=0.1, fc_dim=32, size=64, epochs=1, batch_size=8, workers=0, device="cpu", lr_steps=())
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    return make_classification_dataset(
+        root, seed=1, train_per_class=3, val_per_class=1, test_per_class=1, min_size=48, max_size=96
+    )
+
+
+@pytest.fixture(scope="module")
+def run(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "multi"
+    cfg = ClassifyConfig(**{**TINY, "epochs": 2}, schedule="multi", data=str(data))
+    train(cfg, out=out, verbose=False)
+    return out, cfg.resolved()
+
+
+# --------------------------------------------------------------------- config
+
+
+def test_presets():
+    small = ClassifyConfig.from_preset("small")
+    assert (small.model, small.width, small.fc_dim, small.size, small.small_size) == ("zf5", 0.25, 512, 128, 103)
+    assert small == ClassifyConfig().resolved(), "the dataclass defaults are the small preset"
+    paper = ClassifyConfig.from_preset("paper")
+    assert (paper.width, paper.fc_dim, paper.size, paper.small_size, paper.epochs) == (1.0, 4096, 224, 180, 70)
+    assert (paper.lr, paper.momentum, paper.weight_decay, len(paper.lr_steps)) == (0.01, 0.9, 5e-4, 2)
+    assert (paper.dropout, paper.init, small.dropout, small.init) == (0.5, "paper", 0.0, "he")
+    assert paper.preset == "paper" and set(PRESETS) == {"small", "paper"}
+
+
+def test_overrides_and_small_size_following_size():
+    assert ClassifyConfig.from_preset("small", size=224).small_size == 180
+    assert ClassifyConfig.from_preset("small", size=224, small_size=200).small_size == 200
+    c = ClassifyConfig.from_preset("paper", epochs=3, lr=None)
+    assert (c.epochs, c.lr) == (3, 0.01)
+    assert ClassifyConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+    with pytest.raises(ValueError, match="unknown ClassifyConfig fields"):
+        ClassifyConfig.from_preset("small", colour=1)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(spp=False, schedule="multi"), "needs the SPP head"),
+        (dict(schedule="double"), "schedule must be one of"),
+        (dict(small_size=200), r"small_size \(200\) must not exceed size \(128\)"),
+        (dict(epochs=0), "epochs must be a positive integer, got 0"),
+        (dict(model="resnet"), "unknown model 'resnet'"),
+        (dict(lr=-1.0), "lr must be a positive number"),
+    ],
+)
+def test_config_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ClassifyConfig(**kwargs).resolved()
+
+
+def test_lr_steps_divide_by_ten():
+    c = ClassifyConfig(lr=0.01, lr_steps=(2, 4))
+    assert [round(c.lr_at(e), 10) for e in range(6)] == [0.01, 0.01, 0.001, 0.001, 0.0001, 0.0001]
+
+
+def test_size_schedules():
+    assert [SizeSchedule("single", 224, 180).size_for(e) for e in range(3)] == [224] * 3
+    multi = SizeSchedule("multi", 224, 180)
+    assert [multi.size_for(e) for e in range(4)] == [224, 180, 224, 180]
+    a = SizeSchedule("random", 224, 180, seed=5)
+    sizes = [a.size_for(e) for e in range(50)]
+    assert min(sizes) >= 180 and max(sizes) <= 224 and len(set(sizes)) > 10
+    b = SizeSchedule("random", 224, 180, seed=5)
+    assert [b.size_for(e) for e in range(50)] == sizes
+    c = SizeSchedule("random", 224, 180, seed=6)
+    assert [c.size_for(e) for e in range(50)] != sizes
+    # Checkpoint after 20 epochs, restore into a fresh schedule: same continuation.
+    d = SizeSchedule("random", 224, 180, seed=5)
+    [d.size_for(e) for e in range(20)]
+    e = SizeSchedule("random", 224, 180, seed=0)
+    e.load_state_dict(json.loads(json.dumps(d.state_dict())))
+    assert [e.size_for(k) for k in range(50)] == sizes
+
+
+# ------------------------------------------------------------------- training
+
+
+def test_train_writes_a_complete_run(run):
+    out, cfg = run
+    assert {p.name for p in out.iterdir()} >= {"config.json", "last.safetensors", "model.safetensors", "metrics.csv", "curves.png"}
+    assert ClassifyConfig.from_dict(load_json(out / "config.json")) == cfg
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows[0] == "epoch,size,lr,train_loss,train_acc,val_top1,val_top5,seconds"
+    assert [r.split(",")[1] for r in rows[1:]] == ["64", "51"]  # multi-size: 64 then round(64 * 180 / 224)
+    first = dict(zip(rows[0].split(","), rows[1].split(",")))
+    assert abs(float(first["train_loss"]) - math.log(8)) < 0.5  # 8 classes, barely trained
+    assert float(first["val_top1"]) <= float(first["val_top5"]) <= 1.0
+    state, meta = load_weights(out / "model.safetensors")
+    assert meta["classes"] == sorted(CLASSES) and meta["size"] == 64 and meta["resize"] == 73
+    assert meta["model"] == "zf5" and meta["epoch"] == 2 and meta["model_config"]["width"] == 0.1
+
+
+def test_load_evaluate_predict(run, data):
+    out, cfg = run
+    model, classes, loaded = load_classifier(out)
+    assert classes == sorted(CLASSES) and loaded == cfg and not model.training
+    test = ImageFolderDataset(data, "test", classes=classes)
+    results = {v: evaluate(model, test, v, cfg) for v in ("center", "ten", "full")}
+    assert [results[v]["views_per_image"] for v in ("center", "ten", "full")] == [1.0, 10.0, 1.0]
+    results["multi"] = evaluate(model, Subset(test, [0, 5]), "multi", cfg)  # 6 scales: the slow one
+    assert 90 <= results["multi"]["views_per_image"] <= 98 and results["multi"]["images"] == 2
+    for v in ("center", "ten", "full"):
+        assert results[v]["images"] == 8
+    for r in results.values():
+        assert 0 <= r["top1"] <= r["top5"] <= 1
+    # evaluate agrees with predict, image by image.
+    preds = predict(model, [p for p, _ in test.samples], classes, "full", topk=8, cfg=cfg)
+    correct = sum(p["top"][0]["index"] == label for p, (_, label) in zip(preds, test.samples))
+    assert correct / 8 == results["full"]["top1"]
+    probs = [t["prob"] for t in preds[0]["top"]]
+    assert probs == sorted(probs, reverse=True) and abs(sum(probs) - 1) < 1e-4
+    assert preds[0]["image"] == test.samples[0][0]
+
+
+def test_workers_do_not_change_the_result(data, tmp_path):
+    cfg = ClassifyConfig(**TINY, data=str(data), dropout=0.5)
+    train(cfg, out=tmp_path / "w0", verbose=False)
+    train(dataclasses.replace(cfg, workers=2), out=tmp_path / "w2", verbose=False)
+    a, _ = load_weights(tmp_path / "w0" / "model.safetensors")
+    b, _ = load_weights(tmp_path / "w2" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_on_given_pil_datasets(tmp_path):
+    """The detector pretrains its backbone this way: (PIL image, label) pairs and class names."""
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (int(rng.integers(40, 90)), 70, 3), dtype=np.uint8)) for _ in range(6)]
+    items = [(img, i % 2) for i, img in enumerate(images)]
+    cfg = ClassifyConfig(**{**TINY, "batch_size": 4})
+    out = train(cfg, items, items[:2], classes=["bg", "fg"], out=tmp_path / "given", verbose=False)
+    model, classes, _ = load_classifier(out)
+    assert classes == ["bg", "fg"] and model.num_classes == 2
+    with pytest.raises(ValueError, match="pass classes="):
+        train(cfg, items, out=tmp_path / "noclasses", verbose=False)
+    with pytest.raises(ValueError, match="must yield \\(PIL.Image, int\\) pairs, item \\d+ holds Tensor"):
+        train(cfg, [(torch.zeros(3, 8, 8), 0)] * 4, classes=["a"], out=tmp_path / "tensors", verbose=False)
+
+
+def test_no_spp_baseline_trains_at_its_one_size(data, tmp_path):
+    cfg = ClassifyConfig(**{**TINY, "size": 112}, spp=False, data=str(data))
+    out = train(cfg, out=tmp_path / "nospp", verbose=False)
+    model, classes, cfg = load_classifier(out)
+    assert not model.spp and model.input_size == 112
+    with pytest.raises(ValueError, match="needs an SPP model"):
+        evaluate(model, ImageFolderDataset(data, "test", classes=classes), "full", cfg)
+
+
+def test_bad_data_is_reported(data, tmp_path):
+    cfg = ClassifyConfig(**TINY)
+    with pytest.raises(UserError, match="does not exist"):
+        train(dataclasses.replace(cfg, data=str(tmp_path / "missing")), out=tmp_path / "r1", verbose=False)
+    empty = tmp_path / "empty"
+    (empty / "train" / "a").mkdir(parents=True)
+    (empty / "train" / "b").mkdir(parents=True)
+    Image.new("RGB", (64, 64)).save(empty / "train" / "a" / "x.png")
+    with pytest.raises(ValueError, match="class folder .*b contains no image files"):
+        train(dataclasses.replace(cfg, data=str(empty)), out=tmp_path / "r2", verbose=False)
+    with pytest.raises(UserError, match="already holds a training run"):
+        run_dir = tmp_path / "r3"
+        train(dataclasses.replace(cfg, data=str(data)), out=run_dir, verbose=False)
+        train(dataclasses.replace(cfg, data=str(data)), out=run_dir, verbose=False)
+
+
+def test_unreadable_images_are_skipped_and_counted(data, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(data, copy)
+    (copy / "train" / "circle" / "broken.jpg").write_bytes(b"not a jpeg at all")
+    cfg = ClassifyConfig(**TINY, data=str(copy))
+    with pytest.warns(UserWarning, match="broken.jpg"):
+        train(cfg, out=tmp_path / "run", verbose=True)
+    assert "skipped 1 of 25 images: 1 not an image" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------ CLI
+
+
+def test_cli_train_val_predict(data, tmp_path, capsys):
+    out = tmp_path / "cli"
+    args = ["classify", "train", "--data", str(data), "--out", str(out), "--width", "0.1", "--fc-dim", "32",
+            "--size", "64", "--epochs", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--quiet"]  # fmt: skip
+    assert main(args) == 0
+    cfg = load_json(out / "config.json")
+    assert (cfg["preset"], cfg["size"], cfg["small_size"], cfg["epochs"], cfg["lr"]) == ("small", 64, 51, 1, 0.01)
+    capsys.readouterr()
+    assert main(["classify", "val", "--run", str(out), "--split", "test", "--views", "ten", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) >= {"top1", "top5", "images", "views"}
+    assert (result["images"], result["views"], result["views_per_image"]) == (8, "ten", 10.0)
+
+    odd = [tmp_path / "wide.png", tmp_path / "grey.jpg", tmp_path / "alpha.png"]
+    Image.new("RGB", (300, 90), (200, 10, 10)).save(odd[0])
+    Image.new("L", (20, 33), 90).save(odd[1])
+    Image.new("RGBA", (70, 70), (0, 0, 255, 100)).save(odd[2])
+    assert main(["classify", "predict", "--run", str(out), *map(str, odd), "--views", "full", "--json"]) == 0
+    preds = json.loads(capsys.readouterr().out)
+    assert [p["image"] for p in preds] == [str(p) for p in odd]
+    assert all(len(p["top"]) == 5 and p["top"][0]["class"] in CLASSES for p in preds)
+    assert main(["classify", "predict", "--run", str(out), str(odd[0])]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"{odd[0]}: ") and line.count(",") == 4
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["classify", "train", "--data", "{tmp}/nope", "--out", "{tmp}/r"], "data folder {tmp}/nope does not exist"),
+        (["classify", "train", "--out", "{tmp}/r", "--size", "20", "--data", "{data}"], "size=20 is smaller than the minimum input"),
+        (["classify", "train", "--out", "{tmp}/r", "--no-spp", "--schedule", "multi"], "needs the SPP head"),
+        (["classify", "train", "--out", "{tmp}/r", "--resume"], "nothing to resume"),
+        (["classify", "val", "--run", "{tmp}/none"], "does not exist: is {tmp}/none a classification run"),
+        (["classify", "predict", "--run", "{run}", "{tmp}/missing.jpg"], "missing.jpg"),
+        (["classify", "predict", "--run", "{run}", "{tmp}/text.jpg"], "text.jpg"),
+        (["classify", "val", "--run", "{run}", "--data", "{tmp}"], "split folder {tmp}/val does not exist"),
+    ],
+)
+def test_cli_errors_are_one_line(argv, message, tmp_path, data, run, capsys):
+    (tmp_path / "text.jpg").write_text("hello")
+    fill = dict(tmp=str(tmp_path), data=str(data), run=str(run[0]))
+    assert main([a.format(**fill) for a in argv] + ["--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert message.format(**fill) in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -1,0 +1,133 @@
+"""The paper's training transforms: geometry, randomness, multi-size resize, colour."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sppnet.data.images import pil_to_tensor
+from sppnet.data.transforms import (
+    PCA_EIGVAL,
+    PCA_EIGVEC,
+    TrainTransform,
+    crop_boxes,
+    lighting,
+    normalize,
+    resize_short_side,
+    resize_side,
+    small_size_for,
+)
+
+
+def coordinate_image(width: int, height: int) -> Image.Image:
+    """Red = x, green = y (mod 256), blue = 0: every pixel says where it came from."""
+    xs, ys = np.meshgrid(np.arange(width), np.arange(height))
+    rgb = np.stack([xs % 256, ys % 256, np.zeros_like(xs)], axis=-1).astype(np.uint8)
+    return Image.fromarray(rgb)
+
+
+def test_paper_sizes():
+    assert resize_side(224) == 256
+    assert small_size_for(224) == 180
+    assert (resize_side(128), small_size_for(128)) == (146, 103)
+    assert (resize_side(112), small_size_for(112)) == (128, 90)
+
+
+@pytest.mark.parametrize(
+    "size, side, expected",
+    [((300, 150), 100, (200, 100)), ((150, 300), 100, (100, 200)), ((20, 10), 64, (128, 64)), ((64, 64), 64, (64, 64))],
+)
+def test_resize_short_side_keeps_aspect(size, side, expected):
+    assert resize_short_side(Image.new("RGB", size), side).size == expected
+
+
+def test_resize_short_side_refuses_extreme_aspect():
+    with pytest.raises(ValueError, match="aspect ratio 50.0"):
+        resize_short_side(Image.new("RGB", (500, 10)), 64)
+
+
+def test_crop_boxes_corners_and_centre():
+    assert crop_boxes(100, 80, 64) == [(0, 0, 64, 64), (36, 0, 100, 64), (0, 16, 64, 80), (36, 16, 100, 80), (18, 8, 82, 72)]
+    with pytest.raises(ValueError, match="64x64 crop from a 63x80"):
+        crop_boxes(63, 80, 64)
+
+
+def test_train_transform_crops_the_entire_image_at_its_five_positions_and_flips():
+    img = coordinate_image(200, 100)  # resized to short side resize_side(64) = 73: 146 x 73
+    t = TrainTransform(64, alphastd=0.0, mean=(0, 0, 0), std=(1, 1, 1))
+    resized = resize_short_side(img, 73)
+    expected = {}
+    for box in crop_boxes(*resized.size, 64):
+        crop = pil_to_tensor(resized.crop(box))
+        expected[box] = (crop, crop.flip(-1))
+    seen, flips = set(), 0
+    for seed in range(60):
+        out = t(img, torch.Generator().manual_seed(seed))
+        assert out.shape == (3, 64, 64)
+        matches = [(box, f) for box, pair in expected.items() for f in (0, 1) if torch.equal(out, pair[f])]
+        assert len(matches) == 1, "every output is one of the 5 crops, flipped or not"
+        seen.add(matches[0][0])
+        flips += matches[0][1]
+    assert seen == set(expected)
+    assert 15 <= flips <= 45
+
+
+def test_multi_size_is_a_resize_of_the_same_crop():
+    img = coordinate_image(180, 120)
+    seed = 3
+    out = TrainTransform(64, out_size=51, alphastd=0.0, mean=(0, 0, 0), std=(1, 1, 1))(
+        img, torch.Generator().manual_seed(seed)
+    )
+    # Replay the random choices in the order the transform draws them.
+    g = torch.Generator().manual_seed(seed)
+    k = int(torch.randint(5, (1,), generator=g))
+    flip = bool(torch.rand(1, generator=g) < 0.5)
+    resized = resize_short_side(img, resize_side(64))
+    crop = resized.crop(crop_boxes(*resized.size, 64)[k])
+    if flip:
+        crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    reference = pil_to_tensor(crop.resize((51, 51), Image.Resampling.BILINEAR))
+    assert out.shape == (3, 51, 51)
+    assert torch.equal(out, reference)
+
+
+def test_train_transform_is_a_function_of_the_generator():
+    img = coordinate_image(150, 170)
+    t = TrainTransform(64)
+    a = t(img, torch.Generator().manual_seed(7))
+    b = t(img, torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+    others = [t(img, torch.Generator().manual_seed(s)) for s in range(8, 12)]
+    assert not all(torch.equal(a, o) for o in others)
+
+
+def test_lighting_adds_the_pca_colour_shift():
+    x = torch.rand(3, 5, 6)
+    out = lighting(x, 0.1, torch.Generator().manual_seed(0))
+    alpha = torch.randn(3, generator=torch.Generator().manual_seed(0)) * 0.1
+    shift = torch.tensor(PCA_EIGVEC) @ (alpha * torch.tensor(PCA_EIGVAL))
+    torch.testing.assert_close(out - x, shift.view(3, 1, 1).expand(3, 5, 6))
+    assert torch.equal(lighting(x, 0.0), x)
+
+
+def test_normalize_values():
+    x = torch.full((3, 2, 2), 0.5)
+    out = normalize(x, (0.5, 0.25, 0.0), (1.0, 0.5, 0.25))
+    assert out[:, 0, 0].tolist() == [0.0, 0.5, 2.0]
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P"])
+def test_non_rgb_images_are_converted(mode):
+    img = Image.new(mode, (90, 70))
+    out = TrainTransform(64)(img, torch.Generator().manual_seed(0))
+    assert out.shape == (3, 64, 64)
+    assert torch.isfinite(out).all()
+
+
+def test_train_transform_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="size must be >= 1"):
+        TrainTransform(0)
+    with pytest.raises(ValueError, match="out_size must be >= 1"):
+        TrainTransform(64, out_size=0)

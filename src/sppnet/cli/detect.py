@@ -1,0 +1,167 @@
+"""``sppnet detect train | val | predict`` (ultralytics-style)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from sppnet.cli._common import add_common, add_preset
+
+_EPILOG = """examples:
+  sppnet detect train --out runs/det                         # built-in shapes data, small preset on CPU
+  sppnet detect train --out runs/det --scales 480 576 688 864 1200   # five scales (times --size)
+  sppnet detect train --out runs/det-rcnn --method rcnn      # the R-CNN baseline, same everything else
+  sppnet detect train --data VOCdevkit/VOC2007 --split trainval --out runs/voc --preset paper
+  sppnet detect train --out runs/det --resume                # continue an interrupted run
+  sppnet detect val --run runs/det --split test --json
+  sppnet detect predict --run runs/det image1.jpg image2.png --out runs/det/pred
+"""
+
+# Flags that map one-to-one onto DetectConfig fields.
+_TRAIN_FIELDS = (
+    "data", "format", "ann", "split", "method", "model", "width", "fc_dim", "scales", "size_factor", "backbone",
+    "finetune", "scorer", "seed", "workers", "device", "pretrain_epochs", "ft_iterations", "ft_lr", "svm_C",
+    "bbox_lambda", "chunk_size", "max_proposals",
+)  # fmt: skip
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "detect",
+        help="SPP-net object detection: train, val, predict",
+        description="The SPP-net detector (conv5 once per image and scale, a pyramid per window) "
+        "and its R-CNN baseline.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="action", metavar="ACTION")
+    sub.required = True
+
+    t = sub.add_parser(
+        "train", help="train a detector", epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train the SPP-net detector in stages (proposals, backbone, conv5 cache, fine-tuning, "
+        "SVMs, box regression). Flags left out take the preset's value.",
+    )
+    t.add_argument("--data", help="Pascal VOC root (or COCO image folder with --format coco); default: built-in shapes")
+    t.add_argument("--format", choices=("voc", "coco"), help="layout of --data (default voc)")
+    t.add_argument("--ann", help="COCO annotation JSON (with --format coco)")
+    t.add_argument("--split", help="VOC split to train on (default train)")
+    t.add_argument("--out", required=True, help="run directory (stages, caches, metrics, config)")
+    add_preset(t)
+    t.add_argument("--method", choices=("spp", "rcnn"), help="spp (default) or the R-CNN baseline (warp every window)")
+    t.add_argument("--model", help="backbone network (default zf5)")
+    t.add_argument("--width", type=float, help="channel multiplier of the conv layers (1.0 = Table 1)")
+    t.add_argument("--fc-dim", type=int, help="width of fc6 / fc7 (paper 4096)")
+    t.add_argument("--scales", type=int, nargs="+", metavar="S",
+                   help="image short sides in the paper's pixels, times --size (paper: 688, or 480 576 688 864 1200)")
+    t.add_argument("--size", dest="size_factor", type=float,
+                   help="multiplies every size: scales, the 224 px window target, warps (small preset 0.5)")
+    t.add_argument("--finetune", choices=("fc", "all"),
+                   help="fc: fc6/fc7/fc8 on cached conv5 (paper); all: also the conv layers (Fast R-CNN)")
+    t.add_argument("--scorer", choices=("svm", "softmax"), help="per-class SVMs (paper) or fc8's softmax")
+    t.add_argument("--backbone", help="classification run (sppnet classify train) or its model.safetensors; "
+                   "default: pretrain one on the training windows")
+    t.add_argument("--pretrain-epochs", type=int, help="epochs of backbone pretraining")
+    t.add_argument("--ft-iterations", type=int, help="fine-tuning iterations (batches of 128 windows)")
+    t.add_argument("--ft-lr", type=float, help="fine-tuning learning rate")
+    t.add_argument("--svm-c", dest="svm_C", type=float, help="SVM C (default 1e-3)")
+    t.add_argument("--bbox-lambda", type=float, help="ridge penalty of box regression (default 4000*12800/D)")
+    t.add_argument("--max-proposals", type=int, help="selective search windows per image (default 2000)")
+    t.add_argument("--chunk-size", type=int, help="windows pooled / scored at a time (memory bound)")
+    t.add_argument("--strict", action="store_true", default=None, help="stop at the first bad annotation or image")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--workers", type=int, help="selective search worker processes")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out (finished stages are skipped)")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_common(t)
+    t.set_defaults(func=_train, device=None)
+
+    v = sub.add_parser("val", help="evaluate a trained detector (VOC07 mAP)",
+                       description="Scores every window, per-class NMS at 0.3, <= 100 per image; VOC07 mAP.")
+    v.add_argument("--run", required=True, help="run directory written by 'detect train'")
+    v.add_argument("--data", help="data root (default: the run's data)")
+    v.add_argument("--format", choices=("voc", "coco"), help="layout of --data (default voc)")
+    v.add_argument("--ann", help="COCO annotation JSON")
+    v.add_argument("--split", default="test", help="VOC split (default test)")
+    v.add_argument("--scorer", choices=("svm", "softmax"), help="default: the run's")
+    v.add_argument("--workers", type=int, help="selective search worker processes")
+    v.add_argument("--json", action="store_true",
+                   help='print {"mAP", "ap": {class: AP}, "images", "seconds_per_image"} as JSON')
+    add_common(v)
+    v.set_defaults(func=_val)
+
+    r = sub.add_parser("predict", help="detect objects in image files; writes a PNG and a JSON per image")
+    r.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    r.add_argument("--run", required=True, help="run directory written by 'detect train'")
+    r.add_argument("--out", help="output folder (default RUN/predict)")
+    r.add_argument("--score-threshold", type=float, help="keep detections above it (default 0 for SVMs, 0.5 softmax)")
+    r.add_argument("--scorer", choices=("svm", "softmax"), help="default: the run's")
+    r.add_argument("--json", action="store_true", help="print the detections as JSON")
+    add_common(r)
+    r.set_defaults(func=_predict)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from sppnet.engine.common import resolve_device
+    from sppnet.engine.detect import DetectConfig, TrainingInterrupted, train
+    from sppnet.utils.io import load_json
+
+    explicit = {f: getattr(args, f) for f in _TRAIN_FIELDS if getattr(args, f, None) is not None}
+    if args.strict:
+        explicit["strict"] = True
+    for key in ("data", "ann", "backbone"):
+        if key in explicit:
+            explicit[key] = str(Path(explicit[key]).resolve())
+    if "scales" in explicit:
+        explicit["scales"] = tuple(explicit["scales"])
+    out = Path(args.out)
+    if args.resume:
+        if not (out / "config.json").is_file():
+            raise ValueError(f"nothing to resume: {out / 'config.json'} does not exist")
+        saved = DetectConfig.from_dict(load_json(out / "config.json"))
+        if args.preset is not None and args.preset != saved.preset:
+            raise ValueError(f"cannot change the preset when resuming: run used {saved.preset!r}")
+        cfg = dataclasses.replace(saved, **explicit).resolved()
+    else:
+        preset = args.preset or ("paper" if resolve_device(args.device or "auto").type == "cuda" else "small")
+        cfg = DetectConfig.from_preset(preset, **explicit)
+    try:
+        train(cfg, out=out, resume=args.resume, verbose=not args.quiet)
+    except TrainingInterrupted:
+        return 130
+    print(f"done: {out / 'detector.safetensors'}  (fine-tuning {out / 'finetune.csv'}, {out / 'finetune.png'})")
+    return 0
+
+
+def _val(args: argparse.Namespace) -> int:
+    from sppnet.engine.detect import json_safe, val
+
+    result = val(args.run, data=args.data, split=args.split, fmt=args.format, ann=args.ann, scorer=args.scorer,
+                 device=args.device, workers=args.workers, verbose=not args.json)  # fmt: skip
+    result = json_safe(result)
+    if args.json:
+        print(json.dumps({k: result[k] for k in ("mAP", "ap", "images", "seconds_per_image")}))
+        return 0
+    print(f"{'class':<16} AP")
+    for name, ap in result["ap"].items():
+        print(f"{name:<16} {'-' if ap is None else f'{ap:.4f}'}")
+    mean = result["mAP"]
+    print(f"{'mAP (VOC07)':<16} {'-' if mean is None else f'{mean:.4f}'}   on {result['images']} images, "
+          f"{result['seconds_per_image']:.3f} s per image ({result['scorer']} scores)")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from sppnet.engine.detect import predict
+
+    results = predict(args.run, args.images, out=args.out, score_threshold=args.score_threshold,
+                      scorer=args.scorer, device=args.device, verbose=not args.json)  # fmt: skip
+    if args.json:
+        print(json.dumps(results))
+        return 0
+    for r in results:
+        found = ", ".join(f"{d['label']} {d['score']:.2f}" for d in r["detections"][:10]) or "nothing"
+        print(f"{r['image']}: {len(r['detections'])} detections ({found}) -> {r['png']}, {r['json']}")
+    return 0

@@ -1,0 +1,146 @@
+"""The detector's backbone: pretrained here as a classifier of windows.
+
+The paper's conv layers and fc6/fc7 come pretrained on ImageNet; those weights
+cannot be had here. The substitute (documented in the README): pretrain the same
+network as a (K+1)-way classifier of WINDOWS of the detection training set --
+the ground-truth objects of the K classes (non-difficult) plus background
+windows (selective-search proposals with IoU < 0.3 with every object) -- with
+the classification engine (:mod:`sppnet.engine.classify`), i.e. the paper's
+multi-size training (Sec. 2.3). Each window is cut with R-CNN's 16/224 context
+margin and warped to a square, which is what the pyramid does to a window on
+the feature map.
+
+Or a backbone trained elsewhere: ``--backbone`` takes a classification run
+(``sppnet classify train``) or its ``model.safetensors``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from sppnet.data.images import load_image
+from sppnet.data.transforms import resize_side
+from sppnet.engine.common import UserError
+from sppnet.engine.det_features import WindowSet
+from sppnet.models.sppnet import SPPNet
+
+__all__ = ["WindowCrops", "window_crops", "pretrain_backbone", "load_backbone", "BACKGROUND"]
+
+BACKGROUND = "__background__"
+CONTEXT = 16 / 224  # R-CNN's context padding (16 px around a 224 warp), per side
+
+
+class WindowCrops(Dataset):
+    """``(PIL.Image RGB, label)`` pairs cut from the images on access (nothing large held in memory).
+
+    Args:
+        items: ``(image path, inclusive box, label)`` per crop.
+        side: crops are warped to ``side x side``.
+        classes: ``classes[label]`` names a label.
+    """
+
+    def __init__(self, items: list[tuple[str, tuple[float, ...], int]], side: int, classes: Sequence[str]) -> None:
+        self.items, self.side, self.classes = items, int(side), list(classes)
+
+    @property
+    def labels(self) -> list[int]:
+        return [label for _, _, label in self.items]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        path, box, label = self.items[index]
+        return _cut(load_image(path), box, self.side), label
+
+
+def _cut(img: Image.Image, box: Sequence[float], side: int) -> Image.Image:
+    """The inclusive box with ``CONTEXT`` margin (clipped to the image), warped to ``side x side``."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    w, h = x2 - x1 + 1, y2 - y1 + 1
+    left, top = max(0.0, x1 - CONTEXT * w), max(0.0, y1 - CONTEXT * h)
+    right, bottom = min(img.width, x2 + 1 + CONTEXT * w), min(img.height, y2 + 1 + CONTEXT * h)
+    return img.resize((side, side), Image.Resampling.BILINEAR, box=(left, top, right, bottom))
+
+
+def window_crops(
+    records: Sequence[dict],
+    windows: Sequence[WindowSet],
+    classes: Sequence[str],
+    size: int,
+    background_per_image: int = 2,
+    seed: int = 0,
+) -> WindowCrops:
+    """Objects and background windows of the training images as a classification set.
+
+    Labels: ``0..K-1`` the classes, ``K`` background. Background windows are
+    drawn (seeded per image) among the windows whose IoU with every object is
+    below 0.3. Crops are ``resize_side(size)`` squares, so the classification
+    transform's ``size`` crops cut off only part of the context margin.
+    """
+    items: list[tuple[str, tuple[float, ...], int]] = []
+    k = len(classes)
+    for i, (record, w) in enumerate(zip(records, windows)):
+        path = str(record["image_path"])
+        for box, label, difficult in zip(w.gt_boxes.tolist(), record["labels"].tolist(), record["difficult"].tolist()):
+            if not difficult:
+                items.append((path, tuple(box), int(label)))
+        bg = (w.max_overlap < 0.3).nonzero().squeeze(1)
+        if len(bg) and background_per_image > 0:
+            rng = np.random.default_rng([seed, 0xB6, i])
+            pick = rng.choice(len(bg), size=min(background_per_image, len(bg)), replace=False)
+            items += [(path, tuple(w.boxes[bg[j]].tolist()), k) for j in sorted(pick.tolist())]
+    if not items:
+        raise UserError("no objects or background windows to pretrain the backbone on")
+    return WindowCrops(items, resize_side(size), [*classes, BACKGROUND])
+
+
+def pretrain_backbone(crops: WindowCrops, classify_cfg, out: str | os.PathLike, verbose: bool = True) -> Path:
+    """Trains the classifier with :func:`sppnet.engine.classify.train` (resumes a run in ``out``)."""
+    from sppnet.engine.classify import train
+
+    out = Path(out)
+    resume = (out / "last.safetensors").is_file()
+    return train(
+        classify_cfg, train_set=crops, val_set=None, classes=crops.classes, out=out, resume=resume, verbose=verbose
+    )
+
+
+def load_backbone(path: str | os.PathLike) -> tuple[SPPNet, list[str], tuple[float, ...], tuple[float, ...]]:
+    """A classifier from ``sppnet classify train``: ``(model, classes, mean, std)``.
+
+    Args:
+        path: the run directory or its ``model.safetensors``.
+    """
+    from sppnet.engine.classify import load_classifier
+    from sppnet.engine.common import load_weights
+
+    p = Path(path)
+    model, classes, _ = load_classifier(p, "cpu")
+    if not isinstance(model, SPPNet) or not model.spp:
+        raise UserError(f"{path}: the detector needs an SPP classifier (spp=True)")
+    _, meta = load_weights(p / "model.safetensors" if p.is_dir() else p)
+    mean = tuple(meta.get("mean", (0.485, 0.456, 0.406)))
+    std = tuple(meta.get("std", (0.229, 0.224, 0.225)))
+    return model.train(), classes, mean, std
+
+
+def init_fc8_from_classifier(detector, model: SPPNet, model_classes: Sequence[str], classes: Sequence[str]) -> bool:
+    """Copies the pretraining classifier into fc8 when it classified the same classes + background.
+
+    fc8's row 0 is the background, rows ``1..K`` the classes. Returns whether it copied.
+    """
+    if sorted(model_classes) != sorted([*classes, BACKGROUND]) or model.classifier.out_features != len(model_classes):
+        return False
+    order = [list(model_classes).index(BACKGROUND)] + [list(model_classes).index(c) for c in classes]
+    with torch.no_grad():
+        detector.cls_score.weight.copy_(model.classifier.weight[order])
+        detector.cls_score.bias.copy_(model.classifier.bias[order])
+    return True

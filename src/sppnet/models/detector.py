@@ -1,0 +1,638 @@
+"""The SPP-net object detector (SPP-net Sec. 4) and its R-CNN baseline.
+
+The detector reads like the algorithm; every step is a named function:
+
+    proposals (selective search, ``data/proposals.py``)
+      -> feature_maps      conv1-conv5 ONCE per image and scale   [C, h_s, w_s] per scale
+      -> assign_scales     per window, the scale whose scaled window area is closest to 224^2
+      -> map_windows       window -> conv5 cells (Appendix), the backbone's own stride/offset
+      -> pool_windows      spatial pyramid per window                      [K, C * sum(n*n)]
+      -> fc7               fc6, fc7 of the backbone                         [K, fc_dim]
+      -> class_scores      one linear SVM per class (or the softmax of fc8) [K, num_classes]
+      -> regress_boxes     ridge regression on pool5, one per class          [K, num_classes, 4]
+      -> select_detections per-class NMS at IoU 0.3, <= 100 per image
+
+``method="rcnn"`` replaces the first four steps by R-CNN's: every window is cropped
+from the image and warped to the network's input size (:func:`warp_windows`),
+and the conv layers run on each warped window; pooling of the fixed-size conv5
+map, fc7, the scorers and the regressors are shared. That is the baseline of the
+paper's speed claim (Table 9): same backbone, same windows, same heads.
+
+Conventions. Images are ``Tensor[3, H, W]`` floats in ``[0, 1]`` (as
+``sppnet.data.pil_to_tensor`` makes them); the detector normalises them with its
+``pixel_mean`` / ``pixel_std``. Boxes are ``(x1, y1, x2, y2)`` INCLUSIVE pixel
+indices (Pascal VOC, 0-based): a box ``x1..x2`` covers the continuous interval
+``[x1, x2 + 1)``, which is what :func:`map_windows` hands to
+``map_boxes_to_features``. Labels are ``0..num_classes-1`` (foreground only);
+the fine-tuned fc8 (``cls_score``) has ``num_classes + 1`` outputs with the
+background at index 0.
+
+Pyramid level order. fc6's input layout depends on the ORDER of the levels
+(``ops/spp.py``: levels concatenated in the order given). The backbone trained
+fc6 with its own order (``(6, 3, 2, 1)`` by default); the released detection
+code pools with ``(1, 2, 3, 6)``. The detector pools with ``levels`` (default
+``(1, 2, 3, 6)``) and, when the backbone was trained with another order of the
+SAME levels, permutes fc6's input columns and the backbone's own pyramid once
+(:func:`reorder_pyramid_levels`): the backbone computes exactly the same function
+as before (its classifier outputs are unchanged) and its pyramid, fc6 and the
+detector agree.
+
+Memory bound. Windows go through pooling, fc6/fc7, scoring and regression in
+chunks of ``chunk_size`` (SPP) or ``warp_chunk`` (R-CNN) windows, so the peak
+does not grow with the number of windows. For one image it is about
+
+    conv activations of the largest scale (conv1 output, 96 * width channels at half resolution)
+  + the pyramid's range-max tables for one scale (<= 2 * 25 * C5 * h * w * 4 bytes)
+  + chunk_size * (2 * C5 * sum(n*n) + 3 * fc_dim + (num_classes + 1) * 5) * 4 bytes,
+
+e.g. the paper's ZF-5 on a 1,200 px image: ~0.2 GB + ~0.4 GB + ~0.15 GB with
+``chunk_size = 1024``, whatever the number of windows (20,000 included).
+Measured (``tests/test_detector.py``, slow): 20,000 windows on a 900 x 1,200
+image at scale 1,200 (1,200 x 1,600 input, full-width ZF-5, fc 1,024) peak at
+1.57 GB resident for the whole process with ``chunk_size`` 1,024 or 256, 2.9 GB
+unchunked; the peak left is the conv layers' activations at that scale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+
+from sppnet.models.sppnet import SPPNet
+from sppnet.ops import (
+    SpatialPyramidPool,
+    clip_boxes,
+    decode_boxes,
+    map_boxes_to_features,
+    roi_spatial_pyramid_pool,
+    select_detections,
+    validate_boxes,
+)
+from sppnet.ops._bins import check_levels
+
+__all__ = [
+    "SPPDetector",
+    "Scale",
+    "image_scales",
+    "assign_scales",
+    "map_windows",
+    "warp_windows",
+    "reorder_pyramid_levels",
+    "PAPER_SCALES",
+    "PAPER_SINGLE_SCALE",
+    "PAPER_TARGET_SIZE",
+    "RELEASED_CODE_TARGET_SIZE",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+]
+
+#: SPP-net Sec. 4.2: five scales (short side); the released code uses 874 for 864.
+PAPER_SCALES = (480, 576, 688, 864, 1200)
+#: SPP-net Sec. 4.2: the single-scale detector resizes min(w, h) to 688.
+PAPER_SINGLE_SCALE = (688,)
+#: Sec. 4.2: the scale whose scaled window area is closest to 224 x 224.
+PAPER_TARGET_SIZE = 224
+#: The released code's target side: 13 conv5 cells x stride 16 = 208 px.
+RELEASED_CODE_TARGET_SIZE = 13 * 16
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+SCORERS = ("svm", "softmax")
+METHODS = ("spp", "rcnn")
+
+
+class Scale(NamedTuple):
+    """One scale of an image: its resized size and the factors from the original."""
+
+    height: int
+    width: int
+    fy: float  # resized height / original height
+    fx: float  # resized width / original width
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def image_scales(height: int, width: int, scales: Sequence[int], min_size: int = 1) -> list[Scale]:
+    """Sizes of an image resized so that its SHORT side equals each scale (Sec. 4.2).
+
+    Args:
+        height, width: the original image size in pixels.
+        scales: short sides ``s`` (e.g. ``(688,)`` or :data:`PAPER_SCALES`).
+        min_size: no side smaller than this (the backbone's ``min_input_size``).
+
+    Returns:
+        list[Scale]: per scale ``(H_s, W_s, fy, fx)`` with ``min(H_s, W_s) = s``
+        (the long side rounded), ``fy = H_s / height`` and ``fx = W_s / width``.
+    """
+    if height < 1 or width < 1:
+        raise ValueError(f"image size must be positive, got {height}x{width}")
+    if len(scales) == 0 or any(int(s) < 1 for s in scales):
+        raise ValueError(f"scales must be positive short sides, got {tuple(scales)}")
+    out = []
+    for s in scales:
+        f = int(s) / min(height, width)
+        h = max(int(min_size), int(round(height * f)))
+        w = max(int(min_size), int(round(width * f)))
+        out.append(Scale(h, w, h / height, w / width))
+    return out
+
+
+def _factors(scale_factors: Tensor | Sequence) -> Tensor:
+    """``[S, 2]`` float64 ``(fy, fx)`` from Scales, ``[S]`` isotropic or ``[S, 2]`` factors."""
+    if isinstance(scale_factors, Sequence) and scale_factors and isinstance(scale_factors[0], Scale):
+        return torch.tensor([[s.fy, s.fx] for s in scale_factors], dtype=torch.float64)
+    f = torch.as_tensor(scale_factors, dtype=torch.float64)
+    if f.dim() == 1:
+        f = f[:, None].expand(-1, 2)
+    if f.dim() != 2 or f.shape[1] != 2 or f.shape[0] < 1 or not bool((f > 0).all()):
+        raise ValueError(f"scale factors must be positive, one (fy, fx) per scale, got {f.tolist()}")
+    return f
+
+
+def assign_scales(boxes: Tensor, scale_factors: Tensor | Sequence, target_size: float = PAPER_TARGET_SIZE) -> Tensor:
+    """Per window, the scale at which its area is closest to ``target_size ** 2`` (Sec. 4.2).
+
+    Args:
+        boxes (Tensor[K, 4]): ``(x1, y1, x2, y2)`` inclusive pixel indices in the
+            ORIGINAL image (width ``x2 - x1 + 1``).
+        scale_factors: ``list[Scale]``, or ``Tensor[S]`` (one factor per scale) or
+            ``Tensor[S, 2]`` ``(fy, fx)``: original -> resized image.
+        target_size: 224 in the paper, 208 (:data:`RELEASED_CODE_TARGET_SIZE`) in
+            the released code.
+
+    Returns:
+        LongTensor[K]: the scale index of each window; on a tie the first scale wins.
+    """
+    validate_boxes(boxes)
+    f = _factors(scale_factors).to(boxes.device)  # [S, 2]
+    b = boxes.to(torch.float64)
+    areas = (b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1)  # [K]
+    scaled = areas[:, None] * (f[:, 0] * f[:, 1])[None, :]  # [K, S]
+    # argmin returns the first minimum: the first (smallest) scale wins ties.
+    return (scaled - float(target_size) ** 2).abs().argmin(dim=1)
+
+
+def map_windows(
+    boxes: Tensor,
+    scale: Scale | float | tuple[float, float],
+    feature_size: tuple[int, int],
+    stride: float,
+    offset: float,
+) -> Tensor:
+    """Maps windows of the original image onto the conv5 map of one scale (Appendix).
+
+    The inclusive box ``x1..x2`` is the continuous interval ``[x1, x2 + 1)``;
+    scaled by the resize factors it is handed to ``map_boxes_to_features``, which
+    keeps the cells whose receptive-field centres (``offset + stride * j``) lie
+    inside the window and clamps to the map.
+
+    Args:
+        boxes (Tensor[K, 4]): inclusive pixel boxes in the original image.
+        scale: a :class:`Scale`, one factor, or ``(fy, fx)``.
+        feature_size: ``(h, w)`` of the conv5 map at that scale.
+        stride, offset: the backbone's geometry (``SPPNet.stride`` / ``.offset``).
+
+    Returns:
+        LongTensor[K, 4]: inclusive conv5 cells ``(x1, y1, x2, y2)``.
+    """
+    if isinstance(scale, Scale):
+        fy, fx = scale.fy, scale.fx
+    elif isinstance(scale, (int, float)):
+        fy = fx = float(scale)
+    else:
+        fy, fx = (float(v) for v in scale)
+    b = boxes.to(torch.float64)
+    continuous = torch.stack([b[:, 0] * fx, b[:, 1] * fy, (b[:, 2] + 1) * fx, (b[:, 3] + 1) * fy], dim=1)
+    return map_boxes_to_features(continuous, stride, offset, feature_size)
+
+
+def warp_windows(image: Tensor, boxes: Tensor, size: int, sampling_ratio: int = 0) -> Tensor:
+    """R-CNN's warp: every window cropped and resized to ``size x size``, all at once.
+
+    ``torchvision.ops.roi_align`` with ``aligned=True`` on the continuous window
+    ``[x1, x2 + 1) x [y1, y2 + 1)``: with one sample per output pixel
+    (``sampling_ratio=1``) that is exactly ``F.interpolate(crop, size,
+    mode="bilinear", align_corners=False)`` of the crop whenever the window is at
+    least ``size`` pixels on each side; the default (adaptive, ``0``) averages
+    ``ceil(window / size)`` samples per output pixel and side, an anti-aliased warp.
+
+    Args:
+        image (Tensor[3, H, W]): the (normalised) image.
+        boxes (Tensor[K, 4]): inclusive pixel boxes.
+        size: output side (the network's input size).
+        sampling_ratio: samples per output pixel and side; 0 = adaptive.
+
+    Returns:
+        Tensor[K, 3, size, size].
+    """
+    validate_boxes(boxes)
+    b = boxes.to(image.dtype)
+    continuous = torch.cat([b[:, :2], b[:, 2:] + 1], dim=1)
+    rois = torch.cat([continuous.new_zeros((len(b), 1)), continuous], dim=1)  # [K, 5]
+    return torchvision.ops.roi_align(
+        image[None], rois, (int(size), int(size)), spatial_scale=1.0, sampling_ratio=int(sampling_ratio), aligned=True
+    )
+
+
+def reorder_pyramid_levels(backbone: SPPNet, levels: Sequence[int]) -> None:
+    """Makes ``backbone`` pool with ``levels`` without changing what it computes.
+
+    fc6 reads the pyramid as blocks of ``C * n * n`` columns, one block per level
+    in the pyramid's order. When ``levels`` is a permutation of the backbone's
+    levels, the blocks of fc6's weight are permuted to match and the backbone's
+    pyramid is replaced by one with the new order (in place).
+
+    Raises:
+        ValueError: if the backbone has no pyramid or ``levels`` are not the same levels.
+    """
+    levels = check_levels(levels)
+    if not backbone.spp:
+        raise ValueError(f"the detector needs an SPP backbone (spp=True); {backbone.name} has spp=False")
+    old = tuple(backbone.levels)
+    if sorted(levels) != sorted(old):
+        raise ValueError(
+            f"detector levels {levels} must be the backbone's pyramid levels {old} (in any order): "
+            f"fc6 was trained on those bins"
+        )
+    if levels == old:
+        return
+    chans = backbone.feature_channels
+    starts, off = {}, 0
+    for n in old:
+        starts.setdefault(n, []).append(off)
+        off += chans * n * n
+    used = {n: 0 for n in starts}
+    perm = []
+    for n in levels:
+        s = starts[n][used[n]]
+        used[n] += 1
+        perm.append(torch.arange(s, s + chans * n * n))
+    perm = torch.cat(perm)  # new column j reads old column perm[j]
+    fc6 = backbone.fc[0]
+    with torch.no_grad():
+        fc6.weight.copy_(fc6.weight[:, perm])
+    backbone.levels = levels
+    backbone.pool = SpatialPyramidPool(levels, "max", "adaptive")
+
+
+def _chunks(n: int, size: int) -> list[tuple[int, int]]:
+    return [(s, min(n, s + size)) for s in range(0, n, max(1, int(size)))]
+
+
+# -------------------------------------------------------------------------- the model
+
+
+class SPPDetector(nn.Module):
+    """SPP-net's detector: conv5 once per image and scale, a pyramid per window.
+
+    Args:
+        backbone: an :class:`SPPNet` with ``spp=True`` (conv layers, pyramid, fc6, fc7).
+        num_classes: foreground classes ``K``.
+        levels: pyramid levels in pooling order (released code: ``(1, 2, 3, 6)``);
+            the same levels as the backbone's (see :func:`reorder_pyramid_levels`).
+        scales: image short sides (Sec. 4.2: ``(688,)`` or :data:`PAPER_SCALES`).
+        target_size: window side targeted by :func:`assign_scales` (224; 208 in the code).
+        method: ``"spp"`` or ``"rcnn"`` (warp every window, :func:`warp_windows`).
+        warp_size: R-CNN's network input side (default ``target_size``).
+        chunk_size: windows pooled and scored at a time (SPP); bounds memory.
+        warp_chunk: windows warped and convolved at a time (R-CNN).
+        pixel_mean, pixel_std: per-channel normalisation of ``[0, 1]`` images
+            (what the backbone was trained with).
+
+    Heads (all state, saved with ``state_dict``):
+        ``cls_score``: fc8, ``Linear(fc_dim, K + 1)``, background = 0 (fine-tuning).
+        ``svm_weight`` [K, fc_dim], ``svm_bias`` [K], ``svm_feature_scale``: SVM
+        score = ``svm_feature_scale * fc7 @ svm_weight.T + svm_bias``.
+        ``bbox_weight`` [K, D, 4], ``bbox_bias`` [K, 4], ``bbox_feature_scale``:
+        deltas ``(dx, dy, dw, dh)`` = ``bbox_feature_scale * pool5 @ bbox_weight[c] + bbox_bias[c]``.
+        ``trained_heads`` [2] bool: SVMs, box regressors trained.
+    """
+
+    def __init__(
+        self,
+        backbone: SPPNet,
+        num_classes: int,
+        levels: Sequence[int] = (1, 2, 3, 6),
+        scales: Sequence[int] = PAPER_SINGLE_SCALE,
+        target_size: float = PAPER_TARGET_SIZE,
+        method: str = "spp",
+        warp_size: int | None = None,
+        chunk_size: int = 1024,
+        warp_chunk: int = 64,
+        pixel_mean: Sequence[float] = IMAGENET_MEAN,
+        pixel_std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if len(scales) == 0 or any(int(s) < backbone.min_input_size for s in scales):
+            raise ValueError(f"scales must be short sides >= {backbone.min_input_size}, got {tuple(scales)}")
+        if chunk_size < 1 or warp_chunk < 1:
+            raise ValueError(f"chunk sizes must be >= 1, got chunk_size={chunk_size}, warp_chunk={warp_chunk}")
+        reorder_pyramid_levels(backbone, levels)
+        self.backbone = backbone
+        self.num_classes = int(num_classes)
+        self.levels = tuple(backbone.levels)
+        self.scales = tuple(int(s) for s in scales)
+        self.target_size = float(target_size)
+        self.method = method
+        self.warp_size = int(round(target_size)) if warp_size is None else int(warp_size)
+        if self.warp_size < backbone.min_input_size:
+            raise ValueError(f"warp_size must be >= {backbone.min_input_size}, got {self.warp_size}")
+        self.chunk_size = int(chunk_size)
+        self.warp_chunk = int(warp_chunk)
+        self.pooled_dim = backbone.pooled_dim
+        self.fc_dim = backbone.fc_dim
+
+        self.cls_score = nn.Linear(self.fc_dim, self.num_classes + 1)  # fc8, background = 0
+        nn.init.normal_(self.cls_score.weight, 0.0, 0.01)
+        nn.init.zeros_(self.cls_score.bias)
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(3, 1, 1))
+        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(3, 1, 1))
+        self.register_buffer("svm_weight", torch.zeros(self.num_classes, self.fc_dim))
+        self.register_buffer("svm_bias", torch.zeros(self.num_classes))
+        self.register_buffer("svm_feature_scale", torch.ones(()))
+        self.register_buffer("bbox_weight", torch.zeros(self.num_classes, self.pooled_dim, 4))
+        self.register_buffer("bbox_bias", torch.zeros(self.num_classes, 4))
+        self.register_buffer("bbox_feature_scale", torch.ones(()))
+        self.register_buffer("trained_heads", torch.zeros(2, dtype=torch.bool))  # [svm, bbox]
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def stride(self) -> int:
+        return self.backbone.stride
+
+    @property
+    def offset(self) -> float:
+        return self.backbone.offset
+
+    def config(self) -> dict:
+        """Keyword arguments (besides ``backbone``) that rebuild this detector."""
+        return {
+            "num_classes": self.num_classes,
+            "levels": list(self.levels),
+            "scales": list(self.scales),
+            "target_size": self.target_size,
+            "method": self.method,
+            "warp_size": self.warp_size,
+            "chunk_size": self.chunk_size,
+            "warp_chunk": self.warp_chunk,
+            "pixel_mean": self.pixel_mean.flatten().tolist(),
+            "pixel_std": self.pixel_std.flatten().tolist(),
+        }
+
+    # ----------------------------------------------------------- step by step
+    def normalize(self, image: Tensor) -> Tensor:
+        """``Tensor[3, H, W]`` in [0, 1] -> normalised with ``pixel_mean`` / ``pixel_std``."""
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"images must be Tensor[3, H, W], got shape {tuple(image.shape)}")
+        return (image.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
+
+    def image_scales(self, height: int, width: int) -> list[Scale]:
+        """:func:`image_scales` with the detector's scales and the backbone's minimum size."""
+        return image_scales(height, width, self.scales, self.backbone.min_input_size)
+
+    def feature_maps(self, image: Tensor, scales: Sequence[Scale] | None = None) -> tuple[list[Tensor], list[Scale]]:
+        """conv1-conv5 ONCE per scale of one normalised image (Sec. 4.2).
+
+        Args:
+            image (Tensor[3, H, W]): normalised image (see :meth:`normalize`).
+            scales: default :meth:`image_scales` of the image.
+
+        Returns:
+            ``(maps, scales)``: ``maps[s]`` is ``Tensor[C5, h_s, w_s]``.
+        """
+        if scales is None:
+            scales = self.image_scales(image.shape[-2], image.shape[-1])
+        maps = []
+        for sc in scales:
+            resized = F.interpolate(
+                image[None], size=(sc.height, sc.width), mode="bilinear", align_corners=False, antialias=True
+            )
+            maps.append(self.backbone.forward_features(resized)[0])
+        return maps, list(scales)
+
+    def assign_scales(self, boxes: Tensor, scales: Sequence[Scale]) -> Tensor:
+        """:func:`assign_scales` with the detector's ``target_size``: ``LongTensor[K]``."""
+        return assign_scales(boxes, scales, self.target_size)
+
+    def map_windows(
+        self, boxes: Tensor, scales: Sequence[Scale], feature_sizes: Sequence[tuple[int, int]], scale_index: Tensor
+    ) -> Tensor:
+        """Windows -> ``rois`` ``LongTensor[K, 5]`` ``(scale_index, x1, y1, x2, y2)`` in conv5 cells."""
+        rois = boxes.new_zeros((len(boxes), 5), dtype=torch.long)
+        rois[:, 0] = scale_index
+        for s, (sc, size) in enumerate(zip(scales, feature_sizes)):
+            sel = (scale_index == s).nonzero().squeeze(1)
+            if len(sel):
+                rois[sel, 1:] = map_windows(boxes[sel], sc, size, self.stride, self.offset)
+        return rois
+
+    def pool_windows(self, maps: Sequence[Tensor], rois: Tensor) -> Tensor:
+        """The pyramid of every window on the map of its scale (``roi_spatial_pyramid_pool``).
+
+        Args:
+            maps: ``Tensor[C5, h_s, w_s]`` per scale.
+            rois (LongTensor[K, 5]): ``(scale_index, x1, y1, x2, y2)`` inclusive cells.
+
+        Returns:
+            Tensor[K, C5 * sum(n*n)]: pool5 features, rows in the order of ``rois``.
+        """
+        out = maps[0].new_empty((len(rois), self.pooled_dim))
+        for s, fmap in enumerate(maps):
+            sel = (rois[:, 0] == s).nonzero().squeeze(1)
+            if len(sel):
+                cells = rois[sel, 1:]
+                out[sel] = roi_spatial_pyramid_pool(fmap[None], [cells], self.levels, "max")
+        return out
+
+    def warped_pool5(self, image: Tensor, boxes: Tensor) -> Tensor:
+        """R-CNN: warp each window to ``warp_size``, run conv1-conv5 on it, pool its whole map.
+
+        Args:
+            image (Tensor[3, H, W]): normalised image.
+            boxes (Tensor[K, 4]): inclusive pixel boxes.
+
+        Returns:
+            Tensor[K, C5 * sum(n*n)].
+        """
+        crops = warp_windows(image, boxes, self.warp_size)  # [K, 3, S, S]
+        return self.backbone.pool(self.backbone.forward_features(crops))
+
+    def fc7(self, pool5: Tensor) -> Tensor:
+        """fc6 -> fc7 of the backbone: ``Tensor[K, D] -> Tensor[K, fc_dim]``."""
+        return self.backbone.fc(pool5)
+
+    def class_scores(self, fc7: Tensor, scorer: str = "svm") -> Tensor:
+        """Per-class scores ``Tensor[K, num_classes]`` (foreground only).
+
+        ``svm``: the linear SVMs on fc7 scaled by ``svm_feature_scale`` (Sec. 4.1);
+        ``softmax``: the probabilities of fc8 with the background column dropped.
+        """
+        if scorer == "svm":
+            if not bool(self.trained_heads[0]):
+                raise ValueError("the SVMs of this detector are not trained; use scorer='softmax'")
+            return (self.svm_feature_scale * fc7) @ self.svm_weight.T + self.svm_bias
+        if scorer == "softmax":
+            return torch.softmax(self.cls_score(fc7), dim=1)[:, 1:]
+        raise ValueError(f"scorer must be one of {SCORERS}, got {scorer!r}")
+
+    def regress_boxes(self, boxes: Tensor, pool5: Tensor, image_size: tuple[int, int]) -> Tensor:
+        """Per-class box regression on pool5 (R-CNN Appendix C), clipped to the image.
+
+        Args:
+            boxes (Tensor[K, 4]): inclusive pixel boxes.
+            pool5 (Tensor[K, D]): their pooled conv5 features.
+            image_size: ``(H, W)``.
+
+        Returns:
+            Tensor[K, num_classes, 4]: one box per class (the input boxes, repeated,
+            when the regressors are not trained).
+        """
+        if not bool(self.trained_heads[1]):
+            return clip_boxes(boxes[:, None, :].expand(-1, self.num_classes, 4).to(pool5.dtype), image_size, True)
+        x = self.bbox_feature_scale * pool5  # [K, D]
+        deltas = torch.einsum("kd,cdj->kcj", x, self.bbox_weight) + self.bbox_bias  # [K, C, 4]
+        return clip_boxes(decode_boxes(boxes.to(pool5.dtype), deltas), image_size, inclusive=True)
+
+    def window_pool5(self, image: Tensor, boxes: Tensor) -> Tensor:
+        """pool5 of every window of one normalised image (SPP or R-CNN), chunked.
+
+        Returns:
+            Tensor[K, D].
+        """
+        if self.method == "rcnn":
+            parts = [self.warped_pool5(image, boxes[s:e]) for s, e in _chunks(len(boxes), self.warp_chunk)]
+            return torch.cat(parts) if parts else image.new_zeros((0, self.pooled_dim))
+        maps, scales = self.feature_maps(image)
+        rois = self.map_windows(boxes, scales, [m.shape[-2:] for m in maps], self.assign_scales(boxes, scales))
+        parts = [self.pool_windows(maps, rois[s:e]) for s, e in _chunks(len(boxes), self.chunk_size)]
+        return torch.cat(parts) if parts else image.new_zeros((0, self.pooled_dim))
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def score_windows(
+        self, image: Tensor, boxes: Tensor, scorer: str = "svm", bbox_regression: bool = True
+    ) -> tuple[Tensor, Tensor]:
+        """Scores and per-class boxes of every window of one image, in bounded memory.
+
+        Args:
+            image (Tensor[3, H, W]): image in ``[0, 1]``.
+            boxes (Tensor[K, 4]): inclusive pixel boxes (proposals).
+
+        Returns:
+            ``(scores Tensor[K, num_classes], boxes Tensor[K, num_classes, 4])``.
+        """
+        validate_boxes(boxes)
+        dev = self.pixel_mean.device
+        img = self.normalize(image.to(dev))
+        boxes = boxes.to(dev, torch.float32)
+        height, width = image.shape[-2:]
+        scores = img.new_empty((len(boxes), self.num_classes))
+        out_boxes = img.new_empty((len(boxes), self.num_classes, 4))
+        if self.method == "rcnn":
+            windows = _chunks(len(boxes), self.warp_chunk)
+
+            def pool5_of(s: int, e: int) -> Tensor:
+                return self.warped_pool5(img, boxes[s:e])
+        else:
+            maps, scales = self.feature_maps(img)
+            rois = self.map_windows(boxes, scales, [m.shape[-2:] for m in maps], self.assign_scales(boxes, scales))
+            windows = _chunks(len(boxes), self.chunk_size)
+
+            def pool5_of(s: int, e: int) -> Tensor:
+                return self.pool_windows(maps, rois[s:e])
+
+        for s, e in windows:
+            pool5 = pool5_of(s, e)  # [k, D]
+            scores[s:e] = self.class_scores(self.fc7(pool5), scorer)
+            if bbox_regression:
+                out_boxes[s:e] = self.regress_boxes(boxes[s:e], pool5, (height, width))
+            else:
+                out_boxes[s:e] = boxes[s:e, None, :]
+        return scores, out_boxes
+
+    @torch.no_grad()
+    def detect(
+        self,
+        images: Sequence[Tensor],
+        proposals: Sequence[Tensor],
+        scorer: str = "svm",
+        score_threshold: float = float("-inf"),
+        nms_threshold: float = 0.3,
+        max_per_image: int = 100,
+        bbox_regression: bool = True,
+    ) -> list[dict[str, Tensor]]:
+        """Detections of each image (Sec. 4.2 test: all windows, NMS 0.3 per class, <= 100).
+
+        Args:
+            images: ``Tensor[3, H, W]`` in [0, 1], one per image.
+            proposals: ``Tensor[K_i, 4]`` inclusive pixel boxes, one per image.
+            scorer: ``"svm"`` (the paper) or ``"softmax"`` (fc8).
+            score_threshold: a detection needs a score above it.
+            nms_threshold: per-class NMS IoU (0.3).
+            max_per_image: at most this many detections per image (100).
+            bbox_regression: apply the box regressors (when trained).
+
+        Returns:
+            One dict per image: ``boxes`` (Tensor[D, 4] inclusive pixels), ``scores``
+            (Tensor[D]), ``labels`` (Tensor[D] int64 in ``0..num_classes-1``),
+            sorted by decreasing score.
+        """
+        if len(images) != len(proposals):
+            raise ValueError(f"need one proposal tensor per image, got {len(proposals)} for {len(images)} images")
+        was_training = self.training
+        self.eval()
+        try:
+            results = []
+            for image, boxes in zip(images, proposals):
+                scores, per_class = self.score_windows(image, torch.as_tensor(boxes), scorer, bbox_regression)
+                det = select_detections(per_class, scores, score_threshold, nms_threshold, max_per_image)
+                results.append({k: v.cpu() for k, v in det.items()})
+            return results
+        finally:
+            self.train(was_training)
+
+    # ------------------------------------------------------------ compression
+    @torch.no_grad()
+    def compress_fc(self, rank: int | Sequence[int]) -> None:
+        """Truncated SVD of fc6 and fc7 (Fast R-CNN Sec. 3.1), in place.
+
+        Each ``Linear(u, v)`` with weight ``W = U S V^T`` becomes
+        ``Linear(u, r, bias=False)`` (weight ``S_r V_r^T``) then ``Linear(r, v)``
+        (weight ``U_r``, the original bias): ``u*v`` -> ``r*(u+v)`` multiply-adds.
+        The state dict changes shape, so compress after loading weights.
+
+        Args:
+            rank: ``r`` for both layers, or ``(r6, r7)``.
+        """
+        ranks = (rank, rank) if isinstance(rank, int) else tuple(rank)
+        if len(ranks) != 2 or any(int(r) < 1 for r in ranks):
+            raise ValueError(f"rank must be a positive int or two of them, got {rank!r}")
+        for index, r in zip((0, 3), ranks):
+            layer = self.backbone.fc[index]
+            if not isinstance(layer, nn.Linear):
+                raise ValueError(f"fc layer {index} is already compressed")
+            r = min(int(r), min(layer.weight.shape))
+            u, s, vh = torch.linalg.svd(layer.weight.double(), full_matrices=False)
+            first = nn.Linear(layer.in_features, r, bias=False)
+            second = nn.Linear(r, layer.out_features)
+            first.weight.copy_((s[:r, None] * vh[:r]).to(layer.weight.dtype))
+            second.weight.copy_(u[:, :r].to(layer.weight.dtype))
+            second.bias.copy_(layer.bias)
+            self.backbone.fc[index] = nn.Sequential(first, second).to(layer.weight.device)
+
+    def extra_repr(self) -> str:
+        return (
+            f"method={self.method!r}, num_classes={self.num_classes}, levels={self.levels}, "
+            f"scales={self.scales}, target_size={self.target_size:g}, chunk_size={self.chunk_size}"
+        )
+

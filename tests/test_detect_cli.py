@@ -1,0 +1,143 @@
+"""``sppnet detect train | val | predict`` on a tiny built-in data set, and SIGKILL + --resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from sppnet.cli.main import main
+from sppnet.data import make_detection_dataset
+from sppnet.engine.common import load_weights
+
+TINY_FLAGS = [
+    "--width", "0.125", "--fc-dim", "32", "--size", "0.25", "--pretrain-epochs", "1", "--ft-iterations", "16",
+    "--workers", "0", "--max-proposals", "80", "--device", "cpu", "--quiet",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    return make_detection_dataset(tmp_path_factory.mktemp("data") / "voc", seed=5, num_train=8, num_val=0,
+                                  num_test=3, min_short_side=96, max_short_side=144, max_objects=3)
+
+
+@pytest.fixture(scope="module")
+def cli_run(tiny_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "det"
+    assert main(["detect", "train", "--data", str(tiny_root), "--out", str(out), *TINY_FLAGS]) == 0
+    return out
+
+
+def test_train_then_val_json(cli_run, capsys):
+    capsys.readouterr()
+    assert main(["detect", "val", "--run", str(cli_run), "--split", "test", "--json", "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) == {"mAP", "ap", "images", "seconds_per_image"}
+    assert isinstance(result["mAP"], float) and 0.0 <= result["mAP"] <= 1.0
+    assert result["images"] == 3 and result["seconds_per_image"] > 0
+    assert all(v is None or 0.0 <= v <= 1.0 for v in result["ap"].values())
+    saved = json.loads((cli_run / "config.json").read_text())
+    assert saved["width"] == 0.125 and saved["size_factor"] == 0.25 and saved["preset"] == "small"
+
+
+def test_predict_writes_a_png_and_a_json_per_image(cli_run, tiny_root, tmp_path, capsys):
+    images = sorted((tiny_root / "JPEGImages").glob("*.jpg"))[-2:]
+    out = tmp_path / "pred"
+    capsys.readouterr()
+    code = main(["detect", "predict", "--run", str(cli_run), *map(str, images), "--out", str(out),
+                 "--score-threshold=-1e9", "--json", "--device", "cpu"])  # fmt: skip
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert len(printed) == 2
+    for image, entry in zip(images, printed):
+        png, js = out / f"{image.stem}.png", out / f"{image.stem}.json"
+        assert png.is_file() and js.is_file()
+        with Image.open(png) as drawn, Image.open(image) as original:
+            assert drawn.size == original.size
+            # boxes were drawn: the picture differs from the input
+            assert drawn.convert("RGB").tobytes() != original.convert("RGB").tobytes()
+        saved = json.loads(js.read_text())
+        assert saved["image"] == str(image) and saved["width"] == entry["width"]
+        assert 0 < len(saved["detections"]) <= 100
+        d = saved["detections"][0]
+        assert set(d) == {"box", "label", "label_index", "score"} and len(d["box"]) == 4
+
+
+def test_user_errors_exit_2_without_traceback(tmp_path, capsys):
+    assert main(["detect", "val", "--run", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "Traceback" not in err
+    assert main(["detect", "train", "--out", str(tmp_path / "r"), "--resume"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_help_lists_the_paper_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["detect", "train", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--method", "--scales", "--size", "--finetune", "--scorer", "--backbone", "--resume", "--strict"):
+        assert flag in text
+
+
+# --------------------------------------------------------------- SIGKILL
+
+
+def _train_cmd(root, out, resume=False):
+    cmd = [sys.executable, "-m", "sppnet", "detect", "train", "--data", str(root), "--out", str(out), *TINY_FLAGS]
+    cmd[cmd.index("--ft-iterations") + 1] = "60"
+    return cmd + ["--seed", "3"] + (["--resume"] if resume else [])
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_resume_gives_the_same_detector(tiny_root, tmp_path):
+    ref = tmp_path / "reference"
+    t0 = time.monotonic()
+    subprocess.run(_train_cmd(tiny_root, ref), env=_env(), check=True, capture_output=True)
+    duration = time.monotonic() - t0
+
+    out = tmp_path / "killed"
+    rng = random.Random(1234)
+    kills = 0
+    resume = False
+    for _ in range(3):
+        proc = subprocess.Popen(_train_cmd(tiny_root, out, resume), env=_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        try:
+            proc.wait(timeout=rng.uniform(0.1, 0.8) * duration)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            kills += 1
+        resume = (out / "config.json").is_file()
+        if (out / "detector.safetensors").is_file():
+            break
+    if not (out / "detector.safetensors").is_file():
+        subprocess.run(_train_cmd(tiny_root, out, resume=(out / "config.json").is_file()), env=_env(),
+                       check=True, capture_output=True)  # fmt: skip
+    assert kills >= 1
+    a, _ = load_weights(ref / "detector.safetensors")
+    b, _ = load_weights(out / "detector.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)

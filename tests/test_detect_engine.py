@@ -1,0 +1,272 @@
+"""Detection training stages on a tiny built-in data set: windows, feature cache, resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+import pytest
+import torch
+
+from sppnet.data import VOCDetection, make_detection_dataset
+from sppnet.data.proposals import sliding_window_proposals
+from sppnet.engine import det_finetune
+from sppnet.engine.common import GracefulInterrupt, UserError, load_weights
+from sppnet.engine.det_features import FeatureCache, build_windows, flip_boxes, load_record_image
+from sppnet.engine.detect import DetectConfig, TrainingInterrupted, build_detector, evaluate, load_detector, train
+from sppnet.models.detector import image_scales
+from sppnet.ops import spatial_pyramid_pool
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine OpenMP's spin-waiting makes two far slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    return make_detection_dataset(tmp_path_factory.mktemp("data") / "voc", seed=3, num_train=8, num_val=0,
+                                  num_test=4, min_short_side=96, max_short_side=144, max_objects=3)
+
+
+def tiny_cfg(root, **kw) -> DetectConfig:
+    values = dict(data=str(root), width=0.125, fc_dim=32, size_factor=0.25, pretrain_epochs=1, pretrain_batch=16,
+                  ft_iterations=24, ft_lr_steps=(16,), checkpoint_every=8, workers=0, max_proposals=80)
+    values.update(kw)
+    return DetectConfig.from_preset("small", **values)
+
+
+def same_weights(a, b) -> None:
+    sa, _ = load_weights(a)
+    sb, _ = load_weights(b)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0, msg=k)
+
+
+# ------------------------------------------------------------------- windows
+
+
+def test_windows_hold_ground_truth_first_and_brute_force_overlaps(tiny_root):
+    ds = VOCDetection(tiny_root, "train")
+    r = ds.records[0]
+    props = sliding_window_proposals(r["width"], r["height"], scales=(24, 48))
+    w = build_windows(props, r, len(ds.class_names))
+    g = len(r["boxes"])
+    torch.testing.assert_close(w.boxes[:g], r["boxes"])
+    assert w.is_gt[:g].all() and not w.is_gt[g:].any()
+    for n in range(0, len(w), 7):
+        a = w.boxes[n].tolist()
+        best = {}
+        for b, c in zip(r["boxes"].tolist(), r["labels"].tolist()):
+            iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]) + 1)
+            ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]) + 1)
+            inter = iw * ih
+            union = (a[2] - a[0] + 1) * (a[3] - a[1] + 1) + (b[2] - b[0] + 1) * (b[3] - b[1] + 1) - inter
+            best[c] = max(best.get(c, 0.0), inter / union)
+        for c in range(len(ds.class_names)):
+            assert float(w.overlaps[n, c]) == pytest.approx(best.get(c, 0.0), abs=1e-6)
+        assert float(w.max_overlap[n]) == pytest.approx(max(best.values()), abs=1e-6)
+
+
+def test_flip_boxes_is_an_involution():
+    b = torch.tensor([[0.0, 1.0, 9.0, 5.0], [3.0, 3.0, 3.0, 3.0]])
+    torch.testing.assert_close(flip_boxes(b, 20), torch.tensor([[10.0, 1.0, 19.0, 5.0], [16.0, 3.0, 16.0, 3.0]]))
+    torch.testing.assert_close(flip_boxes(flip_boxes(b, 20), 20), b)
+
+
+# ------------------------------------------------------------- feature cache
+
+
+def test_feature_cache_matches_direct_features_and_rebuilds_stale_entries(tiny_root, tmp_path):
+    ds = VOCDetection(tiny_root, "train")
+    records = ds.records[:3]
+    windows = [build_windows(sliding_window_proposals(r["width"], r["height"], (20, 40)), r, 8) for r in records]
+    cfg = tiny_cfg(tiny_root, scales=(480, 688))
+    torch.manual_seed(0)
+    det = build_detector(cfg, 8).eval()
+    cache = FeatureCache(det, records, windows, tmp_path / "feat")
+    assert cache.ensure() == 3 and cache.complete()
+    with torch.no_grad():
+        for i, r in enumerate(records):
+            idx = torch.arange(0, len(windows[i]), 3)
+            image = det.normalize(load_record_image(r))
+            direct = det.window_pool5(image, windows[i].boxes[idx])
+            torch.testing.assert_close(cache.pool5(i, idx), direct)
+            # flipped entry: conv5 of the flipped image, windows mirrored
+            flipped = det.window_pool5(image.flip(-1), flip_boxes(windows[i].boxes[idx], r["width"]))
+            torch.testing.assert_close(cache.pool5(i, idx, flip=True), flipped)
+            # an explicit scale per window (fine-tuning's random scale)
+            s = torch.ones(len(idx), dtype=torch.long)
+            maps, scales = det.feature_maps(image)
+            cells = det.map_windows(windows[i].boxes[idx], scales, [m.shape[-2:] for m in maps], s)
+            x1, y1, x2, y2 = cells[0, 1:].tolist()
+            ref = spatial_pyramid_pool(maps[1][None, :, y1 : y2 + 1, x1 : x2 + 1], det.levels)[0]
+            torch.testing.assert_close(cache.pool5(i, idx, scale_index=s)[0], ref)
+    # a corrupt entry is rebuilt, not trusted
+    path = cache.path(0)
+    path.write_bytes(path.read_bytes()[:-10] + b"0123456789")
+    fresh = FeatureCache(det, records, windows, tmp_path / "feat")
+    assert not fresh.get(0) is None and fresh.ensure() == 0
+    torch.testing.assert_close(fresh.pool5(0, torch.arange(4)), cache.pool5(0, torch.arange(4)))
+    # new conv weights -> new keys
+    old = cache.path(1)
+    with torch.no_grad():
+        det.backbone.features[0].weight.add_(0.01)
+    cache.refresh()
+    assert cache.path(1) != old and not cache.complete()
+
+
+# ------------------------------------------------------------ whole pipeline
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "full"
+    train(tiny_cfg(tiny_root), out=out, verbose=False)
+    return out
+
+
+def test_pipeline_writes_every_stage_and_evaluates(trained_run, tiny_root, tmp_path):
+    for name in ("config.json", "detector.safetensors", "finetune.csv", "finetune.png", "backbone/model.safetensors"):
+        assert (trained_run / name).is_file(), name
+    det, classes, cfg = load_detector(trained_run)
+    assert bool(det.trained_heads.all()) and det.levels == (1, 2, 3, 6) and det.scales == (172,)
+    assert float(det.svm_weight.abs().sum()) > 0 and float(det.bbox_weight.abs().sum()) > 0
+    ds = VOCDetection(tiny_root, "test", classes=classes)
+    props = [sliding_window_proposals(r["width"], r["height"], (24, 48, 96)) for r in ds.records]
+    result = evaluate(det, ds.records, classes, props, verbose=False)
+    assert 0.0 <= result["mAP"] <= 1.0 and result["images"] == 4 and result["seconds_per_image"] > 0
+    assert all(len(p["boxes"]) <= 100 for p in result["predictions"])
+    # precision-recall curves of those detections, drawn
+    from PIL import Image
+
+    from sppnet.evaluation import precision_recall
+    from sppnet.viz.detections import plot_pr_curves
+
+    gts = [{"boxes": r["boxes"], "labels": r["labels"], "difficult": r["difficult"]} for r in ds.records]
+    png = plot_pr_curves(precision_recall(result["predictions"], gts, classes), tmp_path / "pr.png", result["ap"])
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.size[0] > 300
+    with pytest.raises(UserError, match="already holds"):
+        train(cfg, out=trained_run, verbose=False)
+
+
+def test_resume_at_a_stage_boundary_equals_an_uninterrupted_run(trained_run, tiny_root, tmp_path):
+    out = tmp_path / "staged"
+    shutil.copytree(trained_run / "cache", out / "cache")  # content-keyed: reused, not trusted blindly
+    train(tiny_cfg(tiny_root), out=out, verbose=False, stop_after="features")
+    assert (out / "stages" / "features.json").is_file() and not (out / "detector.safetensors").exists()
+    train(None, out=out, resume=True, verbose=False, stop_after="svm")
+    assert not (out / "detector.safetensors").exists()
+    train(None, out=out, resume=True, verbose=False)
+    same_weights(out / "detector.safetensors", trained_run / "detector.safetensors")
+
+
+class _InterruptAfter(GracefulInterrupt):
+    """A Ctrl-C that arrives during the third fine-tuning iteration."""
+
+    calls = 0
+
+    @property
+    def requested(self):
+        _InterruptAfter.calls += 1
+        return _InterruptAfter.calls >= 3
+
+    @requested.setter
+    def requested(self, value):
+        pass
+
+
+def test_ctrl_c_in_fine_tuning_checkpoints_and_resumes_exactly(trained_run, tiny_root, tmp_path, monkeypatch):
+    out = tmp_path / "interrupted"
+    shutil.copytree(trained_run / "cache", out / "cache")
+    monkeypatch.setattr(det_finetune, "GracefulInterrupt", _InterruptAfter)
+    with pytest.raises(TrainingInterrupted):
+        train(tiny_cfg(tiny_root), out=out, verbose=False)
+    assert (out / "finetune_last.safetensors").is_file() and not (out / "stages" / "finetune.safetensors").exists()
+    monkeypatch.setattr(det_finetune, "GracefulInterrupt", GracefulInterrupt)
+    train(None, out=out, resume=True, verbose=False)
+    same_weights(out / "detector.safetensors", trained_run / "detector.safetensors")
+
+
+@pytest.mark.slow
+def test_rcnn_method_and_softmax_scorer_train_end_to_end(tiny_root, tmp_path):
+    cfg = tiny_cfg(tiny_root, method="rcnn", scorer="softmax", ft_iterations=8, checkpoint_every=4,
+                   max_proposals=30, bbox_regression=False)
+    train(cfg, out=tmp_path / "rcnn", verbose=False)
+    det, classes, saved = load_detector(tmp_path / "rcnn")
+    assert det.method == "rcnn" and saved.scorer == "softmax" and not bool(det.trained_heads.any())
+    image = load_record_image(VOCDetection(tiny_root, "test").records[0])
+    (out,) = det.detect([image], [torch.tensor([[0.0, 0.0, 40.0, 50.0], [10.0, 5.0, 60.0, 70.0]])], scorer="softmax")
+    assert len(out["boxes"]) <= 2 * len(classes) and bool(((out["scores"] >= 0) & (out["scores"] <= 1)).all())
+
+
+def test_config_presets_and_checks():
+    small, paper = DetectConfig.from_preset("small"), DetectConfig.from_preset("paper")
+    assert small.image_scales == (344,) and small.window_target == 112 and small.crop_size == 112
+    assert paper.image_scales == (688,) and paper.width == 1.0 and paper.fc_dim == 4096
+    five = DetectConfig.from_preset("paper", scales=(480, 576, 688, 864, 1200))
+    assert five.image_scales == (480, 576, 688, 864, 1200)
+    assert image_scales(375, 500, five.image_scales)[-1].height == 1200
+    assert DetectConfig.from_dict(dataclasses.asdict(small)) == small
+    with pytest.raises(UserError, match="method"):
+        DetectConfig.from_preset("small", method="fast")
+    with pytest.raises(UserError, match="coco"):
+        DetectConfig.from_preset("small", format="coco")
+
+
+@pytest.mark.slow
+def test_finetune_all_trains_the_conv_layers_and_recaches_features(trained_run, tiny_root, tmp_path):
+    out = tmp_path / "all"
+    (out / "cache").mkdir(parents=True)
+    shutil.copytree(trained_run / "cache" / "proposals", out / "cache" / "proposals")
+    train(tiny_cfg(tiny_root, finetune="all", ft_iterations=6, checkpoint_every=3), out=out, verbose=False)
+    assert load_detector(out)[2].ft_images_per_batch == 2
+    before, _ = load_weights(out / "stages" / "backbone.safetensors")
+    after, _ = load_weights(out / "stages" / "finetune.safetensors")
+    conv = "backbone.features.0.weight"
+    assert not torch.equal(before[conv], after[conv])  # the loss reached the conv layers
+    fc6 = "backbone.fc.0.weight"
+    assert not torch.equal(before[fc6], after[fc6])
+    # the feature stage ran AFTER fine-tuning, on the new conv layers
+    order = list((out / "stages" / "times.json").read_text().split('"')[1::2])
+    assert order.index("finetune") < order.index("features")
+
+
+def test_backbone_from_a_classification_run_is_reordered_and_reused(trained_run, tiny_root, tmp_path):
+    """--backbone: a ``classify train`` run with the paper's level order (6, 3, 2, 1)."""
+    from sppnet.engine.classify import ClassifyConfig, load_classifier
+    from sppnet.engine.classify import train as classify_train
+    from sppnet.engine.det_backbone import BACKGROUND, WindowCrops
+
+    ds = VOCDetection(tiny_root, "train")
+    items = [(r["image_path"], tuple(b), int(c)) for r in ds.records for b, c in zip(r["boxes"].tolist(), r["labels"])]
+    crops = WindowCrops(items, 64, [*ds.class_names, BACKGROUND])
+    ccfg = ClassifyConfig(width=0.125, fc_dim=32, size=56, small_size=None, epochs=1, batch_size=8, workers=0)
+    assert ccfg.levels == (6, 3, 2, 1)
+    run = classify_train(ccfg, train_set=crops, classes=crops.classes, out=tmp_path / "cls", verbose=False)
+
+    out = tmp_path / "det"
+    shutil.copytree(trained_run / "cache" / "proposals", out / "cache" / "proposals")
+    train(tiny_cfg(tiny_root, backbone=str(run)), out=out, verbose=False, stop_after="backbone")
+    assert not (out / "backbone").exists()  # no pretraining of our own
+    det, _ = load_weights(out / "stages" / "backbone.safetensors")
+    model, classes, _ = load_classifier(run)
+    torch.testing.assert_close(det["backbone.features.0.weight"], model.features[0].weight)
+    # fc8 = the classifier's rows, background first
+    order = [classes.index(BACKGROUND)] + [classes.index(c) for c in ds.class_names]
+    torch.testing.assert_close(det["cls_score.weight"], model.classifier.weight[order])
+    # the pyramid was reordered to (1, 2, 3, 6): same classifier function, fc6 columns permuted
+    x = torch.rand(2, 3, 64, 80)
+    with torch.no_grad():
+        reference = model(x)
+        from sppnet.engine.detect import _load_into
+
+        detector = _load_into(out / "stages" / "backbone.safetensors", torch.device("cpu"))[0]
+        torch.testing.assert_close(detector.backbone(x), reference)
+    assert detector.levels == (1, 2, 3, 6)

@@ -1,0 +1,317 @@
+"""The detector's steps against brute-force references (readable loops)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sppnet.models import get_model
+from sppnet.models.detector import (
+    RELEASED_CODE_TARGET_SIZE,
+    Scale,
+    SPPDetector,
+    assign_scales,
+    image_scales,
+    map_windows,
+    reorder_pyramid_levels,
+    warp_windows,
+)
+from sppnet.ops import box_iou, spatial_pyramid_pool
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine OpenMP's spin-waiting makes two far slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_backbone(levels=(6, 3, 2, 1), seed=0, num_classes=4):
+    torch.manual_seed(seed)
+    return get_model("zf5", num_classes=num_classes, width=0.125, fc_dim=32, levels=levels).eval()
+
+
+def random_boxes(n, width, height, gen, min_side=1):
+    x1 = torch.randint(0, width - min_side + 1, (n,), generator=gen)
+    y1 = torch.randint(0, height - min_side + 1, (n,), generator=gen)
+    x2 = torch.minimum(x1 + min_side - 1 + torch.randint(0, width, (n,), generator=gen), torch.tensor(width - 1))
+    y2 = torch.minimum(y1 + min_side - 1 + torch.randint(0, height, (n,), generator=gen), torch.tensor(height - 1))
+    return torch.stack([x1, y1, x2, y2], 1).float()
+
+
+# ------------------------------------------------------------------ scales
+
+
+def test_image_scales_short_side_is_the_scale():
+    for (h, w), s in itertools.product([(300, 400), (401, 299), (123, 123)], [480, 688, 1200]):
+        (sc,) = image_scales(h, w, [s])
+        assert min(sc.height, sc.width) == s
+        assert sc.fy == pytest.approx(sc.height / h) and sc.fx == pytest.approx(sc.width / w)
+        assert max(sc.height, sc.width) == round(max(h, w) * s / min(h, w))
+
+
+def assign_reference(boxes, factors, target):
+    """Brute force: per window, the first scale minimising |scaled area - target^2|."""
+    out = []
+    for x1, y1, x2, y2 in boxes.tolist():
+        area = (x2 - x1 + 1) * (y2 - y1 + 1)
+        best, best_d = None, math.inf
+        for s, (fy, fx) in enumerate(factors):
+            d = abs(area * fy * fx - target * target)
+            if d < best_d:
+                best, best_d = s, d
+        out.append(best)
+    return out
+
+
+def test_assign_scales_matches_brute_force():
+    gen = torch.Generator().manual_seed(0)
+    boxes = random_boxes(500, 500, 375, gen)
+    for scales in ([688], [480, 576, 688, 864, 1200], [300, 200]):
+        sc = image_scales(375, 500, scales)
+        factors = [(s.fy, s.fx) for s in sc]
+        for target in (224, RELEASED_CODE_TARGET_SIZE, 100):
+            got = assign_scales(boxes, sc, target).tolist()
+            assert got == assign_reference(boxes, factors, target)
+
+
+def test_assign_scales_first_scale_wins_ties():
+    # A 10x10 window at factors (1, 1) and (1, 7): areas 100 and 700, target 20 -> both 300 away.
+    boxes = torch.tensor([[0.0, 0.0, 9.0, 9.0]])
+    assert assign_scales(boxes, torch.tensor([[1.0, 1.0], [1.0, 7.0]]), 20).tolist() == [0]
+    assert assign_scales(boxes, torch.tensor([[1.0, 7.0], [1.0, 1.0]]), 20).tolist() == [0]
+    assert assign_scales(boxes, torch.tensor([[1.0, 7.0], [1.0, 1.0], [1.0, 7.0]]), 20).tolist() == [0]
+    assert assign_reference(boxes, [(1.0, 7.0), (1.0, 1.0)], 20) == [0]
+
+
+# ---------------------------------------------------------------- mapping
+
+
+def map_reference(box, fy, fx, stride, offset, size):
+    """Keep the cells whose centres (offset + stride * j) lie in the scaled window, by a loop."""
+    x1, y1, x2, y2 = box
+    edges = ((x1 * fx, (x2 + 1) * fx, size[1]), (y1 * fy, (y2 + 1) * fy, size[0]))
+    out = []
+    for lo, hi, n in edges:
+        cells = [j for j in range(-5, n + 5) if lo <= offset + stride * j <= hi]
+        if cells:
+            a, b = cells[0], cells[-1]
+        else:  # no centre inside: the cell nearest the window's centre
+            a = b = math.floor(((lo + hi) / 2 - offset) / stride + 0.5)
+        out.append((min(max(a, 0), n - 1), min(max(b, 0), n - 1)))
+    (ax, bx), (ay, by) = out
+    return [ax, ay, bx, by]
+
+
+def test_map_windows_per_scale_matches_loop():
+    bb = tiny_backbone()
+    gen = torch.Generator().manual_seed(1)
+    boxes = random_boxes(200, 333, 251, gen)
+    for sc in image_scales(251, 333, [120, 251, 400]):
+        size = bb.feature_size(sc.height, sc.width)
+        cells = map_windows(boxes, sc, size, bb.stride, bb.offset)
+        for b, c in zip(boxes.tolist(), cells.tolist()):
+            assert c == map_reference(b, sc.fy, sc.fx, bb.stride, bb.offset, size), (b, sc)
+
+
+# ------------------------------------------------------------------ pooling
+
+
+@pytest.fixture(scope="module")
+def detector():
+    det = SPPDetector(tiny_backbone(), num_classes=3, scales=(96, 160), target_size=64, chunk_size=7)
+    return det.eval()
+
+
+def test_pooled_window_equals_pyramid_of_the_map_crop(detector):
+    gen = torch.Generator().manual_seed(2)
+    image = detector.normalize(torch.rand(3, 150, 210, generator=gen))
+    boxes = random_boxes(40, 210, 150, gen)
+    with torch.no_grad():
+        maps, scales = detector.feature_maps(image)
+        idx = detector.assign_scales(boxes, scales)
+        rois = detector.map_windows(boxes, scales, [m.shape[-2:] for m in maps], idx)
+        pooled = detector.pool_windows(maps, rois)
+    assert set(idx.tolist()) == {0, 1}  # both scales are exercised
+    for row, (s, x1, y1, x2, y2) in zip(pooled, rois.tolist()):
+        crop = maps[s][None, :, y1 : y2 + 1, x1 : x2 + 1]
+        torch.testing.assert_close(row, spatial_pyramid_pool(crop, detector.levels)[0])
+
+
+def test_window_features_match_a_loop_over_windows(detector):
+    """conv once per scale + chunked pooling == every window computed on its own."""
+    gen = torch.Generator().manual_seed(3)
+    image = detector.normalize(torch.rand(3, 130, 170, generator=gen))
+    boxes = random_boxes(12, 170, 130, gen)
+    with torch.no_grad():
+        pool5 = detector.window_pool5(image, boxes)  # chunks of 7
+        for k, box in enumerate(boxes):
+            # the reference: resize the image to the window's scale, run conv, crop, pool
+            scales = image_scales(130, 170, detector.scales, detector.backbone.min_input_size)
+            s = int(assign_scales(box[None], scales, detector.target_size))
+            resized = F.interpolate(image[None], size=(scales[s].height, scales[s].width), mode="bilinear",
+                                    align_corners=False, antialias=True)
+            fmap = detector.backbone.forward_features(resized)[0]
+            x1, y1, x2, y2 = map_windows(box[None], scales[s], fmap.shape[-2:], detector.stride, detector.offset)[0]
+            expected = spatial_pyramid_pool(fmap[None, :, y1 : y2 + 1, x1 : x2 + 1], detector.levels)[0]
+            torch.testing.assert_close(pool5[k], expected)
+
+
+def test_reordering_levels_keeps_the_backbone_function():
+    bb = tiny_backbone(levels=(6, 3, 2, 1))
+    x = torch.rand(2, 3, 70, 90)
+    with torch.no_grad():
+        before = bb(x)
+        det = SPPDetector(bb, 3, levels=(1, 2, 3, 6), scales=(100,))
+        after = bb(x)
+    assert det.levels == (1, 2, 3, 6) and bb.levels == (1, 2, 3, 6)
+    torch.testing.assert_close(after, before)
+    with pytest.raises(ValueError, match="pyramid levels"):
+        reorder_pyramid_levels(tiny_backbone(), (1, 2, 4))
+
+
+# -------------------------------------------------------------------- R-CNN
+
+
+def test_rcnn_warp_equals_manual_crop_and_resize():
+    gen = torch.Generator().manual_seed(4)
+    image = torch.rand(3, 120, 160, generator=gen)
+    boxes = torch.tensor([[10.0, 5.0, 80.0, 60.0], [0.0, 0.0, 159.0, 119.0], [30.0, 40.0, 62.0, 103.0]])
+    warped = warp_windows(image, boxes, 32, sampling_ratio=1)
+    for k, (x1, y1, x2, y2) in enumerate(boxes.long().tolist()):
+        crop = image[None, :, y1 : y2 + 1, x1 : x2 + 1]
+        expected = F.interpolate(crop, size=(32, 32), mode="bilinear", align_corners=False)[0]
+        torch.testing.assert_close(warped[k], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_rcnn_features_are_the_pyramid_of_each_warped_window():
+    det = SPPDetector(tiny_backbone(), 3, scales=(100,), target_size=48, method="rcnn", warp_chunk=2).eval()
+    gen = torch.Generator().manual_seed(5)
+    image = det.normalize(torch.rand(3, 90, 120, generator=gen))
+    boxes = random_boxes(5, 120, 90, gen, min_side=8)
+    with torch.no_grad():
+        got = det.window_pool5(image, boxes)
+        for k, box in enumerate(boxes):
+            crop = warp_windows(image, box[None], 48)
+            expected = spatial_pyramid_pool(det.backbone.forward_features(crop), det.levels)[0]
+            torch.testing.assert_close(got[k], expected)
+
+
+# ---------------------------------------------------------------- detection
+
+
+def test_detect_applies_per_class_nms_and_the_cap():
+    det = SPPDetector(tiny_backbone(seed=6), 3, scales=(120,), target_size=48, chunk_size=64).eval()
+    torch.manual_seed(7)
+    det.svm_weight.normal_()
+    det.svm_bias.normal_()
+    det.trained_heads[0] = True
+    gen = torch.Generator().manual_seed(8)
+    image = torch.rand(3, 140, 180, generator=gen)
+    boxes = random_boxes(600, 180, 140, gen, min_side=6)
+    (out,) = det.detect([image], [boxes], scorer="svm")
+    assert len(out["boxes"]) == 100  # 600 windows x 3 classes leave more than 100 after NMS
+    assert torch.all(out["scores"][:-1] >= out["scores"][1:])
+    for c in range(3):
+        b = out["boxes"][out["labels"] == c]
+        iou = box_iou(b, b, inclusive=True)
+        iou.fill_diagonal_(0)
+        assert float(iou.max()) <= 0.3 if len(b) > 1 else True
+    (few,) = det.detect([image], [boxes[:5]], scorer="softmax", max_per_image=100)
+    assert len(few["boxes"]) <= 15 and set(few["labels"].tolist()) <= {0, 1, 2}
+    (none,) = det.detect([image], [boxes[:0]], scorer="softmax")
+    assert len(none["boxes"]) == 0
+
+
+def test_detect_scores_equal_the_heads_applied_by_hand():
+    det = SPPDetector(tiny_backbone(seed=9), 2, scales=(110,), target_size=48, chunk_size=5).eval()
+    torch.manual_seed(10)
+    det.svm_weight.normal_()
+    det.svm_feature_scale.fill_(3.0)
+    det.bbox_weight.normal_(0, 1e-3)
+    det.bbox_bias.normal_(0, 0.05)
+    det.bbox_feature_scale.fill_(0.5)
+    det.trained_heads[:] = True
+    gen = torch.Generator().manual_seed(11)
+    image = torch.rand(3, 100, 130, generator=gen)
+    boxes = random_boxes(12, 130, 100, gen, min_side=10)
+    scores, per_class = det.score_windows(image, boxes)
+    with torch.no_grad():
+        pool5 = det.window_pool5(det.normalize(image), boxes)
+        fc7 = det.fc7(pool5)
+    torch.testing.assert_close(scores, 3.0 * fc7 @ det.svm_weight.T + det.svm_bias)
+    from sppnet.ops import clip_boxes, decode_boxes
+
+    deltas = torch.stack([0.5 * pool5 @ det.bbox_weight[c] + det.bbox_bias[c] for c in range(2)], dim=1)
+    torch.testing.assert_close(per_class, clip_boxes(decode_boxes(boxes, deltas), (100, 130), True))
+    soft = det.class_scores(fc7, "softmax")
+    torch.testing.assert_close(soft.sum(1) + torch.softmax(det.cls_score(fc7), 1)[:, 0], torch.ones(12))
+
+
+def test_untrained_svms_are_refused():
+    det = SPPDetector(tiny_backbone(), 2, scales=(100,))
+    with pytest.raises(ValueError, match="not trained"):
+        det.class_scores(torch.zeros(1, 32), "svm")
+
+
+def test_compress_fc_full_rank_is_exact_and_low_rank_is_close():
+    det = SPPDetector(tiny_backbone(seed=12), 2, scales=(100,)).eval()
+    x = torch.randn(20, det.pooled_dim)
+    with torch.no_grad():
+        ref = det.fc7(x)
+        det.compress_fc(32)  # fc_dim 32: full rank for fc7, rank 32 of fc6
+        torch.testing.assert_close(det.fc7(x), ref, atol=1e-4, rtol=1e-4)
+    assert isinstance(det.backbone.fc[0], torch.nn.Sequential)
+    with pytest.raises(ValueError, match="already compressed"):
+        det.compress_fc(8)
+
+
+def test_scale_namedtuple_and_constructor_checks():
+    assert Scale(10, 20, 1.0, 2.0).fx == 2.0
+    with pytest.raises(ValueError, match="scales"):
+        SPPDetector(tiny_backbone(), 2, scales=(10,))
+    with pytest.raises(ValueError, match="method"):
+        SPPDetector(tiny_backbone(), 2, scales=(100,), method="fast")
+
+
+# ------------------------------------------------------------------- memory
+
+_MEMORY_SCRIPT = r"""
+import resource, sys, time, torch
+from sppnet.models import get_model
+from sppnet.models.detector import SPPDetector
+torch.manual_seed(0)
+backbone = get_model("zf5", num_classes=21, width=1.0, fc_dim=1024).eval()  # paper conv5: 12,800-d pool5
+det = SPPDetector(backbone, 20, scales=(1200,), chunk_size=1024).eval()
+det.trained_heads[:] = True
+g = torch.Generator().manual_seed(1)
+image = torch.rand(3, 900, 1200, generator=g)  # -> 1200 x 1600 at the paper's largest scale
+x1 = torch.randint(0, 1100, (20000,), generator=g).float()
+y1 = torch.randint(0, 800, (20000,), generator=g).float()
+w = torch.randint(16, 400, (20000,), generator=g).float()
+h = torch.randint(16, 400, (20000,), generator=g).float()
+boxes = torch.stack([x1, y1, (x1 + w).clamp(max=1199), (y1 + h).clamp(max=899)], 1)
+t = time.perf_counter()
+(out,) = det.detect([image], [boxes])
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(f"{peak:.0f} {time.perf_counter() - t:.1f} {len(out['boxes'])}")
+"""
+
+
+@pytest.mark.slow
+def test_20000_windows_on_a_1200px_image_stay_within_the_memory_bound():
+    """Chunked pooling / fc / regression: the peak does not grow with the number of windows."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT], capture_output=True, text=True, check=True)
+    peak_mib, seconds, kept = res.stdout.split()
+    # Unchunked, pool5 alone would be 20,000 x 12,800 x 4 B = 1 GB (plus fc6, regression outputs).
+    assert float(peak_mib) < 2000, res.stdout
+    assert int(kept) == 100

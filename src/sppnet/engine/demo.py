@@ -52,10 +52,10 @@ class DemoConfig:
                 timing_images=2,
             )  # fmt: skip
         return dict(
-            cls_counts=dict(train_per_class=120, val_per_class=30, test_per_class=30),
-            cls_epochs=10, cls_width=0.25, cls_fc=256,
-            det_counts=dict(num_train=160, num_val=40, num_test=60),
-            det=dict(pretrain_epochs=8, ft_iterations=600, ft_lr_steps=(450,), max_proposals=1000, workers=2),
+            cls_counts=dict(train_per_class=60, val_per_class=15, test_per_class=20),
+            cls_epochs=6, cls_width=0.25, cls_fc=256,
+            det_counts=dict(num_train=100, num_val=20, num_test=40),
+            det=dict(pretrain_epochs=6, ft_iterations=400, ft_lr_steps=(300,), max_proposals=1000, workers=2),
             timing_images=3,
         )  # fmt: skip
 

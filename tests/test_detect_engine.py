@@ -194,7 +194,6 @@ def test_ctrl_c_in_fine_tuning_checkpoints_and_resumes_exactly(trained_run, tiny
     same_weights(out / "detector.safetensors", trained_run / "detector.safetensors")
 
 
-@pytest.mark.slow
 def test_rcnn_method_and_softmax_scorer_train_end_to_end(tiny_root, tmp_path):
     cfg = tiny_cfg(tiny_root, method="rcnn", scorer="softmax", ft_iterations=8, checkpoint_every=4,
                    max_proposals=30, bbox_regression=False)
@@ -220,7 +219,6 @@ def test_config_presets_and_checks():
         DetectConfig.from_preset("small", format="coco")
 
 
-@pytest.mark.slow
 def test_finetune_all_trains_the_conv_layers_and_recaches_features(trained_run, tiny_root, tmp_path):
     out = tmp_path / "all"
     (out / "cache").mkdir(parents=True)

@@ -50,13 +50,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="the no-SPP baseline (fixed 6x6 pool5; one input size only)")
     t.add_argument("--width", type=float, help="channel multiplier (1.0 = the paper's Table 1)")
     t.add_argument("--fc-dim", type=int, help="width of fc6 / fc7 (paper 4096)")
-    t.add_argument("--dropout", type=float, help="dropout after fc6 and fc7 (default 0.5)")
+    t.add_argument("--dropout", type=float, help="dropout after fc6 and fc7 (paper preset 0.5, small 0)")
     t.add_argument("--init", choices=("paper", "he"),
                    help="fc6/fc7 init: paper N(0, 0.01) or he (fan-in normal; small preset default)")
     t.add_argument("--size", type=int, help="crop side (paper 224); images are resized to short side size*256/224")
     t.add_argument("--small-size", type=int, help="second size of multi/random schedules (default size*180/224)")
     t.add_argument("--schedule", choices=("single", "multi", "random"),
-                   help="single size, alternate size/small-size epochs, or a random size per epoch")
+                   help="single size (default), alternate size/small-size epochs, or a random size per epoch")
     t.add_argument("--epochs", type=int)
     t.add_argument("--batch-size", type=int, help="global batch size (split over torchrun processes)")
     t.add_argument("--lr", type=float, help="initial learning rate")

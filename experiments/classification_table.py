@@ -1,0 +1,208 @@
+"""SPP-net Tables 2 and 3 on data this machine can reach.
+
+For one architecture at a CPU-sized width, trains (>= 3 seeds each)
+
+* no SPP            -- the baseline: fixed 6x6 pool5, single size;
+* SPP single-size   -- the pyramid, trained at ``size`` only;
+* SPP multi-size    -- alternating full epochs at ``size`` and ``small_size``;
+* SPP random-size   -- a size uniform in ``[small_size, size]`` per epoch;
+
+and tests each on the test split with 1 centre crop, the full image (SPP only;
+Table 3) and the standard 10-view (Table 2). Writes, to ``--out``:
+
+* ``results.json`` -- every run's numbers (updated after each run; an interrupted
+  experiment picks up where it stopped, resuming a half-trained run exactly);
+* ``table.md``     -- top-1 / top-5 error (%) mean ± std over seeds;
+* ``table.png``    -- top-1 error per variant and view, bars with std error bars.
+
+Usage::
+
+    python experiments/classification_table.py --out runs/table        # default: < 30 min on 2 cores
+    python experiments/classification_table.py --out /tmp/t --quick    # smoke test, about a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from sppnet.data.imagefolder import ImageFolderDataset
+from sppnet.data.synthetic import make_classification_dataset
+from sppnet.engine.classify import ClassifyConfig, builtin_data_root, evaluate, load_classifier, train
+from sppnet.utils.io import atomic_path, load_json, save_json
+
+VARIANTS = {
+    "no SPP": dict(spp=False, schedule="single"),
+    "SPP single-size": dict(spp=True, schedule="single"),
+    "SPP multi-size": dict(spp=True, schedule="multi"),
+    "SPP random-size": dict(spp=True, schedule="random"),
+}
+VIEWS = ("center", "full", "ten")
+VIEW_TITLES = {"center": "1 crop", "full": "full image", "ten": "10-view"}
+
+# The default experiment is the small preset as it is (4 variants x 3 seeds in
+# under 30 minutes on 2 CPU cores); --quick shrinks data, network and epochs.
+DEFAULTS: dict = {}
+QUICK = dict(width=0.1, fc_dim=32, size=112, epochs=2, lr_steps=(), batch_size=16, workers=0)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="output folder (runs, results.json, table.md, table.png)")
+    p.add_argument("--data", help="ImageFolder root with train/val/test (default: the built-in shapes set)")
+    p.add_argument("--model", default="zf5")
+    p.add_argument("--seeds", type=int, nargs="+", help="default 0 1 2 (0 1 with --quick)")
+    p.add_argument("--width", type=float)
+    p.add_argument("--size", type=int)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quick", action="store_true", help="tiny data and network, 2 seeds: a smoke test")
+    args = p.parse_args(argv)
+    if args.seeds is None:
+        args.seeds = [0, 1] if args.quick else [0, 1, 2]
+    return args
+
+
+def base_config(args: argparse.Namespace, data: Path) -> ClassifyConfig:
+    values = dict(QUICK if args.quick else DEFAULTS)
+    for key in ("width", "size", "epochs", "workers"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    return ClassifyConfig.from_preset("small", model=args.model, device=args.device, data=str(data), **values)
+
+
+def run_one(cfg: ClassifyConfig, run: Path, test: ImageFolderDataset) -> dict:
+    """Trains (or resumes) one run and tests it with every view it supports."""
+    done = (run / "last.safetensors").exists()
+    t0 = time.perf_counter()
+    train(cfg, out=run, resume=done, verbose=False)
+    seconds = time.perf_counter() - t0
+    model, classes, cfg = load_classifier(run, cfg.device)
+    result: dict = {"train_seconds": round(seconds, 1)}
+    for views in VIEWS:
+        if views == "full" and not cfg.spp:
+            continue
+        r = evaluate(model, test, views, cfg)
+        result[views] = {"top1_err": 100 * (1 - r["top1"]), "top5_err": 100 * (1 - r["top5"])}
+    return result
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "–"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.2f} ± {sd:.2f}"
+
+
+def write_table(
+    results: dict, cfg: ClassifyConfig, args: argparse.Namespace, total: float, out: Path, data_name: str
+) -> str:
+    sizes = f"{cfg.size}" + (f" / {cfg.small_size}" if cfg.small_size != cfg.size else "")
+    lines = [
+        f"Top-1 / top-5 error (%) on the test split of {data_name}, mean ± std over seeds {args.seeds}; "
+        f"{cfg.model} width {cfg.width}, fc {cfg.fc_dim}, sizes {sizes}, {cfg.epochs} epochs.",
+        "",
+        "| model | 1 crop top-1 | full image top-1 | 10-view top-1 | 10-view top-5 | train s / run |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in VARIANTS:
+        runs = [r for r in results.get(name, {}).values()]
+        cell = lambda v, k: mean_std([r[v][k] for r in runs if v in r])  # noqa: E731
+        secs = mean_std([r["train_seconds"] for r in runs]).split(" ±")[0]
+        lines.append(
+            f"| {name} | {cell('center', 'top1_err')} | {cell('full', 'top1_err')} | "
+            f"{cell('ten', 'top1_err')} | {cell('ten', 'top5_err')} | {secs} |"
+        )
+    lines += [
+        "",
+        f"Total {total / 60:.1f} min on {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
+        f"torch {torch.__version__}. Command: `python experiments/classification_table.py "
+        f"{' '.join(sys.argv[1:])}`",
+    ]
+    text = "\n".join(lines) + "\n"
+    with atomic_path(out / "table.md") as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return text
+
+
+def plot(results: dict, out: Path, data_name: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(VARIANTS)
+    width = 0.8 / len(VIEWS)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for i, views in enumerate(VIEWS):
+        means, stds, xs = [], [], []
+        for j, name in enumerate(names):
+            vals = [r[views]["top1_err"] for r in results.get(name, {}).values() if views in r]
+            if vals:
+                xs.append(j + (i - (len(VIEWS) - 1) / 2) * width)
+                means.append(statistics.mean(vals))
+                stds.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
+        ax.bar(xs, means, width, yerr=stds, capsize=3, label=VIEW_TITLES[views])
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("top-1 error (%)")
+    ax.set_title(f"SPP-net Tables 2-3 on {data_name} (mean ± std over seeds)")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    png = out / "table.png"
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return png
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.data:
+        data = Path(args.data)
+    elif args.quick:
+        data = make_classification_dataset(
+            out / "data", seed=0, train_per_class=6, val_per_class=2, test_per_class=4, min_size=48, max_size=128
+        )
+    else:
+        data = builtin_data_root()
+    data_name = f"data {data}" if args.data else "the built-in shapes data"
+    base = base_config(args, data)
+    test = ImageFolderDataset(data, "test")
+    results_path = out / "results.json"
+    results: dict = load_json(results_path) if results_path.exists() else {}
+    for name, variant in VARIANTS.items():
+        for seed in args.seeds:
+            key = f"seed{seed}"
+            if key in results.get(name, {}):
+                continue
+            cfg = dataclasses.replace(base, seed=seed, **variant).resolved()
+            run = out / "runs" / name.lower().replace(" ", "-") / key
+            result = run_one(cfg, run, test)
+            results.setdefault(name, {})[key] = result
+            save_json(results_path, results)
+            errs = ", ".join(f"{v} {result[v]['top1_err']:.1f}" for v in VIEWS if v in result)
+            print(f"[{(time.perf_counter() - start) / 60:5.1f} min] {name} seed {seed}: top-1 err {errs} "
+                  f"(trained in {result['train_seconds']:.0f}s)", flush=True)  # fmt: skip
+    total = time.perf_counter() - start
+    print(write_table(results, base, args, total, out, data_name))
+    print(f"wrote {out / 'table.md'} and {plot(results, out, data_name)}; total time {total / 60:.1f} min")
+    print(json.dumps({"total_seconds": round(total, 1)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

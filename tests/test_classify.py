@@ -52,10 +52,13 @@ def run(data, tmp_path_factory):
 
 def test_presets():
     small = ClassifyConfig.from_preset("small")
-    assert (small.model, small.width, small.fc_dim, small.size, small.small_size) == ("zf5", 0.25, 512, 128, 103)
+    assert (small.model, small.width, small.fc_dim, small.size, small.small_size) == ("overfeat5", 0.125, 256, 112, 90)
+    assert (small.workers, small.cache_images) == (0, True)
+    assert ClassifyConfig.from_preset("small", workers=2).cache_images is False
     assert small == ClassifyConfig().resolved(), "the dataclass defaults are the small preset"
     paper = ClassifyConfig.from_preset("paper")
-    assert (paper.width, paper.fc_dim, paper.size, paper.small_size, paper.epochs) == (1.0, 4096, 224, 180, 70)
+    assert (paper.model, paper.width, paper.fc_dim, paper.size, paper.small_size) == ("zf5", 1.0, 4096, 224, 180)
+    assert (paper.epochs, paper.batch_size) == (70, 128)
     assert (paper.lr, paper.momentum, paper.weight_decay, len(paper.lr_steps)) == (0.01, 0.9, 5e-4, 2)
     assert (paper.dropout, paper.init, small.dropout, small.init) == (0.5, "paper", 0.0, "he")
     assert paper.preset == "paper" and set(PRESETS) == {"small", "paper"}
@@ -76,10 +79,11 @@ def test_overrides_and_small_size_following_size():
     [
         (dict(spp=False, schedule="multi"), "needs the SPP head"),
         (dict(schedule="double"), "schedule must be one of"),
-        (dict(small_size=200), r"small_size \(200\) must not exceed size \(128\)"),
+        (dict(small_size=200), r"small_size \(200\) must not exceed size \(112\)"),
         (dict(epochs=0), "epochs must be a positive integer, got 0"),
         (dict(model="resnet"), "unknown model 'resnet'"),
         (dict(lr=-1.0), "lr must be a positive number"),
+        (dict(workers=2), "cache_images keeps images in the training process, so it needs workers=0"),
     ],
 )
 def test_config_errors(kwargs, message):
@@ -116,7 +120,8 @@ def test_size_schedules():
 
 def test_train_writes_a_complete_run(run):
     out, cfg = run
-    assert {p.name for p in out.iterdir()} >= {"config.json", "last.safetensors", "model.safetensors", "metrics.csv", "curves.png"}
+    files = {"config.json", "last.safetensors", "model.safetensors", "metrics.csv", "curves.png"}
+    assert {p.name for p in out.iterdir()} >= files
     assert ClassifyConfig.from_dict(load_json(out / "config.json")) == cfg
     rows = (out / "metrics.csv").read_text().splitlines()
     assert rows[0] == "epoch,size,lr,train_loss,train_acc,val_top1,val_top5,seconds"
@@ -126,7 +131,7 @@ def test_train_writes_a_complete_run(run):
     assert float(first["val_top1"]) <= float(first["val_top5"]) <= 1.0
     state, meta = load_weights(out / "model.safetensors")
     assert meta["classes"] == sorted(CLASSES) and meta["size"] == 64 and meta["resize"] == 73
-    assert meta["model"] == "zf5" and meta["epoch"] == 2 and meta["model_config"]["width"] == 0.1
+    assert meta["model"] == "overfeat5" and meta["epoch"] == 2 and meta["model_config"]["width"] == 0.1
 
 
 def test_load_evaluate_predict(run, data):
@@ -151,10 +156,11 @@ def test_load_evaluate_predict(run, data):
     assert preds[0]["image"] == test.samples[0][0]
 
 
-def test_workers_do_not_change_the_result(data, tmp_path):
-    cfg = ClassifyConfig(**TINY, data=str(data), dropout=0.5)
+def test_workers_and_cache_do_not_change_the_result(data, tmp_path):
+    cfg = ClassifyConfig(**{**TINY, "epochs": 2}, data=str(data), dropout=0.5, schedule="multi")
+    assert cfg.cache_images
     train(cfg, out=tmp_path / "w0", verbose=False)
-    train(dataclasses.replace(cfg, workers=2), out=tmp_path / "w2", verbose=False)
+    train(dataclasses.replace(cfg, workers=2, cache_images=False), out=tmp_path / "w2", verbose=False)
     a, _ = load_weights(tmp_path / "w0" / "model.safetensors")
     b, _ = load_weights(tmp_path / "w2" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -163,7 +169,8 @@ def test_workers_do_not_change_the_result(data, tmp_path):
 def test_train_on_given_pil_datasets(tmp_path):
     """The detector pretrains its backbone this way: (PIL image, label) pairs and class names."""
     rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 256, (int(rng.integers(40, 90)), 70, 3), dtype=np.uint8)) for _ in range(6)]
+    shapes = [(int(rng.integers(40, 90)), 70, 3) for _ in range(6)]
+    images = [Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)) for shape in shapes]
     items = [(img, i % 2) for i, img in enumerate(images)]
     cfg = ClassifyConfig(**{**TINY, "batch_size": 4})
     out = train(cfg, items, items[:2], classes=["bg", "fg"], out=tmp_path / "given", verbose=False)
@@ -218,10 +225,11 @@ def test_unreadable_images_are_skipped_and_counted(data, tmp_path, capsys):
 def test_cli_train_val_predict(data, tmp_path, capsys):
     out = tmp_path / "cli"
     args = ["classify", "train", "--data", str(data), "--out", str(out), "--width", "0.1", "--fc-dim", "32",
-            "--size", "64", "--epochs", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--quiet"]  # fmt: skip
+            "--size", "64", "--epochs", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu",
+            "--quiet"]  # fmt: skip
     assert main(args) == 0
     cfg = load_json(out / "config.json")
-    assert (cfg["preset"], cfg["size"], cfg["small_size"], cfg["epochs"], cfg["lr"]) == ("small", 64, 51, 1, 0.01)
+    assert (cfg["preset"], cfg["size"], cfg["small_size"], cfg["epochs"], cfg["lr"]) == ("small", 64, 51, 1, 0.02)
     capsys.readouterr()
     assert main(["classify", "val", "--run", str(out), "--split", "test", "--views", "ten", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -245,7 +253,8 @@ def test_cli_train_val_predict(data, tmp_path, capsys):
     "argv, message",
     [
         (["classify", "train", "--data", "{tmp}/nope", "--out", "{tmp}/r"], "data folder {tmp}/nope does not exist"),
-        (["classify", "train", "--out", "{tmp}/r", "--size", "20", "--data", "{data}"], "size=20 is smaller than the minimum input"),
+        (["classify", "train", "--out", "{tmp}/r", "--size", "10", "--data", "{data}"],
+         "size=10 is smaller than the minimum input"),
         (["classify", "train", "--out", "{tmp}/r", "--no-spp", "--schedule", "multi"], "needs the SPP head"),
         (["classify", "train", "--out", "{tmp}/r", "--resume"], "nothing to resume"),
         (["classify", "val", "--run", "{tmp}/none"], "does not exist: is {tmp}/none a classification run"),

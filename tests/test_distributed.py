@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 
-import pytest
 import torch
 
 from sppnet.data.synthetic import make_classification_dataset

@@ -23,7 +23,8 @@ _EPILOG = """examples:
 # Flags that map one-to-one onto ClassifyConfig fields (dest -> field).
 _TRAIN_FIELDS = (
     "data", "model", "width", "fc_dim", "dropout", "init", "size", "small_size", "schedule", "epochs",
-    "batch_size", "lr", "lr_steps", "momentum", "weight_decay", "alphastd", "seed", "workers", "device",
+    "batch_size", "lr", "lr_steps", "momentum", "weight_decay", "alphastd", "seed", "workers", "cache_images",
+    "device",
 )  # fmt: skip
 
 
@@ -65,7 +66,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--weight-decay", type=float)
     t.add_argument("--alphastd", type=float, help="PCA colour-noise strength (0 disables; default 0.1)")
     t.add_argument("--seed", type=int)
-    t.add_argument("--workers", type=int, help="DataLoader worker processes")
+    t.add_argument("--workers", type=int, help="DataLoader worker processes (turns the image cache off)")
+    t.add_argument("--cache-images", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep decoded, resized training images in memory (small data sets; needs --workers 0)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     add_common(t)

@@ -1,7 +1,7 @@
 """Operator benchmark: our pyramid pooling vs the usual implementations, side by side.
 
 Image level, levels (6, 3, 2, 1), forward and forward+backward:
-* ours (numba kernel on small maps, PyTorch otherwise) and our pure-PyTorch fallback
+* ours (numba kernels: channels-last scan for big batches of small maps, per-plane otherwise) and our pure-PyTorch fallback
 * the usual implementation: ``torch.cat`` of ``F.adaptive_max_pool2d`` per level, flattened
 at N=64, C=256, 13x13 (conv5 of 224-px crops) and N=1, C=512, 96x128.
 

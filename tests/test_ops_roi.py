@@ -275,6 +275,25 @@ def test_max_backward_equals_reference_backward(op_path, case):
     torch.testing.assert_close(feats.grad, feats_ref.grad, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("count,kernel", [(3, "scan"), (60, "table")])
+def test_max_backward_on_a_map_of_more_than_32767_cells(count, kernel, branch):
+    # The kernels keep the argmax as a cell index: int16 while H*W fits, int32
+    # beyond (here 200 x 170 = 34,000 cells); both must route the gradient.
+    if not _kernels.HAVE_NUMBA:
+        pytest.skip("numba is not installed")
+    feats = randn(1, 2, 200, 170, seed=31)
+    rois = torch.cat([special_windows(1, 200, 170), random_windows(1, 200, 170, count=count, seed=32, min_side=150)])
+    feats.requires_grad_()
+    feats_ref = feats.detach().clone().requires_grad_()
+    grad = randn(rois.shape[0], 2 * 50, seed=33)
+    out, ref = roi_spatial_pyramid_pool(feats, rois, PAPER), roi_pyramid_ref(feats_ref, rois, PAPER)
+    assert_matches(out.detach(), ref.detach(), "max")
+    out.backward(grad)
+    ref.backward(grad)
+    torch.testing.assert_close(feats.grad, feats_ref.grad, rtol=1e-10, atol=1e-10)
+    assert kernel in branch
+
+
 # ------------------------------------------------------------------ non-finite values
 
 

@@ -1,8 +1,10 @@
 """The image-level SPP layer against a brute-force loop over bins (SPEC Sec. 1).
 
-Three implementations are checked, selected by the ``path`` fixture:
-``kernel`` (numba; used for CPU float32/float64 max), ``torch`` (pure PyTorch,
-as without numba) and ``export`` (the mask formulation used while tracing or
+Four implementations are checked, selected by the ``path`` fixture:
+``kernel`` (numba, as the library picks it for CPU float32/float64 max: the
+per-plane kernel for these small batches), ``kernel-scan`` (the channels-last
+numba kernel used for big batches of small maps), ``torch`` (pure PyTorch, as
+without numba) and ``export`` (the mask formulation used while tracing or
 exporting, run eagerly here).
 """
 
@@ -22,10 +24,14 @@ SHAPES = [(1, 1), (2, 3), (3, 2), (5, 5), (7, 4), (4, 7), (6, 6), (10, 10), (13,
 SHAPES += [(12, 1), (33, 40)]
 
 
-@pytest.fixture(params=["kernel", "torch", "export"])
+@pytest.fixture(params=["kernel", "kernel-scan", "torch", "export"])
 def path(request, monkeypatch):
-    if request.param == "kernel" and not _kernels.HAVE_NUMBA:
+    # "kernel": the choice the library makes (mostly the per-plane kernel for
+    # these small batches); "kernel-scan": the channels-last scan kernel forced.
+    if request.param.startswith("kernel") and not _kernels.HAVE_NUMBA:
         pytest.skip("numba is not installed")
+    if request.param == "kernel-scan":
+        monkeypatch.setattr(spp_module, "_use_planes", lambda n_img, height, width: False)
     if request.param == "torch":
         monkeypatch.setattr(_kernels, "HAVE_NUMBA", False)
     if request.param == "export":
@@ -314,7 +320,7 @@ def test_paths_are_the_ones_named(monkeypatch):
         pytest.skip("numba is not installed")
     calls = []
     real = spp_module.pyramid_max_kernel
-    monkeypatch.setattr(spp_module, "pyramid_max_kernel", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(spp_module, "pyramid_max_kernel", lambda *a, **k: calls.append(1) or real(*a, **k))
     spatial_pyramid_pool(torch.randn(1, 2, 5, 5))
     assert calls == [1]
     monkeypatch.setattr(_kernels, "HAVE_NUMBA", False)

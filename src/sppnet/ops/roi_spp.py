@@ -112,19 +112,31 @@ def check_rois(rois: Tensor | Sequence[Tensor], features_shape: Sequence[int]) -
 # ---------------------------------------------------------------------------- numba
 
 
-def _kernel_forward(feats: Tensor, rois: Tensor, levels: tuple[int, ...], with_arg: bool) -> tuple[Tensor, Tensor | None]:
-    """Runs the numba kernels: ``(out [K, D], argmax [K, D] int32 or None)``.
+def _kernel_forward(
+    feats: Tensor, rois: Tensor, levels: tuple[int, ...], with_arg: bool, planes: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """Runs the numba kernels: ``(out [K, D], argmax [K, D] or None)``.
 
     Without ``with_arg`` (no gradient needed) the values-only kernels run; they
-    vectorise over channels and read half the memory.
+    vectorise over channels and read half the memory. The argmax is the cell
+    index ``y*W + x`` (its channel is the column's): int16 while the map has at
+    most 32,767 cells, else int32. ``planes`` (only when ``rois`` is the whole
+    map of each image, in order) runs the per-plane kernel instead, which reads
+    the ``[N, C, H, W]`` layout directly and is parallel over channels.
     """
     n_img, chans, height, width = feats.shape
     lv, src, out_off, buf_off, order = _kernels.make_plan(levels, chans)
     n_win = rois.shape[0]
     dim = chans * sum(n * n for n in levels)
     out = torch.empty((n_win, dim), dtype=feats.dtype)
-    arg = torch.empty((n_win, dim), dtype=torch.int32) if with_arg else None
+    arg_dtype = torch.int16 if height * width <= 32767 else torch.int32
+    arg = torch.empty((n_win, dim), dtype=arg_dtype) if with_arg else None
     if n_win == 0:
+        return out, arg
+    if planes:
+        _kernels.set_threads(torch.get_num_threads())
+        arg_np = arg.numpy() if with_arg else np.empty((n_win, 0), dtype=np.int16)
+        _kernels.plane_pyramid_max(feats.numpy(), lv, src, out_off, order, out.numpy(), arg_np, with_arg)
         return out, arg
     direct = [levels[i] for i in range(len(levels)) if src[i] < 0]
     la, lb = _table_depth(rois, direct)
@@ -147,7 +159,7 @@ def _kernel_forward(feats: Tensor, rois: Tensor, levels: tuple[int, ...], with_a
         shape = (la, lb, n_img, height, width, chans)
         tab_val = torch.empty(shape, dtype=feats.dtype).numpy()
         if with_arg:
-            tab_arg = torch.empty(shape, dtype=torch.int32).numpy()
+            tab_arg = torch.empty(shape, dtype=arg_dtype).numpy()
             _kernels.build_max_tables(feats_cl, tab_val, tab_arg)
             _kernels.roi_pyramid_max_forward(tab_val, tab_arg, r, *plan, arg.numpy())
         else:
@@ -160,9 +172,9 @@ class _PyramidMaxKernel(torch.autograd.Function):
     """Max pyramid over windows with the numba kernel; backward scatters by argmax."""
 
     @staticmethod
-    def forward(ctx, features: Tensor, rois: Tensor, levels: tuple[int, ...]) -> Tensor:  # type: ignore[override]
+    def forward(ctx, features: Tensor, rois: Tensor, levels: tuple[int, ...], planes: bool) -> Tensor:  # type: ignore[override]
         feats = features.detach().contiguous()
-        out, arg = _kernel_forward(feats, rois, levels, with_arg=True)
+        out, arg = _kernel_forward(feats, rois, levels, with_arg=True, planes=planes)
         ctx.save_for_backward(arg, rois)
         ctx.shape = tuple(feats.shape)
         ctx.levels = levels
@@ -172,24 +184,19 @@ class _PyramidMaxKernel(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         arg, rois = ctx.saved_tensors
         n_img, chans, height, width = ctx.shape
-        grad_in = torch.zeros((n_img, chans * height * width), dtype=grad_out.dtype)
+        grad_in = torch.zeros((n_img, chans, height * width), dtype=grad_out.dtype)
         if rois.shape[0]:
-            cols = []  # cols_of_chan[c]: the output columns that read channel c
-            off = 0
-            for n in ctx.levels:
-                nn_ = n * n
-                cols.append(off + np.arange(chans)[:, None] * nn_ + np.arange(nn_)[None, :])
-                off += chans * nn_
-            cols_of_chan = np.ascontiguousarray(np.concatenate(cols, axis=1), dtype=np.int64)
+            lv, _, out_off, _, _ = _kernels.make_plan(ctx.levels, chans)
             _kernels.set_threads(torch.get_num_threads())
             _kernels.roi_pyramid_max_backward(
                 grad_out.contiguous().numpy(),
                 arg.numpy(),
                 np.ascontiguousarray(rois[:, 0].numpy()),
-                cols_of_chan,
+                lv,
+                out_off,
                 grad_in.numpy(),
             )
-        return grad_in.view(n_img, chans, height, width), None, None
+        return grad_in.view(n_img, chans, height, width), None, None, None
 
 
 def _table_depth(rois: Tensor, direct_levels: list[int]) -> tuple[int, int]:
@@ -210,11 +217,15 @@ def _use_kernel(features: Tensor, mode: str) -> bool:
     )
 
 
-def pyramid_max_kernel(features: Tensor, rois: Tensor, levels: tuple[int, ...]) -> Tensor:
-    """``[K, C * sum(n*n)]`` via the numba kernel (validated LongTensor rois)."""
+def pyramid_max_kernel(features: Tensor, rois: Tensor, levels: tuple[int, ...], planes: bool = False) -> Tensor:
+    """``[K, C * sum(n*n)]`` via the numba kernel (validated LongTensor rois).
+
+    ``planes=True`` only when ``rois`` is the whole map of each image in order
+    (the image-level pyramid): see :func:`_kernel_forward`.
+    """
     if torch.is_grad_enabled() and features.requires_grad:
-        return _PyramidMaxKernel.apply(features, rois.contiguous(), levels)
-    return _kernel_forward(features.detach().contiguous(), rois.contiguous(), levels, with_arg=False)[0]
+        return _PyramidMaxKernel.apply(features, rois.contiguous(), levels, planes)
+    return _kernel_forward(features.detach().contiguous(), rois.contiguous(), levels, with_arg=False, planes=planes)[0]
 
 
 # -------------------------------------------------------------------------- PyTorch

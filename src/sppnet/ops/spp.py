@@ -37,7 +37,7 @@ from sppnet.ops.roi_spp import _use_kernel, pyramid_max_kernel
 
 __all__ = ["spatial_pyramid_pool", "SpatialPyramidPool", "pyramid_output_dim"]
 
-_KERNEL_MAX_CELLS = 32 * 32  # image-level maps up to this many cells use the numba kernel
+_SCAN_MAX_CELLS = 32 * 32  # larger image-level maps use the per-plane kernel
 
 
 def pyramid_output_dim(channels: int, levels: Sequence[int] = (6, 3, 2, 1)) -> int:
@@ -130,6 +130,11 @@ def _pyramid_level_export(x: Tensor, n: int, mode: str) -> Tensor:
     return sums / area.to(x.dtype)
 
 
+def _use_planes(n_img: int, height: int, width: int) -> bool:
+    """Which numba kernel pools whole maps (measured in ``benchmarks/bench_ops.py``)."""
+    return height * width > _SCAN_MAX_CELLS or n_img < 2 * torch.get_num_threads()
+
+
 def spatial_pyramid_pool(
     x: Tensor,
     levels: int | Sequence[int] = (6, 3, 2, 1),
@@ -163,16 +168,15 @@ def spatial_pyramid_pool(
     if x.shape[-2] < 1 or x.shape[-1] < 1 or x.shape[1] < 1:
         raise ValueError(f"x must have C, H, W >= 1, got shape {tuple(x.shape)}")
     n_img = x.shape[0]
-    # Small maps (conv5 of a crop, e.g. 13x13): the kernel reads each map once and
-    # keeps argmax for a cheap backward. Large maps: PyTorch's adaptive pooling of
-    # the finest level plus derived coarse levels is faster than a channels-last copy.
-    small = x.shape[-2] * x.shape[-1] <= _KERNEL_MAX_CELLS
-    if bins == "adaptive" and small and not _is_exporting() and _use_kernel(x, mode):
-        # One window per image: the whole map. Reads the map once, keeps argmax.
+    # The numba kernels read each map once and keep argmax for a cheap backward.
+    # Many small maps (conv5 of a batch of crops, e.g. 64 x 13x13): one window
+    # per image, channels last, parallel over images. Otherwise (one big image,
+    # or fewer images than threads): parallel over (image, channel) planes.
+    if bins == "adaptive" and not _is_exporting() and _use_kernel(x, mode):
         h, w = x.shape[-2:]
         whole = torch.tensor([[0, 0, 0, w - 1, h - 1]], dtype=torch.long).repeat(n_img, 1)
         whole[:, 0] = torch.arange(n_img)
-        return pyramid_max_kernel(x, whole, levels)
+        return pyramid_max_kernel(x, whole, levels, planes=_use_planes(n_img, h, w))
     if _is_exporting() and bins == "adaptive":
         outs = [_pyramid_level_export(x, n, mode).reshape(n_img, -1) for n in levels]
     else:

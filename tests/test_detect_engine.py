@@ -13,7 +13,15 @@ from sppnet.data.proposals import sliding_window_proposals
 from sppnet.engine import det_finetune
 from sppnet.engine.common import GracefulInterrupt, UserError, load_weights
 from sppnet.engine.det_features import FeatureCache, build_windows, flip_boxes, load_record_image
-from sppnet.engine.detect import DetectConfig, TrainingInterrupted, build_detector, evaluate, load_detector, train
+from sppnet.engine.detect import (
+    DetectConfig,
+    TrainingInterrupted,
+    build_detector,
+    evaluate,
+    load_detector,
+    pretrain_config,
+    train,
+)
 from sppnet.models.detector import image_scales
 from sppnet.ops import spatial_pyramid_pool
 
@@ -217,6 +225,16 @@ def test_config_presets_and_checks():
         DetectConfig.from_preset("small", method="fast")
     with pytest.raises(UserError, match="coco"):
         DetectConfig.from_preset("small", format="coco")
+
+
+@pytest.mark.parametrize("preset", ["small", "paper"])
+@pytest.mark.parametrize("workers", [0, 1, 2, 8])
+def test_backbone_pretraining_config_resolves_for_any_worker_count(preset, workers):
+    # The presets' own worker counts (small: 2, paper: 8) reached the
+    # classification config with its image cache on, which refuses workers.
+    ccfg = pretrain_config(DetectConfig.from_preset(preset, workers=workers))
+    assert ccfg.workers == min(workers, 1) and not ccfg.cache_images
+    assert ccfg.spp and ccfg.schedule == "multi" and ccfg.size == DetectConfig.from_preset(preset).crop_size
 
 
 def test_finetune_all_trains_the_conv_layers_and_recaches_features(trained_run, tiny_root, tmp_path):

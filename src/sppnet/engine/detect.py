@@ -69,7 +69,7 @@ from sppnet.engine.common import (
     seed_everything,
 )
 from sppnet.engine.det_backbone import init_fc8_from_classifier, load_backbone, pretrain_backbone, window_crops
-from sppnet.engine.det_features import FeatureCache, build_windows, describe, load_record_image
+from sppnet.engine.det_features import FeatureCache, WindowSet, build_windows, describe, load_record_image
 from sppnet.engine.det_finetune import FinetuneConfig, FinetuneInterrupted, finetune
 from sppnet.engine.svm import SVMConfig, feature_scale, train_svms
 from sppnet.evaluation import evaluate_detections
@@ -83,10 +83,14 @@ __all__ = [
     "PRESETS",
     "TrainingInterrupted",
     "evaluate",
+    "feature_cache",
     "load_detector",
     "open_detection_data",
     "predict",
+    "split_proposals",
+    "stage_detector",
     "train",
+    "training_set",
     "val",
 ]
 
@@ -418,21 +422,45 @@ def train(
     return out
 
 
+def training_set(
+    cfg: DetectConfig, out: str | os.PathLike, verbose: bool = True
+) -> tuple[list[dict], list[WindowSet], list[str]]:
+    """``(records, windows, classes)`` of a run's training split: the images that
+    could be read, their proposals plus ground truth as labelled windows
+    (:func:`~sppnet.engine.det_features.build_windows`). Proposals come from the
+    run's cache (``out/cache/proposals``) once computed."""
+    data = open_detection_data(cfg.data, cfg.format, cfg.ann, cfg.split, None, cfg.strict)
+    classes = list(data.class_names)
+    if verbose and (data.skipped_images or data.skipped_objects):
+        print(data.summary(), file=sys.stderr)
+    records = list(data.records)
+    props = _proposals(records, cfg, Path(out) / "cache" / "proposals", verbose)
+    records, props = _drop_unreadable(records, props, verbose)
+    windows = [build_windows(p, r, len(classes)) for p, r in zip(props, records)]
+    return records, windows, classes
+
+
+def feature_cache(cfg: DetectConfig, out: str | os.PathLike, detector: SPPDetector, records, windows) -> FeatureCache:
+    """The run's cache of conv5 (SPP) or warped-window pool5 (R-CNN) features."""
+    return FeatureCache(detector, records, windows, Path(out) / "cache" / "features", flips=cfg.ft_flip)
+
+
+def stage_detector(out: str | os.PathLike, stage: str, device: str | torch.device = "cpu") -> SPPDetector:
+    """The detector as saved after ``stage`` (``backbone``, ``finetune``, ``svm`` or ``bbox``) of a run."""
+    path = _stage_file(Path(out), stage)
+    if path.suffix != ".safetensors" or not path.is_file():
+        raise UserError(f"{path} does not exist: stage {stage!r} of {out} has not finished")
+    return _load_into(path, torch.device(device))[0]
+
+
 def _run_stages(cfg: DetectConfig, out: Path, device: torch.device, verbose: bool, stop_after: str | None) -> None:
     def say(msg: str) -> None:
         if verbose:
             print(msg, file=sys.stderr)
 
     # 1. proposals
-    data = open_detection_data(cfg.data, cfg.format, cfg.ann, cfg.split, None, cfg.strict)
-    classes = list(data.class_names)
-    if verbose and (data.skipped_images or data.skipped_objects):
-        say(data.summary())
-    records = list(data.records)
     with Timer() as t:
-        props = _proposals(records, cfg, out / "cache" / "proposals", verbose)
-    records, props = _drop_unreadable(records, props, verbose)
-    windows = [build_windows(p, r, len(classes)) for p, r in zip(props, records)]
+        records, windows, classes = training_set(cfg, out, verbose)
     if not _stage_file(out, "proposals").is_file():
         save_json(_stage_file(out, "proposals"), {**describe(windows), "seconds": round(t.seconds, 2)})
         save_json(out / "stages" / "times.json", {"proposals": round(t.seconds, 2)})
@@ -482,24 +510,27 @@ def _latest_detector(out: Path, stages: list[str], before: str | None, device: t
     raise UserError(f"{out}: no finished backbone stage to continue from")
 
 
-def _feature_cache(cfg: DetectConfig, out: Path, detector: SPPDetector, records, windows) -> FeatureCache:
-    return FeatureCache(detector, records, windows, out / "cache" / "features", flips=cfg.ft_flip)
+def pretrain_config(cfg: DetectConfig):
+    """The :class:`~sppnet.engine.classify.ClassifyConfig` of the backbone
+    pretraining: the detector's architecture, multi-size training of window crops."""
+    from sppnet.engine.classify import ClassifyConfig
+
+    return ClassifyConfig(
+        model=cfg.model, spp=True, levels=cfg.levels, width=cfg.width, fc_dim=cfg.fc_dim, dropout=cfg.dropout,
+        size=cfg.crop_size, small_size=None, schedule="multi", epochs=cfg.pretrain_epochs,
+        batch_size=cfg.pretrain_batch, lr=cfg.pretrain_lr,
+        lr_steps=(int(cfg.pretrain_epochs * 5 / 6), int(cfg.pretrain_epochs * 11 / 12)),
+        seed=cfg.seed, workers=min(cfg.workers, 1), device=cfg.device, preset=cfg.preset,
+        cache_images=False,  # the crops are already in memory; a loader worker prepares the batches
+    ).resolved()  # fmt: skip
 
 
 def _stage_backbone(cfg, out, device, records, windows, classes, detector, verbose) -> SPPDetector:
     if cfg.backbone is not None:
         model, model_classes, mean, std = load_backbone(cfg.backbone)
     else:
-        from sppnet.engine.classify import ClassifyConfig
-
         crops = window_crops(records, windows, classes, cfg.crop_size, cfg.background_per_image, cfg.seed)
-        ccfg = ClassifyConfig(
-            model=cfg.model, spp=True, levels=cfg.levels, width=cfg.width, fc_dim=cfg.fc_dim, dropout=cfg.dropout,
-            size=cfg.crop_size, small_size=None, schedule="multi", epochs=cfg.pretrain_epochs,
-            batch_size=cfg.pretrain_batch, lr=cfg.pretrain_lr,
-            lr_steps=(int(cfg.pretrain_epochs * 5 / 6), int(cfg.pretrain_epochs * 11 / 12)),
-            seed=cfg.seed, workers=min(cfg.workers, 1), device=cfg.device, preset=cfg.preset,
-        ).resolved()  # fmt: skip
+        ccfg = pretrain_config(cfg)
         if verbose:
             print(f"pretraining the backbone on {len(crops)} windows "
                   f"({sum(1 for lab in crops.labels if lab == len(classes))} background)", file=sys.stderr)
@@ -515,7 +546,7 @@ def _stage_backbone(cfg, out, device, records, windows, classes, detector, verbo
 
 
 def _stage_features(cfg, out, device, records, windows, classes, detector, verbose) -> SPPDetector:
-    cache = _feature_cache(cfg, out, detector, records, windows)
+    cache = feature_cache(cfg, out, detector, records, windows)
     interrupt = GracefulInterrupt()
     with interrupt:
         cache.ensure(lambda it, **kw: progress(it, enabled=verbose, **kw), lambda: interrupt.requested)
@@ -530,7 +561,7 @@ def _stage_finetune(cfg, out, device, records, windows, classes, detector, verbo
         batch_size=cfg.ft_batch, fg_fraction=cfg.ft_fg_fraction, flip=cfg.ft_flip,
         images_per_batch=cfg.ft_images_per_batch, checkpoint_every=cfg.checkpoint_every, seed=cfg.seed,
     )  # fmt: skip
-    cache = _feature_cache(cfg, out, detector, records, windows)
+    cache = feature_cache(cfg, out, detector, records, windows)
     finetune(detector, cache, records, windows, fcfg, out, verbose)
     return detector
 
@@ -540,7 +571,7 @@ def _stage_svm(cfg, out, device, records, windows, classes, detector, verbose) -
     if cfg.scorer != "svm":
         return detector
     detector.eval()
-    cache = _feature_cache(cfg, out, detector, records, windows)
+    cache = feature_cache(cfg, out, detector, records, windows)
 
     def features(i: int) -> torch.Tensor:
         return detector.fc7(cache.pool5(i, torch.arange(len(windows[i])))).cpu()
@@ -578,7 +609,7 @@ def _stage_bbox(cfg, out, device, records, windows, classes, detector, verbose) 
     if not cfg.bbox_regression:
         return detector
     detector.eval()
-    cache = _feature_cache(cfg, out, detector, records, windows)
+    cache = feature_cache(cfg, out, detector, records, windows)
     feats: list[list[torch.Tensor]] = [[] for _ in classes]
     targets: list[list[torch.Tensor]] = [[] for _ in classes]
     for i in progress(range(len(windows)), desc="box regression", total=len(windows), enabled=verbose):
@@ -641,6 +672,25 @@ def evaluate(
             "seconds_per_image": seconds / max(len(records), 1), "predictions": predictions}  # fmt: skip
 
 
+def split_proposals(
+    cfg: DetectConfig,
+    run: str | os.PathLike,
+    split: str,
+    classes: Sequence[str],
+    data: str | None = None,
+    fmt: str = "voc",
+    ann: str | None = None,
+    verbose: bool = True,
+) -> tuple[list[dict], list[np.ndarray]]:
+    """``(records, proposals)`` of a split (default data: the run's) for testing,
+    unreadable images dropped; proposals cached in ``run/cache/proposals``."""
+    if data is None and ann is None:
+        data, fmt, ann = cfg.data, cfg.format, cfg.ann
+    ds = open_detection_data(data, fmt, ann, split, classes, cfg.strict)
+    props = _proposals(ds.records, cfg, Path(run) / "cache" / "proposals", verbose)
+    return _drop_unreadable(list(ds.records), props, verbose)
+
+
 def val(
     run: str | os.PathLike,
     data: str | None = None,
@@ -659,11 +709,9 @@ def val(
         scorer = "softmax"
     if data is None and fmt is None:
         data, fmt, ann = cfg.data, cfg.format, ann
-    ds = open_detection_data(data, fmt or "voc", ann, split, classes, cfg.strict)
     if workers is not None:
         cfg = dataclasses.replace(cfg, workers=workers)
-    props = _proposals(ds.records, cfg, Path(run) / "cache" / "proposals", verbose)
-    records, props = _drop_unreadable(list(ds.records), props, verbose)
+    records, props = split_proposals(cfg, run, split, classes, data, fmt or "voc", ann, verbose)
     result = evaluate(detector, records, classes, props, scorer, cfg.bbox_regression, verbose)
     result.pop("predictions")
     result["scorer"] = scorer

@@ -83,6 +83,17 @@ if HAVE_NUMBA:
             da[c] = p + np.int32(m) * (a2[c] - p)
 
     @njit(cache=True, nogil=True, inline="always")
+    def _max_row_cell(dv, da, v, p):  # pragma: no cover
+        """dv, da = elementwise (max, argmax) of (dv, da) and (v, the cell index p)."""
+        for c in range(dv.shape[0]):
+            x = dv[c]
+            y = v[c]
+            m = (y > x) | ((y != y) & (x == x))
+            dv[c] = y if m else x
+            q = da[c]
+            da[c] = q + m * (p - q)
+
+    @njit(cache=True, nogil=True, inline="always")
     def _max_rows_values(v1, v2, dv):  # pragma: no cover
         """dv = elementwise max of v1 and v2 (NaN wins)."""
         for c in range(v1.shape[0]):
@@ -268,32 +279,33 @@ if HAVE_NUMBA:
             w = rois[k, 3] - x1 + 1
             buf = np.empty((total, chans), feat.dtype)
             bufa = np.empty((total, chans), out_arg.dtype)
+            rmax = np.empty((w, chans), feat.dtype)
+            rarg = np.empty((w, chans), out_arg.dtype)
             img = feat[b]
             for li in range(n_lv):
                 if src[li] >= 0:
                     continue
                 n = lv[li]
                 for i in range(n):
+                    # Separable: the bin row's max over its map rows, per column
+                    # (rmax), then each bin's max over its columns of rmax.
                     rs = y1 + (i * h) // n
                     re = y1 + ((i + 1) * h + n - 1) // n
+                    for xx in range(w):
+                        rmax[xx] = img[rs, x1 + xx]
+                        rarg[xx] = rs * width + x1 + xx
+                    for yy in range(rs + 1, re):
+                        for xx in range(w):
+                            _max_row_cell(rmax[xx], rarg[xx], img[yy, x1 + xx], yy * width + x1 + xx)
                     for j in range(n):
-                        cs = x1 + (j * w) // n
-                        ce = x1 + ((j + 1) * w + n - 1) // n
+                        cs = (j * w) // n
+                        ce = ((j + 1) * w + n - 1) // n
                         dst = buf[buf_off[li] + i * n + j]
                         dsta = bufa[buf_off[li] + i * n + j]
-                        dst[:] = img[rs, cs]
-                        dsta[:] = rs * width + cs
-                        for yy in range(rs, re):
-                            for xx in range(cs, ce):
-                                row = img[yy, xx]
-                                p = yy * width + xx
-                                for c in range(chans):
-                                    v = row[c]
-                                    d = dst[c]
-                                    m = (v > d) | ((v != v) & (d == d))
-                                    dst[c] = v if m else d
-                                    q = dsta[c]
-                                    dsta[c] = q + np.int32(m) * (p - q)
+                        dst[:] = rmax[cs]
+                        dsta[:] = rarg[cs]
+                        for xx in range(cs + 1, ce):
+                            _max_rows(dst, dsta, rmax[xx], rarg[xx], dst, dsta)
             _derive_and_write(k, buf, bufa, lv, src, out_off, buf_off, order, out, out_arg)
 
     # ------------------------------------------------------------------
@@ -342,6 +354,7 @@ if HAVE_NUMBA:
             h = rois[k, 4] - y1 + 1
             w = rois[k, 3] - x1 + 1
             buf = np.empty((total, chans), feat.dtype)
+            rmax = np.empty((w, chans), feat.dtype)
             img = feat[b]
             for li in range(n_lv):
                 if src[li] >= 0:
@@ -350,14 +363,17 @@ if HAVE_NUMBA:
                 for i in range(n):
                     rs = y1 + (i * h) // n
                     re = y1 + ((i + 1) * h + n - 1) // n
+                    rmax[:] = img[rs, x1 : x1 + w]
+                    for yy in range(rs + 1, re):
+                        for xx in range(w):
+                            _max_rows_values(rmax[xx], img[yy, x1 + xx], rmax[xx])
                     for j in range(n):
-                        cs = x1 + (j * w) // n
-                        ce = x1 + ((j + 1) * w + n - 1) // n
+                        cs = (j * w) // n
+                        ce = ((j + 1) * w + n - 1) // n
                         dst = buf[buf_off[li] + i * n + j]
-                        dst[:] = img[rs, cs]
-                        for yy in range(rs, re):
-                            for xx in range(cs, ce):
-                                _max_rows_values(dst, img[yy, xx], dst)
+                        dst[:] = rmax[cs]
+                        for xx in range(cs + 1, ce):
+                            _max_rows_values(dst, rmax[xx], dst)
             _derive_and_write_values(k, buf, lv, src, out_off, buf_off, order, out)
 
     @njit(parallel=True, cache=True, nogil=True)
@@ -421,17 +437,22 @@ if HAVE_NUMBA:
         """grad_in[b_k, c, cell] += grad_out[k, d] for every output column d of
         window k (channel c, ``cell = arg[k, d]``), race-free.
 
-        ``grad_in`` is ``[N, C, H*W]``. Parallel over blocks of 16 channels:
-        two threads never write the same cell, and a block's columns of each
-        level are contiguous in a row of ``grad_out`` (whole cache lines).
+        ``grad_in`` is ``[N, C, H*W]``, uninitialised: each thread zeroes its
+        own channels first (no separate pass, pages first touched where they
+        are used). Parallel over blocks of 16 channels: two threads never write
+        the same cell, and a block's columns of each level are contiguous in a
+        row of ``grad_out`` (whole cache lines).
         """
         n_win = grad_out.shape[0]
+        n_img = grad_in.shape[0]
         chans = grad_in.shape[1]
         n_lv = lv.shape[0]
         n_blk = (chans + 15) // 16
         for blk in prange(n_blk):
             c0 = blk * 16
             c1 = min(chans, c0 + 16)
+            for b in range(n_img):
+                grad_in[b, c0:c1, :] = 0
             for k in range(n_win):
                 gi = grad_in[batch_idx[k]]
                 go = grad_out[k]

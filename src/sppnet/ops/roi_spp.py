@@ -184,18 +184,19 @@ class _PyramidMaxKernel(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         arg, rois = ctx.saved_tensors
         n_img, chans, height, width = ctx.shape
-        grad_in = torch.zeros((n_img, chans, height * width), dtype=grad_out.dtype)
-        if rois.shape[0]:
-            lv, _, out_off, _, _ = _kernels.make_plan(ctx.levels, chans)
-            _kernels.set_threads(torch.get_num_threads())
-            _kernels.roi_pyramid_max_backward(
-                grad_out.contiguous().numpy(),
-                arg.numpy(),
-                np.ascontiguousarray(rois[:, 0].numpy()),
-                lv,
-                out_off,
-                grad_in.numpy(),
-            )
+        if not rois.shape[0]:
+            return grad_out.new_zeros((n_img, chans, height, width)), None, None, None
+        grad_in = torch.empty((n_img, chans, height * width), dtype=grad_out.dtype)  # the kernel zeroes it
+        lv, _, out_off, _, _ = _kernels.make_plan(ctx.levels, chans)
+        _kernels.set_threads(torch.get_num_threads())
+        _kernels.roi_pyramid_max_backward(
+            grad_out.contiguous().numpy(),
+            arg.numpy(),
+            np.ascontiguousarray(rois[:, 0].numpy()),
+            lv,
+            out_off,
+            grad_in.numpy(),
+        )
         return grad_in.view(n_img, chans, height, width), None, None, None
 
 

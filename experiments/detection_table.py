@@ -1,0 +1,330 @@
+"""SPP-net Table 9 on data this machine can reach: SPP-net vs R-CNN, row by row.
+
+Columns (one detector each, all on the SAME pretrained backbone, the same
+proposals and the same training and test images):
+
+* SPP 1-scale -- conv5 once per image at one scale (s = 688 x size factor);
+* SPP 5-scale -- conv5 once per image at each of the five scales
+  (480, 576, 688, 864, 1200 x size factor), each window pooled at the scale
+  where its area is closest to 224 x 224 (x size factor);
+* R-CNN       -- every window cropped, warped to the network's input size and
+  run through the conv layers on its own (``--method rcnn``).
+
+Rows (Table 9): SVMs on ``pool5`` (no fine-tuning), on ``fc7`` (no
+fine-tuning), on ``ftfc7`` (fc6-fc8 fine-tuned), and ``ftfc7 + bb`` (plus box
+regression). Each cell: VOC07 mAP on the test split and seconds per test image
+(features = conv + pyramid, or warp + conv, plus the row's head and NMS;
+proposals excluded, as in the paper).
+
+The backbone is pretrained once (by the first column, as ``sppnet detect train``
+does: a classifier of object and background windows, multi-size training) and
+handed to the other columns with ``--backbone``: ImageNet weights cannot be had
+here, and the comparison is only fair when every column starts from the same
+conv layers. Proposals are computed once and shared.
+
+Writes, to ``--out``:
+
+* ``results.json`` -- every number (updated after each column; an interrupted
+  run resumes: finished columns are skipped, a half-trained one continues);
+* ``table.md``     -- mAP (%) and seconds per image, the paper's layout;
+* ``table.png``    -- mAP per row and column, as bars.
+
+Usage::
+
+    python experiments/detection_table.py --out runs/dettable          # built-in data (200 / 100 images), < 45 min
+    python experiments/detection_table.py --out runs/voc --data VOC2007   # any VOC folder (trainval / test)
+    python experiments/detection_table.py --out /tmp/d --quick            # smoke test, about 2 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from sppnet.data import make_detection_dataset
+from sppnet.engine import detect as D
+from sppnet.engine.common import load_state, save_state
+from sppnet.engine.det_features import load_record_image
+from sppnet.engine.svm import SVMConfig, train_svms
+from sppnet.evaluation import evaluate_detections
+from sppnet.models.detector import PAPER_SCALES
+from sppnet.ops import select_detections
+from sppnet.utils.io import atomic_path, load_json, save_json
+
+COLUMNS = {
+    "SPP 1-scale": dict(method="spp", scales=(688,)),
+    "SPP 5-scale": dict(method="spp", scales=PAPER_SCALES),
+    "R-CNN": dict(method="rcnn", scales=(688,)),
+}
+ROWS = ("pool5", "fc7", "ftfc7", "ftfc7 + bb")
+PAPER = {  # Table 9 (VOC 2007 test, ZF-5 for SPP-net, AlexNet for R-CNN), mAP %
+    "pool5": (43.0, 44.9, 44.2),
+    "ftfc7": (54.5, 55.2, 54.2),
+    "ftfc7 + bb": (58.0, 59.2, 58.5),
+}
+
+# --quick: a tiny data set and network; checks that every column and row runs.
+QUICK_DATA = dict(num_train=12, num_val=2, num_test=6)
+QUICK = dict(
+    width=0.125, fc_dim=64, pretrain_epochs=2, ft_iterations=30, ft_lr_steps=(20,), checkpoint_every=20,
+    max_proposals=150, svm_retrain_limit=300, workers=0,
+)  # fmt: skip
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="output folder (runs, results.json, table.md, table.png)")
+    p.add_argument("--data", help="Pascal VOC root (default: the built-in shapes set)")
+    p.add_argument("--train-split", default=None, help="VOC split to train on (default: train; trainval for --data)")
+    p.add_argument("--test-split", default="test")
+    p.add_argument("--preset", default="small", choices=sorted(D.PRESETS))
+    p.add_argument("--columns", nargs="+", choices=list(COLUMNS), default=list(COLUMNS), metavar="COLUMN",
+                   help=f"columns to run (default: all of {list(COLUMNS)})")
+    p.add_argument("--train-images", type=int, default=200,
+                   help="built-in data only: training images generated (default 200; test half as many)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quick", action="store_true", help="tiny data and network: a smoke test")
+    return p.parse_args(argv)
+
+
+def column_config(args: argparse.Namespace, data: str | None, column: str, backbone: Path | None) -> D.DetectConfig:
+    values: dict = dict(QUICK) if args.quick else {}
+    if args.workers is not None:
+        values["workers"] = args.workers
+    split = args.train_split or ("trainval" if args.data else "train")
+    return D.DetectConfig.from_preset(
+        args.preset, data=data, split=split, seed=args.seed, device=args.device,
+        backbone=str(backbone) if backbone else None, **COLUMNS[column], **values,
+    )  # fmt: skip
+
+
+def share_proposals(run: Path, shared: Path) -> None:
+    """Points ``run/cache/proposals`` at the shared cache (entries are keyed by
+    image content and parameters, so sharing is safe); copies nothing."""
+    link = run / "cache" / "proposals"
+    if link.exists() or link.is_symlink():
+        return
+    shared.mkdir(parents=True, exist_ok=True)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        link.symlink_to(shared.resolve(), target_is_directory=True)
+    except OSError:  # no symlinks here: each column computes its own (same result)
+        pass
+
+
+@torch.no_grad()
+def row_svms(cfg: D.DetectConfig, run: Path, verbose: bool) -> dict[str, dict]:
+    """The rows without fine-tuning: SVMs on pool5 and on fc7 of the pretrained fc
+    layers, trained exactly like the run's own (ft)fc7 SVMs. Saved in the run."""
+    records, windows, classes = D.training_set(cfg, run, verbose=False)
+    before = D.stage_detector(run, "backbone")  # fc6 / fc7 as pretrained
+    cache = D.feature_cache(cfg, run, before, records, windows)  # conv5 is the same in every stage
+    positives = [torch.where(w.is_gt & ~w.difficult, w.label, torch.full_like(w.label, -1)) for w in windows]
+    scfg = SVMConfig(C=cfg.svm_C, pos_weight=cfg.svm_pos_weight, epochs=cfg.svm_epochs,
+                     retrain_limit=cfg.svm_retrain_limit)  # fmt: skip
+    out = {}
+    for layer in ("pool5", "fc7"):
+        path = run / f"table_svm_{layer}.safetensors"
+        if path.is_file():
+            out[layer] = load_state(path)
+            continue
+
+        def features(i: int, layer: str = layer) -> torch.Tensor:
+            pool5 = cache.pool5(i, torch.arange(len(windows[i])))
+            return (pool5 if layer == "pool5" else before.fc7(pool5)).cpu()
+
+        wrap = (lambda it, **kw: D.progress(it, desc=f"{kw.get('desc')} ({layer})", total=kw.get("total"))) if verbose \
+            else None  # fmt: skip
+        res = train_svms(len(windows), features, [w.overlaps for w in windows], positives, len(classes), scfg, wrap)
+        out[layer] = {"weight": res.weight, "bias": res.bias, "scale": torch.tensor(res.feature_scale)}
+        save_state(path, out[layer])
+    return out
+
+
+@torch.no_grad()
+def evaluate_rows(cfg: D.DetectConfig, run: Path, test_split: str, svms: dict, verbose: bool) -> dict:
+    """Every row of one column on the test split: pool5 once per image, then each row's head."""
+    final, classes, _ = D.load_detector(run)
+    before = D.stage_detector(run, "backbone")
+    records, props = D.split_proposals(cfg, run, test_split, classes, verbose=False)
+
+    def svm(layer: str, x: torch.Tensor) -> torch.Tensor:
+        s = svms[layer]
+        return (s["scale"] * x) @ s["weight"].T + s["bias"]
+
+    preds = {row: [] for row in ROWS}
+    seconds = {row: 0.0 for row in ROWS}
+    feature_seconds = 0.0
+    truths = []
+    for r, p in D.progress(list(zip(records, props)), desc="test", total=len(records), enabled=verbose):
+        image = load_record_image(r)
+        boxes = torch.as_tensor(p, dtype=torch.float32)
+        t0 = time.perf_counter()
+        pool5 = final.window_pool5(final.normalize(image), boxes)  # conv + pyramid (SPP) or warp + conv (R-CNN)
+        t_feat = time.perf_counter() - t0
+        feature_seconds += t_feat
+        plain = boxes[:, None, :].expand(-1, final.num_classes, 4)
+        heads = {
+            "pool5": lambda: (svm("pool5", pool5), plain),
+            "fc7": lambda: (svm("fc7", before.fc7(pool5)), plain),
+            "ftfc7": lambda: (final.class_scores(final.fc7(pool5), "svm"), plain),
+            "ftfc7 + bb": lambda: (
+                final.class_scores(final.fc7(pool5), "svm"),
+                final.regress_boxes(boxes, pool5, tuple(image.shape[-2:])),
+            ),
+        }
+        for row in ROWS:
+            t0 = time.perf_counter()
+            scores, per_class = heads[row]()
+            preds[row].append(select_detections(per_class, scores, float("-inf"), 0.3, 100))
+            seconds[row] += t_feat + time.perf_counter() - t0
+        truths.append({"boxes": r["boxes"], "labels": r["labels"], "difficult": r["difficult"]})
+    n = max(len(records), 1)
+    result: dict = {"images": len(records), "feature_seconds_per_image": feature_seconds / n}
+    for row in ROWS:
+        ev = evaluate_detections(preds[row], truths, classes, 0.5, "voc07")
+        result[row] = {"mAP": ev["mAP"], "ap": ev["ap"], "seconds_per_image": seconds[row] / n}
+    return result
+
+
+def run_column(args, data: str | None, column: str, out: Path, backbone: Path | None) -> dict:
+    run = out / "runs" / column.lower().replace(" ", "-")
+    cfg = column_config(args, data, column, backbone)
+    share_proposals(run, out / "shared" / "proposals")
+    t0 = time.perf_counter()
+    finished = (run / "detector.safetensors").is_file()
+    if not finished:
+        D.train(cfg, out=run, resume=(run / "config.json").is_file(), verbose=True)
+    cfg = D.DetectConfig.from_dict(load_json(run / "config.json"))
+    train_seconds = time.perf_counter() - t0
+    svms = row_svms(cfg, run, verbose=True)
+    result = evaluate_rows(cfg, run, args.test_split, svms, verbose=True)
+    times = load_json(run / "stages" / "times.json") if (run / "stages" / "times.json").is_file() else {}
+    result["stage_seconds"] = times
+    result["train_seconds_this_session"] = round(train_seconds, 1)
+    return result
+
+
+def pct(v: float) -> str:
+    return "–" if v != v else f"{100 * v:.1f}"
+
+
+def write_table(results: dict, args: argparse.Namespace, total: float, out: Path, data_name: str) -> str:
+    cols = [c for c in COLUMNS if c in results]
+    lines = [
+        f"VOC07 mAP (%) on the `{args.test_split}` split of {data_name}; "
+        f"seconds per test image in brackets (proposals excluded). Preset `{args.preset}`"
+        + (" (--quick)" if args.quick else "") + ".",
+        "",
+        "| | " + " | ".join(cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
+    for row in ROWS:
+        cells = [f"{pct(results[c][row]['mAP'])} ({results[c][row]['seconds_per_image']:.3f} s)" for c in cols]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    lines.append("| features (conv + pool / warp + conv) s per image | "
+                 + " | ".join(f"{results[c]['feature_seconds_per_image']:.3f}" for c in cols) + " |")
+    if "R-CNN" in results:
+        rc = results["R-CNN"]
+        for c in cols:
+            if c == "R-CNN":
+                continue
+            r = results[c]
+            gap = 100 * (r["ftfc7 + bb"]["mAP"] - rc["ftfc7 + bb"]["mAP"])
+            lines.append("")
+            lines.append(
+                f"{c} vs R-CNN: features {rc['feature_seconds_per_image'] / r['feature_seconds_per_image']:.1f}x "
+                f"faster, whole test (ftfc7 + bb) "
+                f"{rc['ftfc7 + bb']['seconds_per_image'] / r['ftfc7 + bb']['seconds_per_image']:.1f}x faster; "
+                f"mAP difference (ftfc7 + bb) {gap:+.1f} points."
+            )
+    lines += [
+        "",
+        "Paper (VOC 2007 test, ImageNet-pretrained ZF-5 / AlexNet), mAP %: "
+        + "; ".join(f"{row} {'/'.join(f'{v:.1f}' for v in vals)}" for row, vals in PAPER.items())
+        + " (SPP 1-scale / SPP 5-scale / R-CNN).",
+        "",
+        f"Total {total / 60:.1f} min on {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
+        f"torch {torch.__version__}. Command: `python experiments/detection_table.py {' '.join(sys.argv[1:])}`",
+    ]
+    text = "\n".join(lines) + "\n"
+    with atomic_path(out / "table.md") as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return text
+
+
+def plot(results: dict, out: Path, data_name: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = [c for c in COLUMNS if c in results]
+    width = 0.8 / max(len(cols), 1)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for i, c in enumerate(cols):
+        xs = [j + (i - (len(cols) - 1) / 2) * width for j in range(len(ROWS))]
+        ax.bar(xs, [100 * results[c][row]["mAP"] for row in ROWS], width, label=c)
+    ax.set_xticks(range(len(ROWS)), ROWS)
+    ax.set_ylabel("VOC07 mAP (%)")
+    ax.set_title(f"SPP-net Table 9 on {data_name}")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    png = out / "table.png"
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return png
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.data:
+        data = str(Path(args.data))
+    else:  # the built-in shapes generator, at a size that keeps the three columns under 45 min
+        counts = QUICK_DATA if args.quick else dict(
+            num_train=args.train_images, num_val=0, num_test=max(args.train_images // 2, 1))
+        data = str(make_detection_dataset(out / "data", seed=args.seed, **counts))
+    data_name = f"`{args.data}`" if args.data else (
+        f"the built-in shapes data ({counts['num_train']} train / {counts['num_test']} test images)")
+    results_path = out / "results.json"
+    results: dict = load_json(results_path) if results_path.exists() else {}
+    backbone = None
+    columns = [c for c in COLUMNS if c in args.columns]
+    for column in columns:
+        if column not in results:
+            print(f"[{(time.perf_counter() - start) / 60:5.1f} min] {column}", file=sys.stderr, flush=True)
+            results[column] = run_column(args, data, column, out, backbone)
+            save_json(results_path, results)
+        if backbone is None:  # the first column's pretrained backbone serves the others
+            backbone = out / "runs" / column.lower().replace(" ", "-") / "backbone"
+            if not (backbone / "model.safetensors").is_file():
+                backbone = Path(D.DetectConfig.from_dict(
+                    load_json(out / "runs" / column.lower().replace(" ", "-") / "config.json")).backbone or backbone)
+        r = results[column]
+        print(f"[{(time.perf_counter() - start) / 60:5.1f} min] {column}: "
+              + ", ".join(f"{row} {pct(r[row]['mAP'])}" for row in ROWS), flush=True)  # fmt: skip
+    total = time.perf_counter() - start
+    shown = {c: v for c, v in results.items() if c in COLUMNS}
+    print(write_table(shown, args, total, out, data_name))
+    print(f"wrote {out / 'table.md'} and {plot(shown, out, data_name)}; total time {total / 60:.1f} min")
+    print(json.dumps({"total_seconds": round(total, 1)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -57,6 +57,25 @@ def test_train_then_val_json(cli_run, capsys):
     assert saved["width"] == 0.125 and saved["size_factor"] == 0.25 and saved["preset"] == "small"
 
 
+def test_val_with_truncated_svd_fc(cli_run, capsys):
+    # At full rank (fc_dim 32) the factorised fc6 / fc7 are the same maps: same
+    # mAP. A low rank still runs; a bad rank is a user error.
+    def val(*extra):
+        capsys.readouterr()
+        code = main(["detect", "val", "--run", str(cli_run), "--json", "--device", "cpu", *extra])
+        return code, capsys.readouterr()
+
+    code, plain = val()
+    assert code == 0
+    code, full = val("--svd-rank", "32")
+    assert code == 0
+    assert abs(json.loads(full.out)["mAP"] - json.loads(plain.out)["mAP"]) < 1e-3
+    code, low = val("--svd-rank", "4", "8")
+    assert code == 0 and 0.0 <= json.loads(low.out)["mAP"] <= 1.0
+    code, bad = val("--svd-rank", "0")
+    assert code == 2 and "--svd-rank" in bad.err and "Traceback" not in bad.err
+
+
 def test_predict_writes_a_png_and_a_json_per_image(cli_run, tiny_root, tmp_path, capsys):
     images = sorted((tiny_root / "JPEGImages").glob("*.jpg"))[-2:]
     out = tmp_path / "pred"

@@ -16,6 +16,7 @@ _EPILOG = """examples:
   sppnet detect train --data VOCdevkit/VOC2007 --split trainval --out runs/voc --preset paper
   sppnet detect train --out runs/det --resume                # continue an interrupted run
   sppnet detect val --run runs/det --split test --json
+  sppnet detect val --run runs/det --svd-rank 128            # fc6/fc7 by truncated SVD (faster fc)
   sppnet detect predict --run runs/det image1.jpg image2.png --out runs/det/pred
 """
 
@@ -87,6 +88,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     v.add_argument("--split", default="test", help="VOC split (default test)")
     v.add_argument("--scorer", choices=("svm", "softmax"), help="default: the run's")
     v.add_argument("--workers", type=int, help="selective search worker processes")
+    v.add_argument("--svd-rank", type=int, nargs="+", metavar="R",
+                   help="truncated SVD of fc6 and fc7 at rank R (or R6 R7): fewer multiply-adds "
+                   "(Fast R-CNN Sec. 3.1); compare mAP with and without")
     v.add_argument("--json", action="store_true",
                    help='print {"mAP", "ap": {class: AP}, "images", "seconds_per_image"} as JSON')
     add_common(v)
@@ -98,6 +102,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--out", help="output folder (default RUN/predict)")
     r.add_argument("--score-threshold", type=float, help="keep detections above it (default 0 for SVMs, 0.5 softmax)")
     r.add_argument("--scorer", choices=("svm", "softmax"), help="default: the run's")
+    r.add_argument("--svd-rank", type=int, nargs="+", metavar="R",
+                   help="truncated SVD of fc6 and fc7 at rank R (or R6 R7): fewer multiply-adds "
+                   "(Fast R-CNN Sec. 3.1); compare mAP with and without")
     r.add_argument("--json", action="store_true", help="print the detections as JSON")
     add_common(r)
     r.set_defaults(func=_predict)
@@ -135,11 +142,21 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _svd_rank(args: argparse.Namespace) -> int | tuple[int, int] | None:
+    rank = getattr(args, "svd_rank", None)
+    if rank is None:
+        return None
+    if len(rank) > 2 or any(r < 1 for r in rank):
+        raise ValueError(f"--svd-rank takes one or two positive ranks (fc6, fc7), got {' '.join(map(str, rank))}")
+    return rank[0] if len(rank) == 1 else (rank[0], rank[1])
+
+
 def _val(args: argparse.Namespace) -> int:
     from sppnet.engine.detect import json_safe, val
 
     result = val(args.run, data=args.data, split=args.split, fmt=args.format, ann=args.ann, scorer=args.scorer,
-                 device=args.device, workers=args.workers, verbose=not args.json)  # fmt: skip
+                 device=args.device, workers=args.workers, verbose=not args.json,
+                 svd_rank=_svd_rank(args))  # fmt: skip
     result = json_safe(result)
     if args.json:
         print(json.dumps({k: result[k] for k in ("mAP", "ap", "images", "seconds_per_image")}))
@@ -157,7 +174,8 @@ def _predict(args: argparse.Namespace) -> int:
     from sppnet.engine.detect import predict
 
     results = predict(args.run, args.images, out=args.out, score_threshold=args.score_threshold,
-                      scorer=args.scorer, device=args.device, verbose=not args.json)  # fmt: skip
+                      scorer=args.scorer, device=args.device, verbose=not args.json,
+                      svd_rank=_svd_rank(args))  # fmt: skip
     if args.json:
         print(json.dumps(results))
         return 0

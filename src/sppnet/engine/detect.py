@@ -701,9 +701,16 @@ def val(
     device: str = "auto",
     workers: int | None = None,
     verbose: bool = True,
+    svd_rank: int | Sequence[int] | None = None,
 ) -> dict[str, Any]:
-    """Evaluates a trained run on a split (default: the training data's ``test`` split)."""
+    """Evaluates a trained run on a split (default: the training data's ``test`` split).
+
+    ``svd_rank``: test with fc6 / fc7 replaced by their truncated SVD
+    (:meth:`SPPDetector.compress_fc`; an int for both or ``(r6, r7)``).
+    """
     detector, classes, cfg = load_detector(run, resolve_device(device))
+    if svd_rank is not None:
+        detector.compress_fc(svd_rank)
     scorer = scorer or cfg.scorer
     if scorer == "svm" and not bool(detector.trained_heads[0]):
         scorer = "softmax"
@@ -726,15 +733,18 @@ def predict(
     scorer: str | None = None,
     device: str = "auto",
     verbose: bool = True,
+    svd_rank: int | Sequence[int] | None = None,
 ) -> list[dict[str, Any]]:
     """Detects objects in image files; writes ``<name>.png`` (boxes drawn) and ``<name>.json`` per image.
 
     ``score_threshold``: default 0 for SVM scores (the SVM's decision boundary),
-    0.5 for softmax probabilities.
+    0.5 for softmax probabilities. ``svd_rank``: as in :func:`val`.
     """
     from sppnet.viz.detections import draw_detections
 
     detector, classes, cfg = load_detector(run, resolve_device(device))
+    if svd_rank is not None:
+        detector.compress_fc(svd_rank)
     scorer = scorer or cfg.scorer
     if scorer == "svm" and not bool(detector.trained_heads[0]):
         scorer = "softmax"

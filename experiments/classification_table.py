@@ -39,6 +39,7 @@ from sppnet.data.imagefolder import ImageFolderDataset
 from sppnet.data.synthetic import make_classification_dataset
 from sppnet.engine.classify import ClassifyConfig, builtin_data_root, evaluate, load_classifier, train
 from sppnet.utils.io import atomic_path, load_json, save_json
+from sppnet.viz.plots import plot_grouped_bars
 
 VARIANTS = {
     "no SPP": dict(spp=False, schedule="single"),
@@ -135,34 +136,15 @@ def write_table(
 
 
 def plot(results: dict, out: Path, data_name: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = list(VARIANTS)
-    width = 0.8 / len(VIEWS)
-    fig, ax = plt.subplots(figsize=(8, 4))
-    for i, views in enumerate(VIEWS):
-        means, stds, xs = [], [], []
-        for j, name in enumerate(names):
-            vals = [r[views]["top1_err"] for r in results.get(name, {}).values() if views in r]
-            if vals:
-                xs.append(j + (i - (len(VIEWS) - 1) / 2) * width)
-                means.append(statistics.mean(vals))
-                stds.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
-        ax.bar(xs, means, width, yerr=stds, capsize=3, label=VIEW_TITLES[views])
-    ax.set_xticks(range(len(names)), names)
-    ax.set_ylabel("top-1 error (%)")
-    ax.set_title(f"SPP-net Tables 2-3 on {data_name} (mean ± std over seeds)")
-    ax.legend()
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    png = out / "table.png"
-    with atomic_path(png) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return png
+    means: dict[str, list[float | None]] = {}
+    stds: dict[str, list[float | None]] = {}
+    for views in VIEWS:
+        vals = [[r[views]["top1_err"] for r in results.get(name, {}).values() if views in r] for name in names]
+        means[VIEW_TITLES[views]] = [statistics.mean(v) if v else None for v in vals]
+        stds[VIEW_TITLES[views]] = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]
+    return plot_grouped_bars(names, means, out / "table.png", "top-1 error (%)",
+                             f"SPP-net Tables 2-3 on {data_name} (mean ± std over seeds)", errors=stds)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,6 +58,7 @@ from sppnet.evaluation import evaluate_detections
 from sppnet.models.detector import PAPER_SCALES
 from sppnet.ops import select_detections
 from sppnet.utils.io import atomic_path, load_json, save_json
+from sppnet.viz.plots import plot_grouped_bars
 
 COLUMNS = {
     "SPP 1-scale": dict(method="spp", scales=(688,)),
@@ -264,28 +265,9 @@ def write_table(results: dict, args: argparse.Namespace, total: float, out: Path
 
 
 def plot(results: dict, out: Path, data_name: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cols = [c for c in COLUMNS if c in results]
-    width = 0.8 / max(len(cols), 1)
-    fig, ax = plt.subplots(figsize=(8, 4))
-    for i, c in enumerate(cols):
-        xs = [j + (i - (len(cols) - 1) / 2) * width for j in range(len(ROWS))]
-        ax.bar(xs, [100 * results[c][row]["mAP"] for row in ROWS], width, label=c)
-    ax.set_xticks(range(len(ROWS)), ROWS)
-    ax.set_ylabel("VOC07 mAP (%)")
-    ax.set_title(f"SPP-net Table 9 on {data_name}")
-    ax.legend()
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    png = out / "table.png"
-    with atomic_path(png) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return png
+    series = {c: [100 * results[c][row]["mAP"] for row in ROWS] for c in cols}
+    return plot_grouped_bars(ROWS, series, out / "table.png", "VOC07 mAP (%)", f"SPP-net Table 9 on {data_name}")
 
 
 def main(argv: list[str] | None = None) -> int:

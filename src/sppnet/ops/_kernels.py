@@ -1,10 +1,21 @@
 """CPU kernels (numba) for max pyramid pooling over windows, with argmax.
 
-One kernel serves both operators: the image-level pyramid is the window-level
-one with the whole map as the window of each image. Work is split over
-``(window, channel)`` pairs; each pair reads its window once for the finest
-directly-computed level and derives the coarser levels that divide it from the
-finer bins (adaptive bins nest: see ``ops/spp.py``).
+Three kernels, all exact and all deriving each coarser level that divides a
+finer one from the finer bins (adaptive bins nest: see ``ops/spp.py``):
+
+* ``scan_*``: channels-last, parallel over windows; each bin row is the
+  elementwise max of its map rows, then each bin the max of its columns.
+  Few or small windows, and the image-level pyramid of big batches of small
+  maps (the whole map is each image's window).
+* ``roi_pyramid_*``: a 2-D sparse table (power-of-two block maxima) built once
+  per map, then four look-ups per bin. Many windows.
+* ``plane_pyramid_max``: the image level on large maps or small batches, in
+  the input's own [N, C, H, W] layout, parallel over (image, channel) planes.
+
+Each has a values-only form (no gradient needed) and one that also keeps the
+argmax as a cell index ``y*W + x`` (int16 while the map has at most 32,767
+cells, int32 beyond), from which ``roi_pyramid_max_backward`` scatters the
+gradient.
 
 Every function here has a pure-PyTorch counterpart in ``roi_spp.py`` /
 ``spp.py``; these kernels are used only where numba is importable, on CPU, for

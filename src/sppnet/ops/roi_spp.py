@@ -12,8 +12,9 @@ cells starting at cell ``s`` covers cells ``[s + floor(i*a/n), s + ceil((i+1)*a/
 window that is the whole map equals ``spatial_pyramid_pool`` of the map.
 
 Implementations, chosen automatically (all exact, tested against a loop):
-* CPU, float32/float64, max: a numba kernel that reads each window once for the
-  finest level and derives coarser levels from it; argmax kept for backward.
+* CPU, float32/float64, max: numba kernels (``ops/_kernels.py``) that read each
+  window once for the finest level and derive coarser levels from it; a cost
+  model picks scanning or a sparse table; argmax kept for backward.
 * otherwise (CUDA, bfloat16/float16, or numba missing), max: a 2-D sparse table
   (range-max over power-of-two blocks) and four look-ups per bin, pure PyTorch.
 * avg, everywhere: a summed-area table and four look-ups per bin.
@@ -141,8 +142,8 @@ def _kernel_forward(
     direct = [levels[i] for i in range(len(levels)) if src[i] < 0]
     la, lb = _table_depth(rois, direct)
     _kernels.set_threads(torch.get_num_threads())
-    # Cost model (cells x channels touched): scanning reads every bin cell by
-    # cell (~1.5x the window: adaptive bins overlap); the sparse table pays
+    # Cost model (cells x channels touched): scanning reads every bin row's map
+    # rows (~1.5x the window: adaptive bins overlap); the sparse table pays
     # la*lb copies of the map once, then 4 reads a bin.
     hw = (rois[:, 4] - rois[:, 2] + 1) * (rois[:, 3] - rois[:, 1] + 1)
     scan_cost = 1.5 * float(hw.sum()) * len(direct)

@@ -1,4 +1,4 @@
-"""Training curves as PNG."""
+"""Training curves and result tables as PNG."""
 
 from __future__ import annotations
 
@@ -45,6 +45,45 @@ def plot_curves(
         ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    png = Path(png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return png
+
+
+def plot_grouped_bars(
+    groups: Sequence[str],
+    series: dict[str, Sequence[float | None]],
+    png: str | os.PathLike,
+    ylabel: str,
+    title: str = "",
+    errors: dict[str, Sequence[float | None]] | None = None,
+) -> Path:
+    """Bars of several series side by side in each group (a results table as a picture).
+
+    Args:
+        groups: x-axis labels (e.g. table rows).
+        series: name -> one value per group (``None``: no bar).
+        png: output file (written atomically).
+        errors: name -> error bar per group (e.g. std over seeds).
+    """
+    width = 0.8 / max(len(series), 1)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for i, (name, values) in enumerate(series.items()):
+        errs = (errors or {}).get(name)
+        keep = [j for j, v in enumerate(values) if v is not None]
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in keep]
+        yerr = [errs[j] or 0.0 for j in keep] if errs is not None else None
+        ax.bar(xs, [values[j] for j in keep], width, yerr=yerr, capsize=3 if yerr else 0, label=name)
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     png = Path(png)
     png.parent.mkdir(parents=True, exist_ok=True)

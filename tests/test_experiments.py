@@ -1,0 +1,99 @@
+"""The paper-table experiments end to end at their ``--quick`` size (slow: ~2 min)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def two_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(2, threads))
+    yield
+    torch.set_num_threads(threads)
+
+
+def table_rows(text: str) -> dict[str, list[str]]:
+    """Markdown table rows: first cell -> the other cells."""
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("| ") and not line.startswith("|---"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+@pytest.mark.slow
+def test_detection_table_quick_fills_every_cell_and_resumes(tmp_path, capsys):
+    dt = load("detection_table")
+    out = tmp_path / "det"
+    assert dt.main(["--out", str(out), "--quick"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == set(dt.COLUMNS)
+    for column in dt.COLUMNS:
+        r = results[column]
+        assert r["images"] == dt.QUICK_DATA["num_test"] and r["feature_seconds_per_image"] > 0
+        for row in dt.ROWS:
+            assert 0.0 <= r[row]["mAP"] <= 1.0
+            assert r[row]["seconds_per_image"] >= r["feature_seconds_per_image"]
+        # every column started from the first column's pretrained backbone
+        cfg = json.loads((out / "runs" / column.lower().replace(" ", "-") / "config.json").read_text())
+        assert (cfg["backbone"] is None) == (column == "SPP 1-scale")
+    assert results["SPP 5-scale"]["feature_seconds_per_image"] > results["SPP 1-scale"]["feature_seconds_per_image"]
+    text = (out / "table.md").read_text()
+    rows = table_rows(text)
+    assert rows[""] == list(dt.COLUMNS)
+    for row in dt.ROWS:
+        cells = rows[row]
+        assert len(cells) == 3
+        for column, cell in zip(dt.COLUMNS, cells):
+            m = re.fullmatch(r"([\d.]+) \(([\d.]+) s\)", cell)
+            assert m, cell
+            assert float(m.group(1)) == pytest.approx(100 * results[column][row]["mAP"], abs=0.051)
+    assert "vs R-CNN" in text
+    with Image.open(out / "table.png") as png:
+        assert png.size[0] > 400
+    # A second run finds every column done: nothing is retrained, same table.
+    stamp = (out / "runs" / "r-cnn" / "detector.safetensors").stat().st_mtime_ns
+    assert dt.main(["--out", str(out), "--quick"]) == 0
+    assert (out / "runs" / "r-cnn" / "detector.safetensors").stat().st_mtime_ns == stamp
+    assert table_rows((out / "table.md").read_text()) == rows
+
+
+@pytest.mark.slow
+def test_classification_table_quick_writes_mean_and_spread(tmp_path):
+    ct = load("classification_table")
+    out = tmp_path / "cls"
+    assert ct.main(["--out", str(out), "--quick"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == set(ct.VARIANTS)
+    for name, runs in results.items():
+        assert set(runs) == {"seed0", "seed1"}
+        for r in runs.values():
+            assert ("full" in r) == (name != "no SPP")
+            for views in ct.VIEWS:
+                if views in r:
+                    assert 0.0 <= r[views]["top1_err"] <= 100.0 and r[views]["top5_err"] <= r[views]["top1_err"]
+    rows = table_rows((out / "table.md").read_text())
+    for name in ct.VARIANTS:
+        assert re.fullmatch(r"[\d.]+ ± [\d.]+", rows[name][0]), rows[name]
+    with Image.open(out / "table.png") as png:
+        assert png.size[0] > 400

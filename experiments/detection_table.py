@@ -91,6 +91,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"columns to run (default: all of {list(COLUMNS)})")
     p.add_argument("--train-images", type=int, default=200,
                    help="built-in data only: training images generated (default 200; test half as many)")
+    p.add_argument("--spp-scale-multiplier", type=float, default=1.0,
+                   help="multiplies the SPP columns' image scales only (the 224 px window target and R-CNN's "
+                   "warp keep the preset's size): e.g. 2 with the small preset runs SPP at s = 688 px")
+    p.add_argument("--backbone", help="a pretrained backbone (classification run) for every column "
+                   "(default: the first column pretrains one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int)
     p.add_argument("--device", default="cpu")
@@ -103,9 +108,12 @@ def column_config(args: argparse.Namespace, data: str | None, column: str, backb
     if args.workers is not None:
         values["workers"] = args.workers
     split = args.train_split or ("trainval" if args.data else "train")
+    column_values = dict(COLUMNS[column])
+    if column_values["method"] == "spp" and args.spp_scale_multiplier != 1.0:
+        column_values["scales"] = tuple(int(round(s * args.spp_scale_multiplier)) for s in column_values["scales"])
     return D.DetectConfig.from_preset(
         args.preset, data=data, split=split, seed=args.seed, device=args.device,
-        backbone=str(backbone) if backbone else None, **COLUMNS[column], **values,
+        backbone=str(backbone) if backbone else None, **column_values, **values,
     )  # fmt: skip
 
 
@@ -225,7 +233,8 @@ def write_table(results: dict, args: argparse.Namespace, total: float, out: Path
     lines = [
         f"VOC07 mAP (%) on the `{args.test_split}` split of {data_name}; "
         f"seconds per test image in brackets (proposals excluded). Preset `{args.preset}`"
-        + (" (--quick)" if args.quick else "") + ".",
+        + (" (--quick)" if args.quick else "")
+        + (f", SPP scales x{args.spp_scale_multiplier:g}" if args.spp_scale_multiplier != 1.0 else "") + ".",
         "",
         "| | " + " | ".join(cols) + " |",
         "|---|" + "---|" * len(cols),
@@ -285,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         f"the built-in shapes data ({counts['num_train']} train / {counts['num_test']} test images)")
     results_path = out / "results.json"
     results: dict = load_json(results_path) if results_path.exists() else {}
-    backbone = None
+    backbone = Path(args.backbone).resolve() if args.backbone else None
     columns = [c for c in COLUMNS if c in args.columns]
     for column in columns:
         if column not in results:

@@ -86,6 +86,9 @@ def test_demo_quick_end_to_end(tmp_path):
     for views in ("center", "full"):
         assert 0.0 <= cls[views]["top1"] <= cls[views]["top5"] <= 1.0 and cls[views]["images"] > 0
     assert 0.0 <= det["mAP"] <= 1.0 and det["images"] > 0
+    # the paper's recipe: the detector starts from the classifier of part 1
+    det_cfg = json.loads((out / "detect" / "config.json").read_text())
+    assert det_cfg["backbone"] == str((out / "classify").resolve()) and det_cfg["model"] == "overfeat5"
     # the whole point of SPP-net: conv once per image beats a conv per window
     assert det["timing"]["R-CNN"] > det["timing"]["SPP-net"] > 0
     report = Path(summary["report"])

@@ -119,7 +119,7 @@ def test_feature_cache_matches_direct_features_and_rebuilds_stale_entries(tiny_r
     path = cache.path(0)
     path.write_bytes(path.read_bytes()[:-10] + b"0123456789")
     fresh = FeatureCache(det, records, windows, tmp_path / "feat")
-    assert not fresh.get(0) is None and fresh.ensure() == 0
+    assert fresh.get(0) is not None and fresh.ensure() == 0
     torch.testing.assert_close(fresh.pool5(0, torch.arange(4)), cache.pool5(0, torch.arange(4)))
     # new conv weights -> new keys
     old = cache.path(1)

@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from sppnet.utils.io import atomic_path  # noqa: E402
+from sppnet.viz.plots import save_figure  # noqa: E402
 
 __all__ = ["class_colour", "draw_detections", "plot_pr_curves"]
 
@@ -102,9 +103,4 @@ def plot_pr_curves(
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

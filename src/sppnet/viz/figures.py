@@ -26,16 +26,11 @@ from torch import Tensor  # noqa: E402
 
 from sppnet.ops import map_boxes_to_features, roi_spatial_pyramid_pool  # noqa: E402
 from sppnet.ops._bins import adaptive_bins  # noqa: E402
-from sppnet.utils.io import atomic_path  # noqa: E402
+from sppnet.viz.plots import save_figure  # noqa: E402
 
 
 def _save(fig, png: str | os.PathLike) -> Path:
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(png) as tmp:
-        fig.savefig(tmp, dpi=100, format="png", bbox_inches="tight")
-    plt.close(fig)
-    return png
+    return save_figure(fig, png, dpi=100, bbox_inches="tight")
 
 
 def _as_hwc(image: Tensor) -> np.ndarray:

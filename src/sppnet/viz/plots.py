@@ -14,6 +14,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 from sppnet.utils.io import atomic_path  # noqa: E402
 
 
+def save_figure(fig, png: str | os.PathLike, dpi: int = 110, **kwargs) -> Path:
+    """Writes a matplotlib figure as a PNG atomically (folders created), then closes it."""
+    png = Path(png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png", **kwargs)
+    plt.close(fig)
+    return png
+
+
 def plot_curves(
     rows: Sequence[dict],
     png: str | os.PathLike,
@@ -46,12 +56,7 @@ def plot_curves(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(png) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return png
+    return save_figure(fig, png)
 
 
 def plot_grouped_bars(
@@ -85,9 +90,4 @@ def plot_grouped_bars(
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(png) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return png
+    return save_figure(fig, png)

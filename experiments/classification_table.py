@@ -38,7 +38,7 @@ import torch
 from sppnet.data.imagefolder import ImageFolderDataset
 from sppnet.data.synthetic import make_classification_dataset
 from sppnet.engine.classify import ClassifyConfig, builtin_data_root, evaluate, load_classifier, train
-from sppnet.utils.io import atomic_path, load_json, save_json
+from sppnet.utils.io import atomic_write_text, load_json, save_json
 from sppnet.viz.plots import plot_grouped_bars
 
 VARIANTS = {
@@ -130,8 +130,7 @@ def write_table(
         f"{' '.join(sys.argv[1:])}`",
     ]
     text = "\n".join(lines) + "\n"
-    with atomic_path(out / "table.md") as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    atomic_write_text(out / "table.md", text)
     return text
 
 

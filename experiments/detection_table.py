@@ -56,7 +56,7 @@ from sppnet.engine.svm import SVMConfig, train_svms
 from sppnet.evaluation import evaluate_detections
 from sppnet.models.detector import PAPER_SCALES
 from sppnet.ops import select_detections
-from sppnet.utils.io import atomic_path, load_json, save_json
+from sppnet.utils.io import atomic_write_text, load_json, save_json
 from sppnet.viz.plots import plot_grouped_bars
 
 COLUMNS = {
@@ -267,8 +267,7 @@ def write_table(results: dict, args: argparse.Namespace, total: float, out: Path
         f"torch {torch.__version__}. Command: `python experiments/detection_table.py {' '.join(sys.argv[1:])}`",
     ]
     text = "\n".join(lines) + "\n"
-    with atomic_path(out / "table.md") as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    atomic_write_text(out / "table.md", text)
     return text
 
 

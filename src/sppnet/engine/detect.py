@@ -691,6 +691,20 @@ def split_proposals(
     return _drop_unreadable(list(ds.records), props, verbose)
 
 
+def _load_for_testing(
+    run: str | os.PathLike, device: str, scorer: str | None, svd_rank: int | Sequence[int] | None
+) -> tuple[SPPDetector, list[str], DetectConfig, str]:
+    """The run's detector (fc6 / fc7 SVD-compressed at ``svd_rank`` if given) and
+    the scorer to use: the asked one, else the run's; softmax when no SVMs were trained."""
+    detector, classes, cfg = load_detector(run, resolve_device(device))
+    if svd_rank is not None:
+        detector.compress_fc(svd_rank)
+    scorer = scorer or cfg.scorer
+    if scorer == "svm" and not bool(detector.trained_heads[0]):
+        scorer = "softmax"
+    return detector, classes, cfg, scorer
+
+
 def val(
     run: str | os.PathLike,
     data: str | None = None,
@@ -708,12 +722,7 @@ def val(
     ``svd_rank``: test with fc6 / fc7 replaced by their truncated SVD
     (:meth:`SPPDetector.compress_fc`; an int for both or ``(r6, r7)``).
     """
-    detector, classes, cfg = load_detector(run, resolve_device(device))
-    if svd_rank is not None:
-        detector.compress_fc(svd_rank)
-    scorer = scorer or cfg.scorer
-    if scorer == "svm" and not bool(detector.trained_heads[0]):
-        scorer = "softmax"
+    detector, classes, cfg, scorer = _load_for_testing(run, device, scorer, svd_rank)
     if data is None and fmt is None:
         data, fmt, ann = cfg.data, cfg.format, ann
     if workers is not None:
@@ -742,12 +751,7 @@ def predict(
     """
     from sppnet.viz.detections import draw_detections
 
-    detector, classes, cfg = load_detector(run, resolve_device(device))
-    if svd_rank is not None:
-        detector.compress_fc(svd_rank)
-    scorer = scorer or cfg.scorer
-    if scorer == "svm" and not bool(detector.trained_heads[0]):
-        scorer = "softmax"
+    detector, classes, cfg, scorer = _load_for_testing(run, device, scorer, svd_rank)
     threshold = score_threshold if score_threshold is not None else (0.0 if scorer == "svm" else 0.5)
     out = Path(out) if out is not None else Path(run) / "predict"
     out.mkdir(parents=True, exist_ok=True)

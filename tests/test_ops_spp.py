@@ -177,6 +177,20 @@ def test_max_backward_equals_reference_backward(path, hw):
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-12, atol=1e-12)
 
 
+def test_max_backward_on_a_map_of_more_than_32767_cells():
+    # The per-plane kernel keeps the argmax in int32 beyond 32,767 cells (200 x 170).
+    if not _kernels.HAVE_NUMBA:
+        pytest.skip("numba is not installed")
+    x = randn(1, 2, 200, 170, seed=8).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    grad = randn(1, 2 * 50, seed=9)
+    out, ref = spatial_pyramid_pool(x, PAPER, "max"), pyramid_ref(x_ref, PAPER, "max")
+    assert_matches(out.detach(), ref.detach(), "max")
+    out.backward(grad)
+    ref.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-12, atol=1e-12)
+
+
 # ------------------------------------------------------------------ non-finite values
 
 

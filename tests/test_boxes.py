@@ -51,7 +51,8 @@ def select_ref(boxes, scores, score_thr, nms_thr, max_per_image, inclusive):
         boxes = boxes[:, None, :].expand(num_windows, num_classes, 4)
     found = []  # (score, window, class)
     for c in range(num_classes):
-        cand = [k for k in range(num_windows) if scores[k, c].item() > score_thr]
+        thr = score_thr[c] if isinstance(score_thr, (list, tuple)) else score_thr
+        cand = [k for k in range(num_windows) if scores[k, c].item() > thr]
         kept = greedy_nms_ref(boxes[cand, c], scores[cand, c], nms_thr, inclusive)
         found += [(scores[cand[i], c].item(), cand[i], c) for i in kept]
     found.sort(key=lambda t: (-t[0], t[1], t[2]))
@@ -193,6 +194,12 @@ def test_select_detections_matches_reference(seed, per_class_boxes):
     for score_thr, max_per_image in [(float("-inf"), 100), (0.0, 25), (-1.0, None), (0.5, 1)]:
         _check_select(boxes, scores, score_thr, 0.3, max_per_image, inclusive=True)
     _check_select(boxes, scores, 0.0, 0.5, 40, inclusive=False)
+    # one threshold per class (calibrated operating points); +-inf keep all / none
+    per_class = [0.0, -1.0, float("inf"), 0.5, float("-inf")]
+    for max_per_image in (100, 7):
+        _check_select(boxes, scores, per_class, 0.3, max_per_image, inclusive=True)
+    out = select_detections(boxes, scores, torch.tensor(per_class), 0.3, 100)
+    assert out["labels"].tolist() == [c for _, _, c in select_ref(boxes, scores, per_class, 0.3, 100, True)]
 
 
 def test_select_detections_keeps_top_100_by_default():
@@ -219,6 +226,12 @@ def test_select_detections_empty_and_errors():
         select_detections(torch.zeros(3, 4), torch.zeros(3, 2), 0.0, max_per_image=0)
     with pytest.raises(ValueError, match="nms_threshold must be in"):
         select_detections(torch.zeros(3, 4), torch.zeros(3, 2), 0.0, nms_threshold=-0.1)
+    with pytest.raises(ValueError, match=r"sequence of 2 per-class values .* got shape \(3,\)"):
+        select_detections(torch.zeros(3, 4), torch.zeros(3, 2), [0.0, 1.0, 2.0])
+    with pytest.raises(ValueError, match="score_threshold must not be NaN"):
+        select_detections(torch.zeros(3, 4), torch.zeros(3, 2), [0.0, float("nan")])
+    with pytest.raises(ValueError, match="score_threshold must be a number or one number per class"):
+        select_detections(torch.zeros(3, 4), torch.zeros(3, 2), "high")
     scores = torch.zeros(3, 2)
     scores[2, 1] = float("nan")
     with pytest.raises(ValueError, match=r"scores must not contain NaN, got row 2"):

@@ -89,6 +89,10 @@ def test_demo_quick_end_to_end(tmp_path):
     # the paper's recipe: the detector starts from the classifier of part 1
     det_cfg = json.loads((out / "detect" / "config.json").read_text())
     assert det_cfg["backbone"] == str((out / "classify").resolve()) and det_cfg["model"] == "overfeat5"
+    # the detector calibrated its per-class score thresholds on the held-out val split
+    thresholds = json.loads((out / "detect" / "thresholds.json").read_text())
+    assert thresholds["split"] == "val" and thresholds["images"] > 0
+    assert set(thresholds["thresholds"]) == set(thresholds["operating_points"]) and thresholds["thresholds"]
     # the whole point of SPP-net: conv once per image beats a conv per window
     assert det["timing"]["R-CNN"] > det["timing"]["SPP-net"] > 0
     report = Path(summary["report"])

@@ -55,6 +55,10 @@ def test_train_then_val_json(cli_run, capsys):
     assert all(v is None or 0.0 <= v <= 1.0 for v in result["ap"].values())
     saved = json.loads((cli_run / "config.json").read_text())
     assert saved["width"] == 0.125 and saved["size_factor"] == 0.25 and saved["preset"] == "small"
+    # no usable val split here (the tiny set has none): the calibration stage is
+    # recorded as done and predict falls back to the SVMs' 0
+    assert (cli_run / "stages" / "calibrate.json").is_file()
+    assert not (cli_run / "thresholds.json").exists()
 
 
 def test_val_with_truncated_svd_fc(cli_run, capsys):
@@ -99,6 +103,44 @@ def test_predict_writes_a_png_and_a_json_per_image(cli_run, tiny_root, tmp_path,
         assert set(d) == {"box", "label", "label_index", "score"} and len(d["box"]) == 4
 
 
+def test_calibrate_then_predict_keeps_detections_above_each_class_threshold(cli_run, tiny_root, tmp_path, capsys):
+    capsys.readouterr()
+    code = main(["detect", "calibrate", "--run", str(cli_run), "--split", "test", "--json", "--device", "cpu"])
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    saved = json.loads((cli_run / "thresholds.json").read_text())
+    assert printed == saved and saved["split"] == "test" and saved["images"] == 3 and saved["scorer"] == "svm"
+    classes = list(saved["thresholds"])
+    for name, point in saved["operating_points"].items():  # a class without a point keeps the SVMs' 0
+        assert saved["thresholds"][name] == (point["threshold"] if point["threshold"] is not None else 0.0)
+
+    images = sorted((tiny_root / "JPEGImages").glob("*.jpg"))[-3:]
+
+    def predict(*extra):
+        capsys.readouterr()
+        code = main(["detect", "predict", "--run", str(cli_run), *map(str, images), "--out", str(tmp_path / "p"),
+                     "--json", "--device", "cpu", *extra])  # fmt: skip
+        return code, capsys.readouterr()
+
+    code, calibrated = predict()
+    assert code == 0
+    code, everything = predict("--score-threshold=-1e9")
+    assert code == 0
+    for cal, all_ in zip(json.loads(calibrated.out), json.loads(everything.out)):
+        assert cal["score_threshold"] == saved["thresholds"] and all_["score_threshold"] == -1e9
+        kept = {(d["label"], d["score"], tuple(d["box"])) for d in cal["detections"]}
+        assert all(score > saved["thresholds"][label] for label, score, _ in kept)
+        # the ones above their class's cut in the unfiltered output are all there
+        above = {(d["label"], d["score"], tuple(d["box"])) for d in all_["detections"]
+                 if d["score"] > saved["thresholds"][d["label"]]}  # fmt: skip
+        assert above <= kept
+    # one threshold per class on the command line; a wrong count names it
+    code, _ = predict("--score-threshold", *["-1000"] * len(classes))
+    assert code == 0
+    code, bad = predict("--score-threshold", "0", "1")
+    assert code == 2 and f"one value per class ({len(classes)}" in bad.err and "Traceback" not in bad.err
+
+
 def test_user_errors_exit_2_without_traceback(tmp_path, capsys):
     assert main(["detect", "val", "--run", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
@@ -111,8 +153,12 @@ def test_help_lists_the_paper_options(capsys):
     with pytest.raises(SystemExit):
         main(["detect", "train", "--help"])
     text = capsys.readouterr().out
-    for flag in ("--method", "--scales", "--size", "--finetune", "--scorer", "--backbone", "--resume", "--strict"):
+    for flag in ("--method", "--scales", "--size", "--finetune", "--scorer", "--backbone", "--resume", "--strict",
+                 "--calibrate-split"):
         assert flag in text
+    with pytest.raises(SystemExit):
+        main(["detect", "calibrate", "--help"])
+    assert "thresholds.json" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------- SIGKILL

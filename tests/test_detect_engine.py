@@ -286,3 +286,37 @@ def test_backbone_from_a_classification_run_is_reordered_and_reused(trained_run,
         detector = _load_into(out / "stages" / "backbone.safetensors", torch.device("cpu"))[0]
         torch.testing.assert_close(detector.backbone(x), reference)
     assert detector.levels == (1, 2, 3, 6)
+
+
+def test_calibration_stage_uses_a_held_out_split_and_skips_overlapping_ones(trained_run, tiny_root, tmp_path):
+    import json
+
+    from sppnet.engine.detect import _proposals, _stage_calibrate, run_thresholds
+    from sppnet.evaluation import best_f1_thresholds, precision_recall
+
+    det, classes, cfg = load_detector(trained_run)
+    out = tmp_path / "run"
+    shutil.copytree(trained_run / "cache" / "proposals", out / "cache" / "proposals")
+
+    def stage(split):
+        c = dataclasses.replace(cfg, calibrate_split=split)
+        return _stage_calibrate(c, out, "cpu", [], [], classes, det, False)
+
+    for split in (None, "train", "trainval", "val", "no-such-split"):  # off, overlapping, empty, missing
+        assert stage(split) is det
+        assert not (out / "thresholds.json").exists(), split
+    assert run_thresholds(out, classes, "svm") is None
+    stage("test")
+    saved = json.loads((out / "thresholds.json").read_text())
+    assert saved["split"] == "test" and saved["images"] == 4 and saved["scorer"] == "svm"
+    # the same operating points, from the test split's detections scored here
+    ds = VOCDetection(tiny_root, "test", classes=classes)
+    props = _proposals(ds.records, cfg, out / "cache" / "proposals", verbose=False)
+    result = evaluate(det, ds.records, classes, props, "svm", verbose=False)
+    gts = [{"boxes": r["boxes"], "labels": r["labels"], "difficult": r["difficult"]} for r in ds.records]
+    points = best_f1_thresholds(precision_recall(result["predictions"], gts, classes))
+    expected = [points[c]["threshold"] if points[c]["threshold"] is not None else 0.0 for c in classes]
+    torch.testing.assert_close(run_thresholds(out, classes, "svm"), torch.tensor(expected))
+    assert run_thresholds(out, classes, "softmax") is None  # calibrated for the SVM scores only
+    with pytest.raises(UserError, match="no threshold for classes"):
+        run_thresholds(out, [*classes, "unicorn"], "svm")

@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from sppnet.evaluation import PRCurve, average_precision, evaluate_detections, precision_recall
+from sppnet.evaluation import (
+    PRCurve,
+    average_precision,
+    best_f1_thresholds,
+    evaluate_detections,
+    precision_recall,
+)
 
 # ------------------------------------------------------------------ helpers
 
@@ -530,3 +536,86 @@ def test_validation_errors_name_the_values():
         evaluate_detections(good_p, good_t, ["a", "b", "a"])
     with pytest.raises(ValueError, match="class_names must be a non-empty sequence"):
         evaluate_detections(good_p, good_t, [])
+
+
+# ------------------------------------------------------ best-F1 operating points
+
+
+def f1_above(preds, gts, cls, threshold):
+    """Brute force: keep class ``cls`` detections scoring > threshold, match them
+    in score order (VOC rules: best-IoU object, difficult ignored, duplicates
+    are false), and return (F1, precision, recall) over counted detections."""
+    dets = [(float(p["scores"][d]), i, p["boxes"][d].double().tolist())
+            for i, p in enumerate(preds) for d in range(len(p["scores"]))
+            if int(p["labels"][d]) == cls and float(p["scores"][d]) > threshold]
+    dets.sort(key=lambda t: -t[0])
+    taken = set()
+    tp = fp = 0
+    npos = sum(int(((g["labels"] == cls) & ~g["difficult"]).sum()) for g in gts)
+    for _, i, bb in dets:
+        best, jbest = -1.0, None
+        for j in range(len(gts[i]["labels"])):
+            if int(gts[i]["labels"][j]) != cls:
+                continue
+            g = gts[i]["boxes"][j].double().tolist()
+            iw = min(bb[2], g[2]) - max(bb[0], g[0]) + 1
+            ih = min(bb[3], g[3]) - max(bb[1], g[1]) + 1
+            if iw > 0 and ih > 0:
+                inter = iw * ih
+                ov = inter / ((bb[2] - bb[0] + 1) * (bb[3] - bb[1] + 1) + (g[2] - g[0] + 1) * (g[3] - g[1] + 1) - inter)
+                if ov > best:
+                    best, jbest = ov, j
+        if best >= 0.5:
+            if bool(gts[i]["difficult"][jbest]):
+                continue
+            if (i, jbest) in taken:
+                fp += 1
+            else:
+                taken.add((i, jbest))
+                tp += 1
+        else:
+            fp += 1
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / npos
+    return (2 * tp / (npos + tp + fp)), precision, recall
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_best_f1_thresholds_match_a_sweep_over_every_threshold(seed):
+    preds, gts = random_dataset(seed, num_images=60)
+    points = best_f1_thresholds(precision_recall(preds, gts, ["a", "b", "c"]))
+    for cls, name in enumerate(["a", "b", "c"]):
+        scores = sorted({float(v) for p in preds for v, lab in zip(p["scores"], p["labels"]) if int(lab) == cls})
+        # every reachable cut: just below each distinct score
+        sweep = [f1_above(preds, gts, cls, float(np.nextafter(s, -np.inf)))[0] for s in scores]
+        point = points[name]
+        assert point["f1"] == pytest.approx(max(sweep), abs=1e-12)
+        f1, precision, recall = f1_above(preds, gts, cls, point["threshold"])
+        assert (f1, precision, recall) == pytest.approx((point["f1"], point["precision"], point["recall"]), abs=1e-12)
+
+
+def test_best_f1_thresholds_hand_computed_and_empty_classes():
+    # Class 0: scores 0.9 (TP), 0.8 (FP), 0.7 (TP), 0.2 (FP); two objects.
+    # F1 after each: 2/3, 1/2, 4/5, 2/3 -> best at 0.7, the cut halfway to 0.2.
+    gt = target([[0, 0, 9, 9], [20, 20, 29, 29]], [0, 0])
+    p = pred([[0, 0, 9, 9], [40, 40, 49, 49], [20, 20, 29, 29], [60, 60, 69, 69]], [0.9, 0.8, 0.7, 0.2], [0, 0, 0, 0])
+    points = best_f1_thresholds(precision_recall([p], [gt], ["x", "y"]))
+    assert points["x"]["threshold"] == pytest.approx(0.45)
+    assert points["x"]["f1"] == pytest.approx(0.8)
+    assert points["x"]["precision"] == pytest.approx(2 / 3) and points["x"]["recall"] == pytest.approx(1.0)
+    assert points["y"] == {"threshold": None, "f1": None, "precision": None, "recall": None}
+    # the best point is the last detection: the cut sits just below its score
+    p = pred([[0, 0, 9, 9], [20, 20, 29, 29]], [0.9, 0.3], [0, 0])
+    point = best_f1_thresholds(precision_recall([p], [gt], ["x"]))["x"]
+    below = torch.tensor(point["threshold"], dtype=torch.float32)
+    assert point["f1"] == 1.0 and bool(below < torch.tensor(0.3)) and point["threshold"] == pytest.approx(0.3)
+    # tied scores cannot be split: the cut keeps both or neither
+    p = pred([[0, 0, 9, 9], [40, 40, 49, 49]], [0.5, 0.5], [0, 0])
+    point = best_f1_thresholds(precision_recall([p], [gt], ["x"]))["x"]
+    assert point["precision"] == 0.5 and point["threshold"] < 0.5
+    # adjacent float32 scores: the cut is the lower one itself (kept only if > it)
+    hi = float(torch.tensor(0.5))
+    lo = float(np.nextafter(np.float32(0.5), np.float32(0)))
+    p = pred([[0, 0, 9, 9], [40, 40, 49, 49]], [hi, lo], [0, 0])
+    point = best_f1_thresholds(precision_recall([p], [gt], ["x"]))["x"]
+    assert point["threshold"] == lo and point["precision"] == 1.0

@@ -58,7 +58,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-__all__ = ["METRICS", "PRCurve", "average_precision", "evaluate_detections", "precision_recall"]
+__all__ = [
+    "METRICS", "PRCurve", "average_precision", "best_f1_thresholds", "evaluate_detections", "precision_recall",
+]  # fmt: skip
 
 METRICS = ("voc07", "voc12", "coco")
 
@@ -386,6 +388,50 @@ def precision_recall(
     """
     dets, gts = _check_inputs(predictions, ground_truths, class_names, iou_threshold)
     return _voc_curves(dets, gts, class_names, iou_threshold, inclusive)
+
+
+def best_f1_thresholds(curves: Mapping[str, PRCurve]) -> dict[str, dict[str, float | None]]:
+    """The operating point of best F1 on each class's precision/recall curve.
+
+    For each class: ``threshold`` -- a score such that keeping the detections
+    scoring strictly above it keeps exactly the counted detections up to the
+    best-F1 point (the midpoint between that detection's score and the next
+    lower one, or the next representable value below it when it is the last;
+    in float32 when the scores are float32 values, so the cut survives a
+    float32 comparison); ``f1``, ``precision``,
+    ``recall`` at that point. A class without detections or without
+    non-difficult ground truth gets ``None`` for all four.
+
+    Args:
+        curves: :func:`precision_recall`'s output.
+
+    Returns:
+        ``{class: {"threshold", "f1", "precision", "recall"}}``.
+    """
+    out: dict[str, dict[str, float | None]] = {}
+    for name, pr in curves.items():
+        if len(pr.scores) == 0 or not pr.num_positives:
+            out[name] = {"threshold": None, "f1": None, "precision": None, "recall": None}
+            continue
+        p, r = pr.precision, pr.recall
+        with np.errstate(divide="ignore", invalid="ignore"):
+            f1 = np.where(p + r > 0, 2 * p * r / (p + r), 0.0)
+        # Ties in score cannot be split by a threshold: only the last of a run of
+        # equal scores is a reachable operating point.
+        last_of_score = np.append(pr.scores[1:] != pr.scores[:-1], True)
+        f1 = np.where(last_of_score, f1, -1.0)
+        k = int(np.argmax(f1))
+        # Work in float32 when the scores are float32 values (model outputs), so
+        # that the cut still separates them once compared in float32.
+        dtype = np.float32 if np.array_equal(pr.scores.astype(np.float32), pr.scores) else np.float64
+        score = dtype(pr.scores[k])
+        cut = dtype(np.nextafter(score, dtype(-np.inf)))
+        if k + 1 < len(pr.scores):
+            mid = dtype((np.float64(score) + np.float64(pr.scores[k + 1])) / 2)
+            cut = mid if mid < score else cut  # adjacent values: the one below is the cut (strict >)
+        threshold = float(cut)
+        out[name] = {"threshold": threshold, "f1": float(f1[k]), "precision": float(p[k]), "recall": float(r[k])}
+    return out
 
 
 def _mean_ap(ap: dict[str, float]) -> float:

@@ -1,4 +1,4 @@
-"""``sppnet detect train | val | predict`` (ultralytics-style)."""
+"""``sppnet detect train | val | calibrate | predict`` (ultralytics-style)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ _EPILOG = """examples:
   sppnet detect train --out runs/det --resume                # continue an interrupted run
   sppnet detect val --run runs/det --split test --json
   sppnet detect val --run runs/det --svd-rank 128            # fc6/fc7 by truncated SVD (faster fc)
+  sppnet detect calibrate --run runs/det --split val          # per-class score thresholds for predict
   sppnet detect predict --run runs/det image1.jpg image2.png --out runs/det/pred
 """
 
@@ -24,14 +25,14 @@ _EPILOG = """examples:
 _TRAIN_FIELDS = (
     "data", "format", "ann", "split", "method", "model", "width", "fc_dim", "scales", "size_factor", "backbone",
     "finetune", "scorer", "seed", "workers", "device", "pretrain_epochs", "ft_iterations", "ft_lr", "svm_C",
-    "bbox_lambda", "chunk_size", "max_proposals",
+    "bbox_lambda", "chunk_size", "max_proposals", "calibrate_split",
 )  # fmt: skip
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "detect",
-        help="SPP-net object detection: train, val, predict",
+        help="SPP-net object detection: train, val, calibrate, predict",
         description="The SPP-net detector (conv5 once per image and scale, a pyramid per window) "
         "and its R-CNN baseline.",
         epilog=_EPILOG,
@@ -70,6 +71,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--svm-c", dest="svm_C", type=float, help="SVM C (default 1e-3)")
     t.add_argument("--bbox-lambda", type=float, help="ridge penalty of box regression (default 4000*12800/D)")
     t.add_argument("--max-proposals", type=int, help="selective search windows per image (default 2000)")
+    t.add_argument("--calibrate-split", type=_split_or_none, metavar="SPLIT",
+                   help="held-out VOC split for the per-class score thresholds predict uses "
+                   "(default val, skipped when missing or overlapping --split; 'none' skips)")
     t.add_argument("--chunk-size", type=int, help="windows pooled / scored at a time (memory bound)")
     t.add_argument("--strict", action="store_true", default=None, help="stop at the first bad annotation or image")
     t.add_argument("--seed", type=int)
@@ -96,11 +100,30 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_common(v)
     v.set_defaults(func=_val)
 
+    c = sub.add_parser(
+        "calibrate", help="per-class score thresholds (best F1 on a held-out split) for predict",
+        description="Scores a held-out split, finds each class's best-F1 operating point and writes "
+        "RUN/thresholds.json; 'detect predict' then keeps the detections above them. 'detect train' does "
+        "this on its own when the data has a 'val' split that it did not train on.",
+    )  # fmt: skip
+    c.add_argument("--run", required=True, help="run directory written by 'detect train'")
+    c.add_argument("--data", help="data root (default: the run's data)")
+    c.add_argument("--format", choices=("voc", "coco"), help="layout of --data (default voc)")
+    c.add_argument("--ann", help="COCO annotation JSON of held-out images")
+    c.add_argument("--split", default="val", help="VOC split (default val); not one the run trained on")
+    c.add_argument("--scorer", choices=("svm", "softmax"), help="default: the run's")
+    c.add_argument("--workers", type=int, help="selective search worker processes")
+    c.add_argument("--json", action="store_true", help="print thresholds.json")
+    add_common(c)
+    c.set_defaults(func=_calibrate)
+
     r = sub.add_parser("predict", help="detect objects in image files; writes a PNG and a JSON per image")
     r.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     r.add_argument("--run", required=True, help="run directory written by 'detect train'")
     r.add_argument("--out", help="output folder (default RUN/predict)")
-    r.add_argument("--score-threshold", type=float, help="keep detections above it (default 0 for SVMs, 0.5 softmax)")
+    r.add_argument("--score-threshold", type=float, nargs="+", metavar="T",
+                   help="keep detections above it: one value, or one per class (default: the run's calibrated "
+                   "per-class thresholds, else 0 for SVMs and 0.5 for softmax)")
     r.add_argument("--scorer", choices=("svm", "softmax"), help="default: the run's")
     r.add_argument("--svd-rank", type=int, nargs="+", metavar="R",
                    help="truncated SVD of fc6 and fc7 at rank R (or R6 R7): fewer multiply-adds "
@@ -170,10 +193,35 @@ def _val(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split_or_none(value: str) -> str | None:
+    return None if value.lower() == "none" else value
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from sppnet.engine.detect import calibrate, json_safe
+
+    result = json_safe(calibrate(args.run, data=args.data, split=args.split, fmt=args.format, ann=args.ann,
+                                 scorer=args.scorer, device=args.device, workers=args.workers,
+                                 verbose=not args.json))  # fmt: skip
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{'class':<16} {'threshold':>10} {'F1':>6} {'prec.':>6} {'recall':>6}")
+    for name, point in result["operating_points"].items():
+        cells = [f"{point[k]:.3f}" if point[k] is not None else "-" for k in ("f1", "precision", "recall")]
+        print(f"{name:<16} {result['thresholds'][name]:>10.4f} {cells[0]:>6} {cells[1]:>6} {cells[2]:>6}")
+    print(f"on {result['images']} {result['split']!r} images ({result['scorer']} scores) -> "
+          f"{Path(args.run) / 'thresholds.json'}")
+    return 0
+
+
 def _predict(args: argparse.Namespace) -> int:
     from sppnet.engine.detect import predict
 
-    results = predict(args.run, args.images, out=args.out, score_threshold=args.score_threshold,
+    threshold = args.score_threshold
+    if threshold is not None and len(threshold) == 1:
+        threshold = threshold[0]
+    results = predict(args.run, args.images, out=args.out, score_threshold=threshold,
                       scorer=args.scorer, device=args.device, verbose=not args.json,
                       svd_rank=_svd_rank(args))  # fmt: skip
     if args.json:

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from sppnet.utils.io import load_json, save_json
@@ -222,19 +221,17 @@ def _detection(cfg: DemoConfig, sizes: dict, data_root: Path, out: Path, figs: P
     curves = precision_recall(result["predictions"], gts, classes)
     pr_png = plot_pr_curves(curves, figs / "pr_curves.png", result["ap"], title=f"VOC07 mAP {result['mAP']:.3f}")
 
-    # What to draw: per class, the detections scoring at least the operating point
-    # of best F1 on the test split (SVM scores have no natural 0.5; mAP ranks them).
-    thresholds = torch.full((len(classes),), float("inf"))
-    for c, name in enumerate(classes):
-        pr = curves[name]
-        if len(pr.scores) and pr.num_positives:
-            f1 = 2 * pr.precision * pr.recall / np.maximum(pr.precision + pr.recall, 1e-12)
-            thresholds[c] = float(pr.scores[int(np.argmax(f1))])
+    # What to draw: per class, the detections above the run's calibrated threshold
+    # (best F1 on the held-out val split, as 'sppnet detect predict' uses; SVM
+    # scores have no natural cut-off, and mAP ranks them all).
+    thresholds = D.run_thresholds(run, classes, scorer)
+    if thresholds is None:
+        thresholds = torch.full((len(classes),), D._default_threshold(scorer))
     drawn = []
     for i, r in enumerate(test.records[:4]):
         img = load_image(r["image_path"])
         det = result["predictions"][i]
-        keep = det["scores"] >= thresholds[det["labels"]]
+        keep = det["scores"] > thresholds[det["labels"]]
         p = draw_detections(img, det["boxes"][keep], det["labels"][keep], det["scores"][keep], classes,
                             figs / f"detections_{i}.png", ground_truth=r["boxes"])  # fmt: skip
         g = draw_detections(img, r["boxes"], r["labels"], None, classes, figs / f"ground_truth_{i}.png")

@@ -6,6 +6,7 @@ Public API::
     run = train(cfg, out="runs/det")
     detector, classes, cfg = load_detector(run)
     val(run, split="test")   # {"mAP": .., "ap": {..}, "images": .., "seconds_per_image": ..}
+    calibrate(run, split="val")  # per-class thresholds for predict (train does it when a val split exists)
     predict(run, ["a.jpg"], out="runs/det/predict")
 
 Training stages (SPEC Sec. 3), each written atomically to the run directory and
@@ -26,6 +27,12 @@ skipped by a resumed run once finished:
 5. ``svm``: one linear SVM per class on fc7, hard-negative mining
    (:mod:`~sppnet.engine.svm`); skipped with ``scorer="softmax"``.
 6. ``bbox``: ridge regression on pool5 (:mod:`~sppnet.engine.bbox_regression`).
+7. ``calibrate``: per-class score thresholds at the best F1 on a held-out split
+   (``calibrate_split``, default ``val`` when the data has one that does not
+   overlap the training split), saved as ``thresholds.json``; ``predict`` keeps
+   the detections above them. SVM scores have no natural cut-off: with SVMs
+   trained from scratch most true detections score below 0. mAP does not
+   depend on it (it ranks all detections).
 
 Run directory::
 
@@ -36,6 +43,7 @@ Run directory::
     backbone/                the pretraining classification run
     cache/                   proposals and features (content-keyed, checksummed)
     detector.safetensors     the final detector (weights + meta)
+    thresholds.json          calibrated per-class score thresholds (stage 7 or ``calibrate``)
 """
 
 from __future__ import annotations
@@ -72,7 +80,7 @@ from sppnet.engine.det_backbone import init_fc8_from_classifier, load_backbone, 
 from sppnet.engine.det_features import FeatureCache, WindowSet, build_windows, describe, load_record_image
 from sppnet.engine.det_finetune import FinetuneConfig, FinetuneInterrupted, finetune
 from sppnet.engine.svm import SVMConfig, feature_scale, train_svms
-from sppnet.evaluation import evaluate_detections
+from sppnet.evaluation import best_f1_thresholds, evaluate_detections, precision_recall
 from sppnet.models import get_model, list_models
 from sppnet.models.detector import METHODS, SCORERS, SPPDetector
 from sppnet.ops import encode_boxes
@@ -82,11 +90,13 @@ __all__ = [
     "DetectConfig",
     "PRESETS",
     "TrainingInterrupted",
+    "calibrate",
     "evaluate",
     "feature_cache",
     "load_detector",
     "open_detection_data",
     "predict",
+    "run_thresholds",
     "split_proposals",
     "stage_detector",
     "train",
@@ -174,6 +184,8 @@ class DetectConfig:
     bbox_regression: bool = True
     bbox_iou: float = 0.5
     bbox_lambda: float | None = None
+    # held-out split for per-class score thresholds (None: skip; predict then uses 0 / 0.5)
+    calibrate_split: str | None = "val"
     # running
     chunk_size: int = 1024
     seed: int = 0
@@ -354,11 +366,11 @@ def _stage_order(cfg: DetectConfig) -> list[str]:
     order = ["proposals", "backbone", "features", "finetune"]
     if cfg.finetune == "all":
         order = ["proposals", "backbone", "finetune", "features"]
-    return order + ["svm", "bbox"]
+    return order + ["svm", "bbox", "calibrate"]
 
 
 def _stage_file(out: Path, stage: str) -> Path:
-    suffix = ".json" if stage in ("proposals", "features") else ".safetensors"
+    suffix = ".json" if stage in ("proposals", "features", "calibrate") else ".safetensors"
     return out / "stages" / f"{stage}{suffix}"
 
 
@@ -635,8 +647,39 @@ def _stage_bbox(cfg, out, device, records, windows, classes, detector, verbose) 
     return detector
 
 
+def _calibration_overlap(train_split: str, split: str) -> bool:
+    """Whether a VOC split shares images with the training split (by the standard names)."""
+    if split == train_split:
+        return True
+    parts = {"trainval": {"train", "val"}}
+    return bool(parts.get(train_split, {train_split}) & parts.get(split, {split}))
+
+
+def _stage_calibrate(cfg, out, device, records, windows, classes, detector, verbose) -> SPPDetector:
+    split = cfg.calibrate_split
+    reason = None
+    if split is None:
+        reason = "calibrate_split is None"
+    elif cfg.format != "voc":
+        reason = f"{cfg.format} data has no splits; run 'sppnet detect calibrate --run {out} --ann VAL.json'"
+    elif _calibration_overlap(cfg.split, split):
+        reason = f"split {split!r} overlaps the training split {cfg.split!r}"
+    if reason is None:
+        try:
+            held_out, props = split_proposals(cfg, out, split, classes, verbose=verbose)
+        except (UserError, OSError, ValueError) as e:
+            reason = f"no usable {split!r} split ({e})"
+    if reason is not None:
+        if verbose:
+            print(f"calibration skipped: {reason}; predict keeps scores above "
+                  f"{_default_threshold(_run_scorer(cfg, detector))}", file=sys.stderr)
+        return detector
+    _calibrate(detector, out, cfg, held_out, props, classes, _run_scorer(cfg, detector), split, verbose)
+    return detector
+
+
 _STAGES = {"backbone": _stage_backbone, "features": _stage_features, "finetune": _stage_finetune,
-           "svm": _stage_svm, "bbox": _stage_bbox}  # fmt: skip
+           "svm": _stage_svm, "bbox": _stage_bbox, "calibrate": _stage_calibrate}  # fmt: skip
 
 
 # ----------------------------------------------------------------------- testing
@@ -689,6 +732,87 @@ def split_proposals(
     ds = open_detection_data(data, fmt, ann, split, classes, cfg.strict)
     props = _proposals(ds.records, cfg, Path(run) / "cache" / "proposals", verbose)
     return _drop_unreadable(list(ds.records), props, verbose)
+
+
+def _default_threshold(scorer: str) -> float:
+    """The uncalibrated cut-off: the SVMs' decision boundary, or softmax 0.5."""
+    return 0.0 if scorer == "svm" else 0.5
+
+
+def _run_scorer(cfg: DetectConfig, detector: SPPDetector) -> str:
+    return "svm" if cfg.scorer == "svm" and bool(detector.trained_heads[0]) else "softmax"
+
+
+def _calibrate(
+    detector: SPPDetector, run: Path, cfg: DetectConfig, records: Sequence[dict], proposals: Sequence[np.ndarray],
+    classes: Sequence[str], scorer: str, split: str, verbose: bool,
+) -> dict[str, Any]:  # fmt: skip
+    result = evaluate(detector, records, classes, proposals, scorer, cfg.bbox_regression, verbose)
+    gts = [{"boxes": r["boxes"], "labels": r["labels"], "difficult": r["difficult"]} for r in records]
+    points = best_f1_thresholds(precision_recall(result["predictions"], gts, classes))
+    default = _default_threshold(scorer)
+    payload = {
+        "split": split, "scorer": scorer, "images": len(records), "default": default,
+        "thresholds": {c: (p["threshold"] if p["threshold"] is not None else default) for c, p in points.items()},
+        "operating_points": points, "mAP": result["mAP"],
+    }  # fmt: skip
+    save_json(Path(run) / "thresholds.json", json_safe(payload))
+    if verbose:
+        mean_f1 = [p["f1"] for p in points.values() if p["f1"] is not None]
+        print(f"calibrated score thresholds on {len(records)} {split!r} images "
+              f"(mean best F1 {np.mean(mean_f1) if mean_f1 else float('nan'):.3f}): {Path(run) / 'thresholds.json'}",
+              file=sys.stderr)  # fmt: skip
+    return payload
+
+
+def calibrate(
+    run: str | os.PathLike,
+    data: str | None = None,
+    split: str = "val",
+    fmt: str | None = None,
+    ann: str | None = None,
+    scorer: str | None = None,
+    device: str = "auto",
+    workers: int | None = None,
+    verbose: bool = True,
+) -> dict[str, Any]:
+    """Per-class score thresholds at the best F1 on a held-out split; writes ``run/thresholds.json``.
+
+    :func:`predict` keeps, per class, the detections scoring above these
+    thresholds (unless given ``score_threshold``). Use images the detector was
+    not trained on: on training images the SVM scores are optimistic.
+
+    Returns:
+        ``{"split", "scorer", "images", "default", "thresholds": {class: float},
+        "operating_points": {class: {"threshold", "f1", "precision", "recall"}}, "mAP"}``;
+        a class without objects or detections in the split keeps ``default``
+        (0 for SVM scores, 0.5 for softmax).
+    """
+    detector, classes, cfg, scorer = _load_for_testing(run, device, scorer, None)
+    if data is None and fmt is None and ann is None:
+        data, fmt, ann = cfg.data, cfg.format, cfg.ann
+    if workers is not None:
+        cfg = dataclasses.replace(cfg, workers=workers)
+    if data == cfg.data and (fmt or "voc") == "voc" and _calibration_overlap(cfg.split, split):
+        print(f"warning: split {split!r} overlaps the training split {cfg.split!r}: thresholds calibrated on "
+              "training images are optimistic (too high); prefer held-out images", file=sys.stderr)
+    records, props = split_proposals(cfg, run, split, classes, data, fmt or "voc", ann, verbose)
+    return _calibrate(detector, Path(run), cfg, records, props, classes, scorer, split, verbose)
+
+
+def run_thresholds(run: str | os.PathLike, classes: Sequence[str], scorer: str) -> torch.Tensor | None:
+    """The run's calibrated per-class thresholds (``thresholds.json``) for ``scorer``, or None."""
+    path = Path(run) / "thresholds.json"
+    if not path.is_file():
+        return None
+    saved = load_json(path)
+    if saved.get("scorer") != scorer:
+        return None
+    values = saved.get("thresholds") or {}
+    missing = [c for c in classes if not isinstance(values.get(c), (int, float))]
+    if missing:
+        raise UserError(f"{path} has no threshold for classes {missing}; rerun 'sppnet detect calibrate --run {run}'")
+    return torch.tensor([float(values[c]) for c in classes])
 
 
 def _load_for_testing(
@@ -746,13 +870,28 @@ def predict(
 ) -> list[dict[str, Any]]:
     """Detects objects in image files; writes ``<name>.png`` (boxes drawn) and ``<name>.json`` per image.
 
-    ``score_threshold``: default 0 for SVM scores (the SVM's decision boundary),
-    0.5 for softmax probabilities. ``svd_rank``: as in :func:`val`.
+    ``score_threshold``: one value for every class, or one per class; default:
+    the run's calibrated per-class thresholds (``thresholds.json``, see
+    :func:`calibrate`) when they exist for the scorer, else 0 for SVM scores (the
+    SVM's decision boundary) and 0.5 for softmax probabilities. ``svd_rank``:
+    as in :func:`val`.
     """
     from sppnet.viz.detections import draw_detections
 
     detector, classes, cfg, scorer = _load_for_testing(run, device, scorer, svd_rank)
-    threshold = score_threshold if score_threshold is not None else (0.0 if scorer == "svm" else 0.5)
+    if score_threshold is not None:
+        threshold = score_threshold
+    else:
+        calibrated = run_thresholds(run, classes, scorer)
+        threshold = calibrated if calibrated is not None else _default_threshold(scorer)
+    if isinstance(threshold, (int, float)):
+        described: float | dict[str, float] = float(threshold)
+    else:
+        values = torch.as_tensor(threshold, dtype=torch.float32).reshape(-1)
+        if len(values) != len(classes):
+            raise UserError(f"score_threshold needs one value per class ({len(classes)}: {', '.join(classes)}), "
+                            f"got {len(values)}")
+        described = {c: float(v) for c, v in zip(classes, values.tolist())}
     out = Path(out) if out is not None else Path(run) / "predict"
     out.mkdir(parents=True, exist_ok=True)
     paths = [Path(p) for p in images]
@@ -768,6 +907,7 @@ def predict(
                               score_threshold=threshold)[0]  # fmt: skip
         entry = {
             "image": str(path), "width": img.width, "height": img.height, "scorer": scorer,
+            "score_threshold": described,
             "detections": [
                 {"box": [float(v) for v in b], "label": classes[int(c)], "label_index": int(c), "score": float(s)}
                 for b, c, s in zip(det["boxes"].tolist(), det["labels"].tolist(), det["scores"].tolist())

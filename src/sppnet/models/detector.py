@@ -566,7 +566,7 @@ class SPPDetector(nn.Module):
         images: Sequence[Tensor],
         proposals: Sequence[Tensor],
         scorer: str = "svm",
-        score_threshold: float = float("-inf"),
+        score_threshold: float | Sequence[float] | Tensor = float("-inf"),
         nms_threshold: float = 0.3,
         max_per_image: int = 100,
         bbox_regression: bool = True,
@@ -577,7 +577,8 @@ class SPPDetector(nn.Module):
             images: ``Tensor[3, H, W]`` in [0, 1], one per image.
             proposals: ``Tensor[K_i, 4]`` inclusive pixel boxes, one per image.
             scorer: ``"svm"`` (the paper) or ``"softmax"`` (fc8).
-            score_threshold: a detection needs a score above it.
+            score_threshold: a detection needs a score above it (one value, or
+                one per class, e.g. a run's calibrated ``thresholds.json``).
             nms_threshold: per-class NMS IoU (0.3).
             max_per_image: at most this many detections per image (100).
             bbox_regression: apply the box regressors (when trained).

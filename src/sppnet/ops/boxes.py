@@ -20,6 +20,7 @@ continuous convention; the SPP-net pipeline functions (``select_detections``,
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torchvision
@@ -227,7 +228,7 @@ def batched_nms(
 def select_detections(
     boxes: Tensor,
     scores: Tensor,
-    score_threshold: float = float("-inf"),
+    score_threshold: float | Sequence[float] | Tensor = float("-inf"),
     nms_threshold: float = 0.3,
     max_per_image: int | None = 100,
     inclusive: bool = True,
@@ -249,7 +250,9 @@ def select_detections(
         scores (Tensor[K, C]): score of window ``k`` for class ``c``. Pass
             foreground columns only (drop a softmax background column first);
             the returned labels are column indices of ``scores``.
-        score_threshold (float): a candidate needs ``score > score_threshold``.
+        score_threshold (float or Tensor[C]): a candidate needs ``score > score_threshold``;
+            one value for every class, or one per class (column of ``scores``,
+            e.g. calibrated operating points; ``-inf`` keeps all, ``inf`` none).
         nms_threshold (float): per-class NMS IoU threshold (0.3 in SPP-net).
         max_per_image (int or None): how many detections to keep at most (100
             in SPP-net); None keeps all.
@@ -284,7 +287,10 @@ def select_detections(
     flat_scores = scores.reshape(-1)  # [K * C]
     flat_labels = torch.arange(num_classes, device=scores.device).repeat(num_windows)  # [K * C]
 
-    candidates = (flat_scores > score_threshold).nonzero().squeeze(1)
+    threshold = _score_thresholds(score_threshold, num_classes, scores)
+    if threshold.dim():  # per class: the threshold of each candidate's column
+        threshold = threshold.repeat(num_windows)
+    candidates = (flat_scores > threshold).nonzero().squeeze(1)
     # Rank candidates once (stable: row-major order breaks ties); every later step
     # keeps rank order, so the result is deterministic on any device.
     candidates = candidates[torch.argsort(flat_scores[candidates], descending=True, stable=True)]
@@ -299,6 +305,23 @@ def select_detections(
         keep = keep[:max_per_image]
     idx = candidates[keep]
     return {"boxes": flat_boxes[idx], "scores": flat_scores[idx], "labels": flat_labels[idx]}
+
+
+def _score_thresholds(value: Any, num_classes: int, scores: Tensor) -> Tensor:
+    """``score_threshold`` as a 0-d tensor, or a Tensor[C] of per-class values."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        t = torch.tensor(float(value), dtype=scores.dtype, device=scores.device)
+    else:
+        try:
+            t = torch.as_tensor(value, dtype=scores.dtype).to(scores.device)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"score_threshold must be a number or one number per class, got {value!r}") from None
+        if t.dim() > 1 or (t.dim() == 1 and t.numel() != num_classes):
+            raise ValueError(f"score_threshold must be a number or a sequence of {num_classes} per-class values "
+                             f"(one per column of scores), got shape {tuple(t.shape)}")
+    if bool(torch.isnan(t).any()):
+        raise ValueError(f"score_threshold must not be NaN, got {value!r}")
+    return t
 
 
 def _centres_and_sizes(boxes: Tensor, inclusive: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -115,6 +115,16 @@ def test_feature_cache_matches_direct_features_and_rebuilds_stale_entries(tiny_r
             x1, y1, x2, y2 = cells[0, 1:].tolist()
             ref = spatial_pyramid_pool(maps[1][None, :, y1 : y2 + 1, x1 : x2 + 1], det.levels)[0]
             torch.testing.assert_close(cache.pool5(i, idx, scale_index=s)[0], ref)
+        # a fine-tuning batch: windows of several images, flipped or not, each at a
+        # random scale, pooled together -- rows equal the windows pooled one by one
+        g = torch.Generator().manual_seed(1)
+        requests = []
+        for i in (2, 0, 1, 0):
+            idx = torch.randperm(len(windows[i]), generator=g)[:7]
+            requests.append((i, idx, bool(torch.rand(1, generator=g) < 0.5), torch.randint(0, 2, (7,), generator=g)))
+        one_by_one = [cache.pool5(i, idx[k : k + 1], flip, s[k : k + 1])
+                      for i, idx, flip, s in requests for k in range(len(idx))]  # fmt: skip
+        torch.testing.assert_close(cache.pool5_many(requests), torch.cat(one_by_one))
     # a corrupt entry is rebuilt, not trusted
     path = cache.path(0)
     path.write_bytes(path.read_bytes()[:-10] + b"0123456789")

@@ -274,9 +274,10 @@ class FeatureCache:
     def pool5_many(self, requests: Sequence[tuple[int, Tensor, bool, Tensor | None]]) -> Tensor:
         """:meth:`pool5` of several ``(image, index, flip, scale_index)`` requests, rows concatenated.
 
-        SPP: the maps involved are zero-padded to a common size and pooled in ONE
-        ``roi_spatial_pyramid_pool`` call (windows never reach the padding), which
-        saves the per-call overhead when a batch draws windows from many images.
+        SPP: one ``roi_spatial_pyramid_pool`` call per (image, flip, scale) map
+        that some window of the batch uses, on that map as it is (no padded
+        copy of every scale of every image: with five scales that copy cost more
+        than the pooling).
         """
         d = self.detector
         dev = d.pixel_mean.device
@@ -287,8 +288,9 @@ class FeatureCache:
                     raise ValueError("this feature cache holds no flipped images")
                 parts.append(self.get(i)["pool5_flip" if flip else "pool5"][index])
             return torch.cat(parts).to(dev, torch.float32)
-        maps: list[Tensor] = []
-        rois: list[Tensor] = []
+        total = sum(len(index) for _, index, _, _ in requests)
+        out = torch.empty((total, d.pooled_dim), device=dev)
+        start = 0
         for i, index, flip, scale_index in requests:
             if flip and not self.flips:
                 raise ValueError("this feature cache holds no flipped images")
@@ -302,15 +304,14 @@ class FeatureCache:
             if scale_index is None:
                 scale_index = d.assign_scales(boxes, scales)
             r = d.map_windows(boxes, scales, [m.shape[-2:] for m in image_maps], scale_index)
-            r[:, 0] += len(maps)
-            maps += image_maps
-            rois.append(r)
-        height = max(m.shape[-2] for m in maps)
-        width = max(m.shape[-1] for m in maps)
-        batch = maps[0].new_zeros((len(maps), maps[0].shape[0], height, width), dtype=torch.float32)
-        for k, m in enumerate(maps):
-            batch[k, :, : m.shape[-2], : m.shape[-1]] = m
-        return roi_spatial_pyramid_pool(batch.to(dev), torch.cat(rois), d.levels, "max")
+            for k in torch.unique(r[:, 0]).tolist():
+                rows = (r[:, 0] == k).nonzero().squeeze(1)
+                one = r[rows].clone()
+                one[:, 0] = 0
+                pooled = roi_spatial_pyramid_pool(image_maps[k][None].to(dev, torch.float32), one.to(dev), d.levels)
+                out[start + rows.to(dev)] = pooled
+            start += len(index)
+        return out
 
 
 def describe(windows: Sequence[WindowSet]) -> dict[str, Any]:

@@ -3,12 +3,21 @@
 Columns (one detector each, all on the SAME pretrained backbone, the same
 proposals and the same training and test images):
 
-* SPP 1-scale -- conv5 once per image at one scale (s = 688 x size factor);
+* SPP 1-scale -- conv5 once per image at one scale (s = 688);
 * SPP 5-scale -- conv5 once per image at each of the five scales
-  (480, 576, 688, 864, 1200 x size factor), each window pooled at the scale
-  where its area is closest to 224 x 224 (x size factor);
+  (480, 576, 688, 864, 1200), each window pooled at the scale where its area
+  is closest to 224 x 224 (x size factor);
 * R-CNN       -- every window cropped, warped to the network's input size and
   run through the conv layers on its own (``--method rcnn``).
+
+Sizes: the preset's size factor (``small``: 0.5) scales the network's input --
+the window target, R-CNN's warp, the pretraining crops -- and, in
+``sppnet detect train``, the image scales too. Here the SPP columns run at the
+paper's own image scales (``--spp-scale-multiplier``, default 2 = 1 / 0.5):
+conv5's stride stays 16 px whatever the width, so halving the image halves the
+conv5 cells under every object (at s = 344 half of the built-in objects span
+fewer than 3 cells), which the paper's setting never did to SPP-net and which
+R-CNN, warping every window to its input size, does not suffer.
 
 Rows (Table 9): SVMs on ``pool5`` (no fine-tuning), on ``fc7`` (no
 fine-tuning), on ``ftfc7`` (fc6-fc8 fine-tuned), and ``ftfc7 + bb`` (plus box
@@ -90,16 +99,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"columns to run (default: all of {list(COLUMNS)})")
     p.add_argument("--train-images", type=int, default=200,
                    help="built-in data only: training images generated (default 200; test half as many)")
-    p.add_argument("--spp-scale-multiplier", type=float, default=1.0,
+    p.add_argument("--spp-scale-multiplier", type=float, default=None,
                    help="multiplies the SPP columns' image scales only (the 224 px window target and R-CNN's "
-                   "warp keep the preset's size): e.g. 2 with the small preset runs SPP at s = 688 px")
+                   "warp keep the preset's size). Default 2 (1 with --quick): with the small preset's size "
+                   "factor 0.5 that is the paper's own image scales, s = 688 and 480-1200 px")
     p.add_argument("--backbone", help="a pretrained backbone (classification run) for every column "
                    "(default: the first column pretrains one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int)
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true", help="tiny data and network: a smoke test")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.spp_scale_multiplier is None:
+        args.spp_scale_multiplier = 1.0 if args.quick else 2.0
+    if not args.spp_scale_multiplier > 0:
+        p.error(f"--spp-scale-multiplier must be > 0, got {args.spp_scale_multiplier}")
+    return args
 
 
 def column_config(args: argparse.Namespace, data: str | None, column: str, backbone: Path | None) -> D.DetectConfig:

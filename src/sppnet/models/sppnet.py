@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sppnet.models._registry import register_model
@@ -73,6 +74,32 @@ class LRN:
     beta: float = 0.75
     k: float = 1.0
 
+
+
+class ChannelLRN(nn.LocalResponseNorm):
+    """:class:`torch.nn.LocalResponseNorm` (same semantics, same attributes),
+    computed as a sum of ``size`` channel-shifted squares.
+
+    ``x / (k + alpha / size * sum_{c' in window(c)} x_{c'}^2) ** beta`` with the
+    window ``[c - size // 2, c + (size - 1) // 2]`` cut at the ends, exactly as
+    torch's. Torch builds the window sum with ``avg_pool3d`` over a 5-D view,
+    which was 60% of ZF-5's conv time on a CPU; the shifted adds (and, for
+    ``beta = 0.75``, ``rsqrt`` instead of ``pow``) are 3-4x faster.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() < 3:
+            return super().forward(x)
+        channels = x.shape[1]
+        squares = F.pad(x * x, (0, 0) * (x.dim() - 2) + (self.size // 2, (self.size - 1) // 2))
+        window = squares[:, :channels].clone()
+        for shift in range(1, self.size):
+            window += squares[:, shift : shift + channels]
+        base = window.mul_(self.alpha / self.size).add_(self.k)
+        if self.beta == 0.75:
+            inv = base.rsqrt_()
+            return x * inv * inv.sqrt()
+        return x / base.pow_(self.beta)
 
 # SPP-net Table 1. LRN sizes: 3 in the released ZF-5, 5 (AlexNet's) elsewhere.
 ZF5 = (
@@ -170,7 +197,7 @@ class SPPNet(nn.Module):
             elif isinstance(spec, Pool):
                 modules.append(nn.MaxPool2d(spec.k, spec.s, spec.p, ceil_mode=spec.ceil))
             elif isinstance(spec, LRN):
-                modules.append(nn.LocalResponseNorm(spec.size, spec.alpha, spec.beta, spec.k))
+                modules.append(ChannelLRN(spec.size, spec.alpha, spec.beta, spec.k))
             else:
                 raise ValueError(f"unknown layer spec {spec!r}")
         self.features = nn.Sequential(*modules)

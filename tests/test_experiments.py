@@ -97,3 +97,18 @@ def test_classification_table_quick_writes_mean_and_spread(tmp_path):
         assert re.fullmatch(r"[\d.]+ ± [\d.]+", rows[name][0]), rows[name]
     with Image.open(out / "table.png") as png:
         assert png.size[0] > 400
+
+
+def test_detection_table_runs_spp_at_the_paper_image_scales_by_default(tmp_path):
+    dt = load("detection_table")
+    full = dt.parse_args(["--out", str(tmp_path)])
+    quick = dt.parse_args(["--out", str(tmp_path), "--quick"])
+    assert full.spp_scale_multiplier == 2.0 and quick.spp_scale_multiplier == 1.0
+    # small preset (size factor 0.5) x 2: the paper's pixels for SPP-net, 112 px warps for R-CNN
+    spp1 = dt.column_config(full, None, "SPP 1-scale", None)
+    spp5 = dt.column_config(full, None, "SPP 5-scale", None)
+    rcnn = dt.column_config(full, None, "R-CNN", None)
+    assert spp1.image_scales == (688,) and spp5.image_scales == (480, 576, 688, 864, 1200)
+    assert rcnn.method == "rcnn" and rcnn.window_target == spp1.window_target == spp5.window_target == 112
+    with pytest.raises(SystemExit):
+        dt.parse_args(["--out", str(tmp_path), "--spp-scale-multiplier", "0"])

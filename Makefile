@@ -30,7 +30,7 @@ browser:
 	  echo "note: chromium not available; the report browser test will be skipped"
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/sppnet demo --out runs/demo
+	$(VENV)/bin/sppnet demo --out runs/demo --resume
 
 test: $(STAMP) browser
 	$(PY) -m pytest -q -m "not slow"

@@ -330,3 +330,15 @@ def test_calibration_stage_uses_a_held_out_split_and_skips_overlapping_ones(trai
     assert run_thresholds(out, classes, "softmax") is None  # calibrated for the SVM scores only
     with pytest.raises(UserError, match="no threshold for classes"):
         run_thresholds(out, [*classes, "unicorn"], "svm")
+
+
+def test_testing_data_defaults_to_the_runs_data_and_keeps_a_given_annotation_file():
+    from sppnet.engine.detect import _test_data
+
+    coco = DetectConfig.from_preset("small", data="/imgs", format="coco", ann="/train.json")
+    # a held-out annotation file for the run's own image folder (calibrate / val --ann)
+    assert _test_data(coco, None, None, "/val.json") == ("/imgs", "coco", "/val.json")
+    assert _test_data(coco, "/other", None, None) == ("/other", "voc", None)
+    assert _test_data(coco, "/other", "coco", "/o.json") == ("/other", "coco", "/o.json")
+    builtin = DetectConfig.from_preset("small")
+    assert _test_data(builtin, None, None, None) == (None, "voc", None)

@@ -85,13 +85,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     v = sub.add_parser("val", help="evaluate a trained detector (VOC07 mAP)",
                        description="Scores every window, per-class NMS at 0.3, <= 100 per image; VOC07 mAP.")
-    v.add_argument("--run", required=True, help="run directory written by 'detect train'")
-    v.add_argument("--data", help="data root (default: the run's data)")
-    v.add_argument("--format", choices=("voc", "coco"), help="layout of --data (default voc)")
-    v.add_argument("--ann", help="COCO annotation JSON")
-    v.add_argument("--split", default="test", help="VOC split (default test)")
-    v.add_argument("--scorer", choices=("svm", "softmax"), help="default: the run's")
-    v.add_argument("--workers", type=int, help="selective search worker processes")
+    _add_test_data(v, "test", "VOC split (default test)", "COCO annotation JSON")
     v.add_argument("--svd-rank", type=int, nargs="+", metavar="R",
                    help="truncated SVD of fc6 and fc7 at rank R (or R6 R7): fewer multiply-adds "
                    "(Fast R-CNN Sec. 3.1); compare mAP with and without")
@@ -106,13 +100,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "RUN/thresholds.json; 'detect predict' then keeps the detections above them. 'detect train' does "
         "this on its own when the data has a 'val' split that it did not train on.",
     )  # fmt: skip
-    c.add_argument("--run", required=True, help="run directory written by 'detect train'")
-    c.add_argument("--data", help="data root (default: the run's data)")
-    c.add_argument("--format", choices=("voc", "coco"), help="layout of --data (default voc)")
-    c.add_argument("--ann", help="COCO annotation JSON of held-out images")
-    c.add_argument("--split", default="val", help="VOC split (default val); not one the run trained on")
-    c.add_argument("--scorer", choices=("svm", "softmax"), help="default: the run's")
-    c.add_argument("--workers", type=int, help="selective search worker processes")
+    _add_test_data(c, "val", "VOC split (default val); not one the run trained on",
+                   "COCO annotation JSON of held-out images (images in the run's --data unless given)")
     c.add_argument("--json", action="store_true", help="print thresholds.json")
     add_common(c)
     c.set_defaults(func=_calibrate)
@@ -131,6 +120,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--json", action="store_true", help="print the detections as JSON")
     add_common(r)
     r.set_defaults(func=_predict)
+
+
+def _add_test_data(p: argparse.ArgumentParser, split: str, split_help: str, ann_help: str) -> None:
+    """The run and the data to score, shared by ``val`` and ``calibrate``."""
+    p.add_argument("--run", required=True, help="run directory written by 'detect train'")
+    p.add_argument("--data", help="data root (default: the run's data)")
+    p.add_argument("--format", choices=("voc", "coco"), help="layout of --data (default voc)")
+    p.add_argument("--ann", help=ann_help)
+    p.add_argument("--split", default=split, help=split_help)
+    p.add_argument("--scorer", choices=("svm", "softmax"), help="default: the run's")
+    p.add_argument("--workers", type=int, help="selective search worker processes")
 
 
 def _train(args: argparse.Namespace) -> int:

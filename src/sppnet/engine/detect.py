@@ -672,9 +672,9 @@ def _stage_calibrate(cfg, out, device, records, windows, classes, detector, verb
     if reason is not None:
         if verbose:
             print(f"calibration skipped: {reason}; predict keeps scores above "
-                  f"{_default_threshold(_run_scorer(cfg, detector))}", file=sys.stderr)
+                  f"{_default_threshold(_usable_scorer(cfg.scorer, detector))}", file=sys.stderr)
         return detector
-    _calibrate(detector, out, cfg, held_out, props, classes, _run_scorer(cfg, detector), split, verbose)
+    _calibrate(detector, out, cfg, held_out, props, classes, _usable_scorer(cfg.scorer, detector), split, verbose)
     return detector
 
 
@@ -739,8 +739,19 @@ def _default_threshold(scorer: str) -> float:
     return 0.0 if scorer == "svm" else 0.5
 
 
-def _run_scorer(cfg: DetectConfig, detector: SPPDetector) -> str:
-    return "svm" if cfg.scorer == "svm" and bool(detector.trained_heads[0]) else "softmax"
+def _usable_scorer(asked: str, detector: SPPDetector) -> str:
+    """``asked``, except softmax when SVM scores are asked of a detector without trained SVMs."""
+    return "softmax" if asked == "svm" and not bool(detector.trained_heads[0]) else asked
+
+
+def _test_data(
+    cfg: DetectConfig, data: str | None, fmt: str | None, ann: str | None
+) -> tuple[str | None, str, str | None]:
+    """``(data, format, ann)`` to test on: the run's data and format unless ``data`` or
+    ``fmt`` is given; ``ann`` as given (a COCO run's held-out annotation file)."""
+    if data is None and fmt is None:
+        return cfg.data, cfg.format, ann
+    return data, fmt or "voc", ann
 
 
 def _calibrate(
@@ -789,14 +800,13 @@ def calibrate(
         (0 for SVM scores, 0.5 for softmax).
     """
     detector, classes, cfg, scorer = _load_for_testing(run, device, scorer, None)
-    if data is None and fmt is None and ann is None:
-        data, fmt, ann = cfg.data, cfg.format, cfg.ann
+    data, fmt, ann = _test_data(cfg, data, fmt, ann)
     if workers is not None:
         cfg = dataclasses.replace(cfg, workers=workers)
-    if data == cfg.data and (fmt or "voc") == "voc" and _calibration_overlap(cfg.split, split):
+    if data == cfg.data and fmt == "voc" and _calibration_overlap(cfg.split, split):
         print(f"warning: split {split!r} overlaps the training split {cfg.split!r}: thresholds calibrated on "
               "training images are optimistic (too high); prefer held-out images", file=sys.stderr)
-    records, props = split_proposals(cfg, run, split, classes, data, fmt or "voc", ann, verbose)
+    records, props = split_proposals(cfg, run, split, classes, data, fmt, ann, verbose)
     return _calibrate(detector, Path(run), cfg, records, props, classes, scorer, split, verbose)
 
 
@@ -823,10 +833,7 @@ def _load_for_testing(
     detector, classes, cfg = load_detector(run, resolve_device(device))
     if svd_rank is not None:
         detector.compress_fc(svd_rank)
-    scorer = scorer or cfg.scorer
-    if scorer == "svm" and not bool(detector.trained_heads[0]):
-        scorer = "softmax"
-    return detector, classes, cfg, scorer
+    return detector, classes, cfg, _usable_scorer(scorer or cfg.scorer, detector)
 
 
 def val(
@@ -847,11 +854,10 @@ def val(
     (:meth:`SPPDetector.compress_fc`; an int for both or ``(r6, r7)``).
     """
     detector, classes, cfg, scorer = _load_for_testing(run, device, scorer, svd_rank)
-    if data is None and fmt is None:
-        data, fmt, ann = cfg.data, cfg.format, ann
+    data, fmt, ann = _test_data(cfg, data, fmt, ann)
     if workers is not None:
         cfg = dataclasses.replace(cfg, workers=workers)
-    records, props = split_proposals(cfg, run, split, classes, data, fmt or "voc", ann, verbose)
+    records, props = split_proposals(cfg, run, split, classes, data, fmt, ann, verbose)
     result = evaluate(detector, records, classes, props, scorer, cfg.bbox_regression, verbose)
     result.pop("predictions")
     result["scorer"] = scorer

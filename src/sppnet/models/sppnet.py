@@ -38,7 +38,8 @@ import torch
 from torch import Tensor, nn
 
 from sppnet.models._registry import register_model
-from sppnet.ops import SpatialPyramidPool, backbone_geometry
+from sppnet.models.geometry import feature_geometry
+from sppnet.ops import SpatialPyramidPool
 from sppnet.ops._bins import check_levels
 
 __all__ = ["SPPNet", "Conv", "Pool", "LRN", "ZF5", "CONVNET5", "OVERFEAT5", "OVERFEAT7"]
@@ -130,19 +131,6 @@ OVERFEAT5 = (
 OVERFEAT7 = OVERFEAT5 + (Conv(512, 3, 1, 1), Conv(512, 3, 1, 1))
 
 
-def _out_size(a: int, k: int, s: int, p: int, ceil: bool) -> int:
-    """Output length of a conv/pool on an axis of ``a`` cells (PyTorch's rule); 0 if invalid."""
-    span = a + 2 * p - k
-    if span < 0:
-        return 0
-    if not ceil:
-        return span // s + 1
-    out = -(-span // s) + 1
-    if (out - 1) * s >= a + p:  # the last window must start inside the input or left padding
-        out -= 1
-    return out
-
-
 def _scale(channels: int, width: float) -> int:
     return max(1, int(round(channels * width)))
 
@@ -211,10 +199,9 @@ class SPPNet(nn.Module):
                 raise ValueError(f"unknown layer spec {spec!r}")
         self.features = nn.Sequential(*modules)
         self.feature_channels = chans
-        self.stride, self.offset = backbone_geometry(
-            [(s.k, s.s, s.p) for s in self.layer_specs if isinstance(s, (Conv, Pool))]
-        )
-        self.min_input_size = self._min_size()
+        self.geometry = feature_geometry(self.features)  # read off the modules (models/geometry.py)
+        self.stride, self.offset = self.geometry.stride, self.geometry.offset
+        self.min_input_size = self.geometry.min_input_size
 
         if self.spp:
             self.input_size = None
@@ -241,20 +228,7 @@ class SPPNet(nn.Module):
     # ---------------------------------------------------------------- geometry
     def feature_size(self, height: int, width: int) -> tuple[int, int]:
         """conv5 map size ``(h, w)`` for an input of ``height x width`` (0 if too small)."""
-        h, w = int(height), int(width)
-        for s in self.layer_specs:
-            if isinstance(s, (Conv, Pool)):
-                ceil = isinstance(s, Pool) and s.ceil
-                h, w = _out_size(h, s.k, s.s, s.p, ceil), _out_size(w, s.k, s.s, s.p, ceil)
-                if h < 1 or w < 1:
-                    return 0, 0
-        return h, w
-
-    def _min_size(self) -> int:
-        a = 1
-        while self.feature_size(a, a)[0] < 1:
-            a += 1
-        return a
+        return self.geometry.output_size(height, width)
 
     def config(self) -> dict:
         """Keyword arguments that rebuild this model with ``get_model(name, **config)``."""

@@ -1,6 +1,19 @@
-"""Networks: the paper's classifiers (Table 1) and the SPP-net detector."""
+"""Networks: the paper's classifiers (Table 1), torchvision backbones and the SPP-net detector."""
 
 from sppnet.models._registry import get_model, list_models, register_model
+from sppnet.models.freeze import feature_stages, freeze
+from sppnet.models.geometry import FeatureGeometry, feature_geometry
 from sppnet.models.sppnet import SPPNet
+from sppnet.models.torchvision_backbones import TorchvisionSPPNet
 
-__all__ = ["get_model", "list_models", "register_model", "SPPNet"]
+__all__ = [
+    "get_model",
+    "list_models",
+    "register_model",
+    "SPPNet",
+    "TorchvisionSPPNet",
+    "feature_geometry",
+    "FeatureGeometry",
+    "feature_stages",
+    "freeze",
+]

@@ -61,16 +61,18 @@ class Window:
         return self.dilation * (self.kernel - 1) + 1
 
     def output_size(self, a: int) -> int:
-        """Output length for an input of ``a`` cells (0 where the layer would fail)."""
-        room = a + 2 * self.padding - self.span
-        if room < 0:
-            return 0
-        if not self.ceil_mode:
-            return room // self.stride + 1
-        out = -(-room // self.stride) + 1
-        if (out - 1) * self.stride >= a + self.padding:  # the last window must start inside input or left pad
+        """Output length for an input of ``a`` cells (0 where the layer would fail).
+
+        PyTorch's rule (``pooling_output_shape``): ``floor((a + 2p - span [+ s - 1 in
+        ceil mode]) / s) + 1``; in ceil mode the last window must start inside the
+        input or the left padding, and may hang over the end (a 3-wide pool on 2 cells
+        gives 1).
+        """
+        room = a + 2 * self.padding - self.span + (self.stride - 1 if self.ceil_mode else 0)
+        out = room // self.stride + 1
+        if self.ceil_mode and (out - 1) * self.stride >= a + self.padding:
             out -= 1
-        return out
+        return max(out, 0)
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,12 @@
 """torch.hub entry points: ``torch.hub.load(REPO, "zf5", spp=True, num_classes=10)``.
 
-Builds any registered model. Nothing is downloaded: there are no published
-weights (the project trains from scratch). Pass ``checkpoint=PATH`` to load a
-local ``model.safetensors`` written by ``sppnet classify train`` (safetensors
-only: loading never executes code from the file).
+Builds any registered model: the Table 1 networks and torchvision's ``alexnet``,
+``vgg16``, ``resnet50``. Nothing is downloaded unless asked for: the torchvision
+backbones take ``weights="IMAGENET1K_V1"`` (torchvision's weights, fetched into
+``$TORCH_HOME``) or ``weights=FILE`` (a local torchvision ``.pth`` / ``.safetensors``
+state dict). Pass ``checkpoint=PATH`` to load a local ``model.safetensors``
+written by ``sppnet classify train`` (safetensors only: loading never executes
+code from the file).
 """
 
 import os
@@ -37,7 +40,7 @@ def _entry(name):
         return _load(name, checkpoint=checkpoint, **kwargs)
 
     build.__name__ = name
-    build.__doc__ = f"SPP-net {name} (Table 1). kwargs: spp, num_classes, levels, width, fc_dim, dropout."
+    build.__doc__ = f"SPP-net {name}. kwargs: spp, num_classes, levels, width, fc_dim, dropout (and weights)."
     return build
 
 

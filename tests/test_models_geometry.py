@@ -32,9 +32,13 @@ def test_window_output_size_is_pytorchs(k):
 
 def test_a_chain_with_dilation_and_ceil_mode_matches_a_forward_pass():
     net = nn.Sequential(
-        nn.Conv2d(3, 4, 5, 2, 1), nn.ReLU(), nn.MaxPool2d(3, 2, ceil_mode=True),
-        nn.Conv2d(4, 4, 3, 1, 2, dilation=2), nn.BatchNorm2d(4), nn.AvgPool2d(2),
-    )  # fmt: skip
+        nn.Conv2d(3, 4, 5, 2, 1),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2, ceil_mode=True),
+        nn.Conv2d(4, 4, 3, 1, 2, dilation=2),
+        nn.BatchNorm2d(4),
+        nn.AvgPool2d(2),
+    )
     g = feature_geometry(net)
     assert g.stride == 8
     for h, w in ((g.min_input_size, 40), (33, 17), (64, 65)):

@@ -7,13 +7,13 @@ from sppnet.models.sppnet import SPPNet
 from sppnet.models.torchvision_backbones import TorchvisionSPPNet
 
 __all__ = [
-    "get_model",
-    "list_models",
-    "register_model",
+    "FeatureGeometry",
     "SPPNet",
     "TorchvisionSPPNet",
     "feature_geometry",
-    "FeatureGeometry",
     "feature_stages",
     "freeze",
+    "get_model",
+    "list_models",
+    "register_model",
 ]

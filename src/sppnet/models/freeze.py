@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["FrozenBatchNorm2d", "conv_stages", "block_stages", "feature_stages", "freeze"]
+__all__ = ["FrozenBatchNorm2d", "block_stages", "conv_stages", "feature_stages", "freeze"]
 
 
 class FrozenBatchNorm2d(nn.BatchNorm2d):

@@ -28,7 +28,7 @@ from torch import nn
 
 from sppnet.ops import backbone_geometry
 
-__all__ = ["Window", "FeatureGeometry", "feature_geometry"]
+__all__ = ["FeatureGeometry", "Window", "feature_geometry"]
 
 # Layers that keep every cell where it is.
 _ELEMENTWISE = (

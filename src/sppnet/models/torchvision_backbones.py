@@ -59,7 +59,7 @@ from sppnet.models.weights import IMAGENET_MEAN, IMAGENET_STD, load_torchvision_
 from sppnet.ops import SpatialPyramidPool
 from sppnet.ops._bins import check_levels
 
-__all__ = ["TorchvisionSPPNet", "TORCHVISION_BACKBONES", "alexnet", "vgg16", "resnet50"]
+__all__ = ["TORCHVISION_BACKBONES", "TorchvisionSPPNet", "alexnet", "resnet50", "vgg16"]
 
 
 def _alexnet_trunk(tv: nn.Module) -> nn.Sequential:
@@ -115,9 +115,16 @@ def _scale_channels(trunk: nn.Module, width: float) -> None:
         for name, m in list(parent.named_children()):
             if isinstance(m, nn.Conv2d):
                 new = nn.Conv2d(
-                    scaled(m.in_channels), scaled(m.out_channels), m.kernel_size, m.stride, m.padding,
-                    m.dilation, m.groups, m.bias is not None, device="meta",
-                )  # fmt: skip
+                    scaled(m.in_channels),
+                    scaled(m.out_channels),
+                    m.kernel_size,
+                    m.stride,
+                    m.padding,
+                    m.dilation,
+                    m.groups,
+                    m.bias is not None,
+                    device="meta",
+                )
             elif isinstance(m, nn.BatchNorm2d):
                 new = nn.BatchNorm2d(scaled(m.num_features), m.eps, m.momentum, device="meta")
             else:
@@ -235,9 +242,13 @@ class TorchvisionSPPNet(nn.Module):
             pooled_dim = chans * grid * grid
         self.pooled_dim = pooled_dim
         self.fc = nn.Sequential(
-            nn.Linear(pooled_dim, fc_dim), nn.ReLU(inplace=True), nn.Dropout(dropout),
-            nn.Linear(fc_dim, fc_dim), nn.ReLU(inplace=True), nn.Dropout(dropout),
-        )  # fmt: skip
+            nn.Linear(pooled_dim, fc_dim),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(fc_dim, fc_dim),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+        )
         self.classifier = nn.Linear(fc_dim, num_classes)
         for m in (*self.fc, self.classifier):
             if isinstance(m, nn.Linear):
@@ -265,9 +276,7 @@ class TorchvisionSPPNet(nn.Module):
         if self.width != 1.0:
             raise ValueError(f"torchvision weights need width=1.0, this {self.name} has width={self.width}")
         renames = {self.arch.trunk_prefix + k: f"features.{k}" for k in self.features.state_dict()}
-        head = {
-            f"{tv}.{p}": f"fc.{ours}.{p}" for tv, ours in zip(self.arch.fc, ("0", "3")) for p in ("weight", "bias")
-        }
+        head = {f"{tv}.{p}": f"fc.{ours}.{p}" for tv, ours in zip(self.arch.fc, ("0", "3")) for p in ("weight", "bias")}
         known = set(_on_meta(self.name).state_dict())
         return load_torchvision_weights(self, state, renames, head, known, source)
 

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from sppnet.models.detector import IMAGENET_MEAN, IMAGENET_STD
 from sppnet.utils import load_torch_weights_only
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "read_weights", "load_torchvision_weights", "FILE_SUFFIXES"]
+__all__ = ["FILE_SUFFIXES", "IMAGENET_MEAN", "IMAGENET_STD", "load_torchvision_weights", "read_weights"]
 
 FILE_SUFFIXES = (".pth", ".pt", ".safetensors")
 _SHOW = 8  # keys named in an error message
@@ -67,13 +67,15 @@ def _read_file(path: Path) -> dict[str, Tensor]:
 
         try:
             state = safetensors.torch.load_file(str(path))
-        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        except Exception as e:  # safetensors raises its own error types
             raise ValueError(f"cannot read {str(path)!r} as safetensors: {e}") from e
     else:
         state = load_torch_weights_only(path)  # ValueError for pickled code / objects
     if isinstance(state, Mapping) and len(state) == 1 and next(iter(state)) in ("state_dict", "model"):
         state = next(iter(state.values()))  # {"state_dict": {...}}, as training scripts save it
-    if not isinstance(state, Mapping) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+    if not isinstance(state, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()
+    ):
         raise ValueError(f"{str(path)!r} does not hold a state dict (str -> Tensor), got a {type(state).__name__}")
     return dict(state)
 

@@ -1,0 +1,425 @@
+"""Evaluation data sets built from real images that installed packages ship.
+
+Nothing here is committed as image files: every set is generated, seeded and in
+seconds, from pictures inside the packages of the project's environment:
+
+* photographs from scikit-image (``skimage.data``: astronaut, coffee, chelsea,
+  rocket, camera, brick, grass, gravel, coins, ...) and scikit-learn
+  (``load_sample_images``: china, flower);
+* handwritten digits from scikit-learn (``load_digits``: 1,797 scans of 8x8
+  pixels, 16 grey levels, 10 classes);
+* optionally aerial images with their real Pascal VOC tree annotations from
+  the ``deepforest`` wheel, read as a zip file (``--deepforest-wheel``; get it
+  with ``pip download --no-deps deepforest -d /tmp/df``, never installed).
+
+Sets (``--sets``, default all that can be built):
+
+========================  ===========  ===================================================
+name                      layout       content
+========================  ===========  ===================================================
+``digits``                ImageFolder  10 classes: one digit scan, upscaled to 30-90 % of
+                                       the short side, rotated, in a random colour (or a
+                                       photo texture), alpha-composited at a random place
+                                       on a random crop of a photograph; 64-160 px
+``objects``               ImageFolder  7 classes of photographed objects (face, helmet,
+                                       shuttle, cup, rocket, cat, flower) cut from the
+                                       photographs with a soft elliptical mask, jittered
+                                       (crop, aspect, rotation, flip, colour, blur), pasted
+                                       at 30-90 % of the short side on crops of other
+                                       photographs; 64-160 px
+``digits-voc``            Pascal VOC   1-4 digits per image, 20 px to 70 % of the short
+                                       side, on photograph crops of 200-400 px; tight boxes
+                                       from the alpha mask
+``objects-voc``           Pascal VOC   the same with the 7 objects
+``deepforest-voc``        Pascal VOC   300x300 tiles of deepforest's annotated aerial
+                                       images, its real tree boxes clipped to the tile
+========================  ===========  ===================================================
+
+ImageFolder sets have ``train/ val/ test/<class>/*.jpg``; VOC sets have
+``Annotations/*.xml``, ``JPEGImages/*.jpg`` and ``ImageSets/Main/{train,val,
+trainval,test}.txt`` (the layout :class:`sppnet.data.voc.VOCDetection` reads).
+Every image is drawn from a numpy generator seeded by ``(seed, set, split,
+index)``, so a seed gives the same files on the same library versions.
+
+Usage::
+
+    python benchmarks/datasets.py --out /tmp/sets            # every set (about 20 s)
+    python benchmarks/datasets.py --out /tmp/sets --sets digits objects
+    python benchmarks/datasets.py --out /tmp/sets --deepforest-wheel /tmp/df/deepforest-2.1.0-py3-none-any.whl
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import re
+import shutil
+import sys
+import time
+import xml.etree.ElementTree as ET
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+from sppnet.data.voc import write_voc_annotation
+
+CLASSIFICATION_SETS = ("digits", "objects")
+DETECTION_SETS = ("digits-voc", "objects-voc", "deepforest-voc")
+SETS = CLASSIFICATION_SETS + DETECTION_SETS
+
+#: Objects of the ``objects`` sets: (photograph, box ``(x1, y1, x2, y2)`` in its pixels).
+OBJECTS: dict[str, tuple[str, tuple[int, int, int, int]]] = {
+    "face": ("astronaut", (150, 15, 305, 175)),
+    "helmet": ("astronaut", (275, 340, 512, 512)),
+    "shuttle": ("astronaut", (350, 0, 465, 285)),
+    "cup": ("coffee", (75, 15, 480, 390)),
+    "rocket": ("rocket", (290, 120, 350, 410)),
+    "cat": ("chelsea", (60, 40, 360, 290)),
+    "flower": ("flower", (165, 85, 450, 360)),
+}
+#: Photographs used as backgrounds (none of them holds one of :data:`OBJECTS`).
+BACKGROUNDS = ("brick", "grass", "gravel", "camera", "coins", "china", "moon", "text", "hubble_deep_field", "page")
+
+_SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+
+
+# ------------------------------------------------------------------ sources
+
+
+def _photo(name: str) -> Image.Image:
+    if name in ("china", "flower"):
+        from sklearn.datasets import load_sample_image
+
+        return Image.fromarray(load_sample_image(f"{name}.jpg")).convert("RGB")
+    from skimage import data
+
+    array = getattr(data, name)()
+    if array.dtype == bool:
+        array = array.astype(np.uint8) * 255
+    return Image.fromarray(array).convert("RGB")
+
+
+class _Sources:
+    """The package pictures, decoded once."""
+
+    def __init__(self) -> None:
+        self.backgrounds = [_photo(n) for n in BACKGROUNDS]
+        photos = {p: _photo(p) for p, _ in OBJECTS.values()}
+        self.objects = {name: photos[p].crop(box) for name, (p, box) in OBJECTS.items()}
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        self.digit_images = digits.images.astype(np.float32) / 16.0  # [1797, 8, 8] in [0, 1]
+        self.digit_labels = digits.target.astype(int)
+        # each split draws its digits from its own scans (no scan in two splits)
+        order = np.random.default_rng(1234).permutation(len(self.digit_labels))
+        thirds = np.array_split(order, [int(0.6 * len(order)), int(0.8 * len(order))])
+        self.digit_pool = {
+            split: {c: [i for i in thirds[k] if self.digit_labels[i] == c] for c in range(10)}
+            for split, k in _SPLIT_CODES.items()
+        }
+
+
+def _background(rng: np.random.Generator, src: _Sources, width: int, height: int) -> Image.Image:
+    """A random crop (random scale, position, flip) of a random background photograph."""
+    photo = src.backgrounds[int(rng.integers(len(src.backgrounds)))]
+    scale = rng.uniform(0.3, 1.0) * min(photo.width / width, photo.height / height)
+    cw, ch = max(8, int(width * scale)), max(8, int(height * scale))
+    x, y = int(rng.integers(0, photo.width - cw + 1)), int(rng.integers(0, photo.height - ch + 1))
+    bg = photo.crop((x, y, x + cw, y + ch)).resize((width, height), Image.Resampling.BILINEAR)
+    if rng.random() < 0.5:
+        bg = bg.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return bg
+
+
+def _colour_jitter(rng: np.random.Generator, img: Image.Image) -> Image.Image:
+    a = np.asarray(img, dtype=np.float32)
+    a = a * rng.uniform(0.7, 1.3) + rng.uniform(-20, 20, size=3)  # brightness, colour cast
+    grey = a.mean(2, keepdims=True)
+    a = grey + (a - grey) * rng.uniform(0.6, 1.4)  # saturation
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+
+
+def _digit_sprite(rng: np.random.Generator, src: _Sources, split: str, label: int, height: int,
+                  bg: Image.Image) -> tuple[Image.Image, Image.Image]:
+    """``(RGB, alpha)`` of one digit scan ``height`` px tall, rotated, coloured against ``bg``."""
+    pool = src.digit_pool[split][label]
+    scan = src.digit_images[pool[int(rng.integers(len(pool)))]]
+    width = max(4, int(round(height * rng.uniform(0.6, 0.9))))
+    alpha = Image.fromarray((scan * 255).astype(np.uint8)).resize((width, height), Image.Resampling.BICUBIC)
+    alpha = alpha.rotate(float(rng.uniform(-15, 15)), resample=Image.Resampling.BILINEAR, expand=True)
+    a = np.asarray(alpha, dtype=np.float32) / 255.0
+    a = np.clip((a - 0.25) * 2.0, 0, 1)  # sharpen the blurry upscaled strokes
+    mean = np.asarray(bg, dtype=np.float32).reshape(-1, 3).mean(0)
+    if rng.random() < 0.3:  # a texture from another photograph
+        fill = _background(rng, src, alpha.width, alpha.height)
+    else:  # a colour far from the background's mean
+        colour = rng.uniform(0, 255, size=3)
+        for _ in range(20):
+            if np.abs(colour - mean).sum() > 180:
+                break
+            colour = rng.uniform(0, 255, size=3)
+        fill = Image.new("RGB", alpha.size, tuple(int(c) for c in colour))
+    return fill, Image.fromarray((a * 255).astype(np.uint8))
+
+
+def _object_sprite(rng: np.random.Generator, src: _Sources, name: str, height: int) -> tuple[Image.Image, Image.Image]:
+    """``(RGB, alpha)`` of a jittered view of object ``name``, ``height`` px tall (before rotation)."""
+    obj = src.objects[name]
+    w, h = obj.size
+    dx, dy = 0.1 * w, 0.1 * h
+    box = (
+        rng.uniform(0, dx), rng.uniform(0, dy), w - rng.uniform(0, dx), h - rng.uniform(0, dy),
+    )  # fmt: skip
+    view = obj.crop(tuple(int(round(v)) for v in box))
+    aspect = view.width / view.height * math.exp(rng.uniform(-0.2, 0.2))
+    width = max(4, int(round(height * aspect)))
+    view = view.resize((width, height), Image.Resampling.BILINEAR)
+    if rng.random() < 0.5:
+        view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    view = _colour_jitter(rng, view)
+    if rng.random() < 0.3:
+        view = view.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.5, 1.5))))
+    yy, xx = np.mgrid[0:height, 0:width]
+    r = ((xx + 0.5 - width / 2) / (width / 2)) ** 2 + ((yy + 0.5 - height / 2) / (height / 2)) ** 2
+    alpha = np.clip((1.0 - r) / 0.25, 0, 1)  # soft elliptical mask
+    mask = Image.fromarray((alpha * 255).astype(np.uint8))
+    angle = float(rng.uniform(-15, 15))
+    view = view.rotate(angle, resample=Image.Resampling.BILINEAR, expand=True)
+    mask = mask.rotate(angle, resample=Image.Resampling.BILINEAR, expand=True)
+    return view, mask
+
+
+def _paste(canvas: Image.Image, sprite: Image.Image, alpha: Image.Image, x: int, y: int) -> tuple[int, int, int, int]:
+    """Composites ``sprite`` at ``(x, y)``; returns its tight box (0-based inclusive) where alpha > 0.5."""
+    canvas.paste(sprite, (x, y), alpha)
+    a = np.asarray(alpha) > 127
+    ys, xs = np.nonzero(a)
+    x1, y1 = max(0, x + int(xs.min())), max(0, y + int(ys.min()))
+    x2, y2 = min(canvas.width - 1, x + int(xs.max())), min(canvas.height - 1, y + int(ys.max()))
+    return x1, y1, x2, y2
+
+
+def _sprite(rng, src, kind: str, split: str, label: int, height: int, bg: Image.Image):
+    if kind == "digits":
+        return _digit_sprite(rng, src, split, label, height, bg)
+    return _object_sprite(rng, src, list(OBJECTS)[label], height)
+
+
+# ------------------------------------------------------------- classification
+
+
+def render_classification(rng: np.random.Generator, src: _Sources, kind: str, split: str, label: int,
+                          min_size: int = 64, max_size: int = 160) -> Image.Image:
+    """One image of class ``label``: a sprite at 30-90 % of the short side on a photo crop."""
+    short = int(rng.integers(min_size, max_size + 1))
+    aspect = math.exp(rng.uniform(-0.3, 0.3))
+    w, h = (int(round(short * aspect)), short) if aspect >= 1 else (short, int(round(short / aspect)))
+    canvas = _background(rng, src, w, h)
+    height = max(8, int(round(min(w, h) * rng.uniform(0.3, 0.9))))
+    sprite, alpha = _sprite(rng, src, kind, split, label, height, canvas)
+    if sprite.width > w or sprite.height > h:  # rotated or wide views can exceed the canvas
+        f = min(w / sprite.width, h / sprite.height)
+        size = (max(1, int(sprite.width * f)), max(1, int(sprite.height * f)))
+        sprite, alpha = sprite.resize(size, Image.Resampling.BILINEAR), alpha.resize(size, Image.Resampling.BILINEAR)
+    x = int(rng.integers(0, w - sprite.width + 1))
+    y = int(rng.integers(0, h - sprite.height + 1))
+    canvas.paste(sprite, (x, y), alpha)
+    return canvas
+
+
+def make_classification_set(out: Path, kind: str, src: _Sources, seed: int = 0,
+                            per_class: tuple[int, int, int] = (60, 20, 20)) -> Path:
+    """Writes ``out/{train,val,test}/<class>/<i>.jpg``; returns ``out``."""
+    classes = [str(d) for d in range(10)] if kind == "digits" else list(OBJECTS)
+    kind_code = CLASSIFICATION_SETS.index(kind)
+    for split, count in zip(_SPLIT_CODES, per_class):
+        for label, name in enumerate(classes):
+            folder = out / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                rng = np.random.default_rng([seed, kind_code, _SPLIT_CODES[split], label, i])
+                img = render_classification(rng, src, kind, split, label)
+                img.save(folder / f"{name}_{i:04d}.jpg", quality=92)
+    return out
+
+
+# ------------------------------------------------------------------ detection
+
+
+def _iou(a, b) -> float:
+    iw = min(a[2], b[2]) - max(a[0], b[0]) + 1
+    ih = min(a[3], b[3]) - max(a[1], b[1]) + 1
+    if iw <= 0 or ih <= 0:
+        return 0.0
+    inter = iw * ih
+    area = lambda r: (r[2] - r[0] + 1) * (r[3] - r[1] + 1)  # noqa: E731
+    return inter / (area(a) + area(b) - inter)
+
+
+def render_detection(rng: np.random.Generator, src: _Sources, kind: str, split: str,
+                     min_short: int = 200, max_short: int = 400, max_objects: int = 4) -> tuple[Image.Image, list[dict]]:
+    """An image with 1..``max_objects`` sprites (20 px to 70 % of the short side), boxes overlapping <= 0.1 IoU."""
+    classes = [str(d) for d in range(10)] if kind == "digits" else list(OBJECTS)
+    short = int(rng.integers(min_short, max_short + 1))
+    aspect = math.exp(rng.uniform(-0.35, 0.35))
+    w, h = (int(round(short * aspect)), short) if aspect >= 1 else (short, int(round(short / aspect)))
+    canvas = _background(rng, src, w, h)
+    objects: list[dict] = []
+    for _ in range(int(rng.integers(1, max_objects + 1))):
+        label = int(rng.integers(len(classes)))
+        height = int(round(math.exp(rng.uniform(math.log(20), math.log(0.7 * min(w, h))))))
+        for _attempt in range(10):
+            sprite, alpha = _sprite(rng, src, kind, split, label, height, canvas)
+            if sprite.width > w or sprite.height > h:
+                height = int(height * 0.8)
+                continue
+            x = int(rng.integers(0, w - sprite.width + 1))
+            y = int(rng.integers(0, h - sprite.height + 1))
+            ys, xs = np.nonzero(np.asarray(alpha) > 127)
+            if len(xs) == 0:
+                break
+            box = (x + int(xs.min()), y + int(ys.min()), x + int(xs.max()), y + int(ys.max()))
+            if all(_iou(box, o["box"]) <= 0.1 for o in objects):
+                objects.append({"name": classes[label], "box": _paste(canvas, sprite, alpha, x, y)})
+                break
+    return canvas, objects
+
+
+def _write_voc(out: Path, items: dict[str, list[tuple[Image.Image, list[dict]]]], database: str) -> Path:
+    (out / "Annotations").mkdir(parents=True, exist_ok=True)
+    (out / "JPEGImages").mkdir(parents=True, exist_ok=True)
+    sets = out / "ImageSets" / "Main"
+    sets.mkdir(parents=True, exist_ok=True)
+    ids: dict[str, list[str]] = {}
+    number = 0
+    for split, pairs in items.items():
+        ids[split] = []
+        for img, objects in pairs:
+            number += 1
+            image_id = f"{number:06d}"
+            img.save(out / "JPEGImages" / f"{image_id}.jpg", quality=92)
+            write_voc_annotation(out / "Annotations" / f"{image_id}.xml", f"{image_id}.jpg", img.size, objects,
+                                 database=database)  # fmt: skip
+            ids[split].append(image_id)
+    ids["trainval"] = ids.get("train", []) + ids.get("val", [])
+    for split, split_ids in ids.items():
+        (sets / f"{split}.txt").write_text("".join(f"{i}\n" for i in split_ids), encoding="utf-8")
+    return out
+
+
+def make_detection_set(out: Path, kind: str, src: _Sources, seed: int = 0,
+                       counts: tuple[int, int, int] = (120, 40, 100)) -> Path:
+    """Pascal VOC set of ``kind`` (``digits`` or ``objects``): train / val / test image counts."""
+    kind_code = 10 + CLASSIFICATION_SETS.index(kind)
+    items = {}
+    for split, count in zip(_SPLIT_CODES, counts):
+        items[split] = [
+            render_detection(np.random.default_rng([seed, kind_code, _SPLIT_CODES[split], i]), src, kind, split)
+            for i in range(count)
+        ]
+    return _write_voc(out, items, f"sppnet benchmarks {kind}")
+
+
+def make_deepforest_set(out: Path, wheel: Path, seed: int = 0, tile: int = 300, min_visible: float = 0.6,
+                        test_fraction: float = 0.3) -> Path:
+    """Tiles deepforest's annotated images (read from the wheel) into a one-class ("Tree") VOC set.
+
+    Each image with a ``.xml`` annotation is cut into ``tile x tile`` tiles (the
+    last row / column aligned to the border); a tree box is kept, clipped, when
+    at least ``min_visible`` of its area lies in the tile. Tiles without trees
+    are dropped. Tiles are shuffled with ``seed`` and split train / val / test.
+    """
+    tiles: list[tuple[Image.Image, list[dict]]] = []
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+        for xml_name in sorted(n for n in names if re.match(r"deepforest/data/.*\.xml$", n)):
+            root = ET.fromstring(zf.read(xml_name))
+            stem = xml_name[: -len(".xml")]
+            image_name = next((stem + e for e in (".png", ".tif", ".jpg") if stem + e in names), None)
+            if image_name is None:
+                continue
+            img = Image.open(io.BytesIO(zf.read(image_name))).convert("RGB")
+            boxes = []
+            for obj in root.iter("object"):
+                bb = obj.find("bndbox")
+                x1, y1, x2, y2 = (float(bb.find(t).text) - 1 for t in ("xmin", "ymin", "xmax", "ymax"))
+                if x2 > x1 and y2 > y1:
+                    boxes.append((x1, y1, x2, y2))
+            xs = sorted({*range(0, max(1, img.width - tile + 1), tile), max(0, img.width - tile)})
+            ys = sorted({*range(0, max(1, img.height - tile + 1), tile), max(0, img.height - tile)})
+            for ty in ys:
+                for tx in xs:
+                    tw, th = min(tile, img.width - tx), min(tile, img.height - ty)
+                    objects = []
+                    for x1, y1, x2, y2 in boxes:
+                        cx1, cy1 = max(x1, tx), max(y1, ty)
+                        cx2, cy2 = min(x2, tx + tw - 1), min(y2, ty + th - 1)
+                        if cx2 <= cx1 or cy2 <= cy1:
+                            continue
+                        visible = (cx2 - cx1 + 1) * (cy2 - cy1 + 1) / ((x2 - x1 + 1) * (y2 - y1 + 1))
+                        if visible >= min_visible:
+                            box = (cx1 - tx, cy1 - ty, cx2 - tx, cy2 - ty)
+                            objects.append({"name": "Tree", "box": box, "truncated": visible < 1})
+                    if objects:
+                        tiles.append((img.crop((tx, ty, tx + tw, ty + th)), objects))
+    if not tiles:
+        raise ValueError(f"no annotated images found in {wheel}")
+    order = np.random.default_rng(seed).permutation(len(tiles))
+    n_test = int(round(test_fraction * len(tiles)))
+    n_val = int(round(0.1 * len(tiles)))
+    split_of = {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
+    items = {s: [tiles[i] for i in sorted(split_of[s])] for s in ("train", "val", "test")}
+    return _write_voc(out, items, "deepforest (tiled)")
+
+
+# ----------------------------------------------------------------------- main
+
+
+def build(out: Path, names: list[str], seed: int = 0, wheel: Path | None = None, verbose: bool = True) -> dict[str, Path]:
+    """Builds the named sets under ``out/<name>`` (replacing old ones); returns their folders."""
+    unknown = [n for n in names if n not in SETS]
+    if unknown:
+        raise ValueError(f"unknown sets {unknown}; choose from {', '.join(SETS)}")
+    src = _Sources()
+    makers: dict[str, Callable[[Path], Path]] = {
+        "digits": lambda p: make_classification_set(p, "digits", src, seed),
+        "objects": lambda p: make_classification_set(p, "objects", src, seed, per_class=(80, 30, 30)),
+        "digits-voc": lambda p: make_detection_set(p, "digits", src, seed),
+        "objects-voc": lambda p: make_detection_set(p, "objects", src, seed),
+    }
+    if wheel is not None:
+        makers["deepforest-voc"] = lambda p: make_deepforest_set(p, wheel, seed)
+    done = {}
+    for name in names:
+        if name not in makers:
+            print(f"skipping {name}: pass --deepforest-wheel to build it", file=sys.stderr)
+            continue
+        t0 = time.perf_counter()
+        path = out / name
+        if path.exists():
+            shutil.rmtree(path)
+        done[name] = makers[name](path)
+        if verbose:
+            n = sum(1 for _ in path.rglob("*.jpg"))
+            print(f"{name}: {n} images in {path} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+    return done
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, required=True, help="folder that receives one sub-folder per set")
+    ap.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--deepforest-wheel", type=Path, default=None,
+                    help="deepforest-*.whl (pip download --no-deps deepforest -d DIR); needed for deepforest-voc")
+    args = ap.parse_args(argv)
+    build(args.out, args.sets, args.seed, args.deepforest_wheel)
+
+
+if __name__ == "__main__":
+    main()

@@ -83,7 +83,7 @@ def test_folder_of_mixed_files_keeps_the_good_ones(tmp_path):
     assert err.value.reason == "corrupt"
 
 
-def test_globs_files_and_unique_names(tmp_path):
+def test_globs_files_and_unique_names(tmp_path, monkeypatch):
     _image(tmp_path / "x" / "photo.jpg", 10)
     _image(tmp_path / "x" / "photo.png", 20)
     _image(tmp_path / "y" / "photo.jpg", 30)
@@ -109,6 +109,16 @@ def test_globs_files_and_unique_names(tmp_path):
         ("photo~3.jpg", "photo~3"),
     ]
     assert len({i.stem for i in items}) == 3
+    # A relative glob, from the working folder; an explicit file is an image whatever its suffix.
+    monkeypatch.chdir(tmp_path / "x")
+    Image.fromarray(np.zeros((3, 4, 3), np.uint8)).save(tmp_path / "x" / "picture.dat", format="PNG")
+    items, report, messages = _read(["*.jpg", "*.png", "picture.dat", "readme.md"])
+    assert [(i.name, i.stem) for i in items] == [
+        ("photo.jpg", "photo"),
+        ("photo~2.png", "photo~2"),
+        ("picture.dat", "picture.dat"),
+    ]
+    assert report.skipped.counts == {"not an image": 1} and "readme.md" in messages[0]
 
 
 def test_bad_sources_are_named_and_the_rest_is_read(tmp_path):

@@ -17,14 +17,14 @@ RGB, decompression-bomb guard); video frames with OpenCV's ``cv2.VideoCapture``
 Names. Every item has a ``name`` and a ``stem``, unique within one call, that
 stay the same from run to run (output files are named after them):
 
-=====================  ======================  ===========================
-item                   ``name``                ``stem``
-=====================  ======================  ===========================
-file ``a/photo.jpg``   ``photo.jpg``           ``photo``
-``folder/sub/b.png``   ``sub/b.png``           ``sub/b`` (path inside the folder)
-``data/**/*.jpg``      path below ``data``     the same without the suffix
-frame 123 of a video   ``clip.mp4#frame000123``  ``clip_frame000123``
-=====================  ======================  ===========================
+=====================  =========================  =====================================
+item                   ``name``                   ``stem``
+=====================  =========================  =====================================
+file ``a/photo.jpg``   ``photo.jpg``              ``photo``
+``folder/sub/b.png``   ``sub/b.png``              ``sub/b`` (the path inside the folder)
+``data/**/*.jpg``      the path below ``data``    the same without the suffix
+frame 123 of a video   ``clip.mp4#frame000123``   ``clip_frame000123``
+=====================  =========================  =====================================
 
 Two different files with the same stem (``photo.jpg`` and ``photo.png``, or
 ``photo.jpg`` from two folders) get ``photo`` and ``photo~2``. The same file

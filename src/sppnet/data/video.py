@@ -69,11 +69,12 @@ def read_frames(
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Decodes frames ``0, stride, 2 * stride, ...`` of a video.
 
-    Reading ends at ``info.frames``, at the first failure when the count is
-    unknown, or after ``_MAX_BAD_RUN`` failures in a row. Frames that fail
-    and are followed by a good one are reported one by one as ``"corrupt
-    frame"``; failures up to the end as one ``"truncated video"``; a video of
-    which no frame decodes as ``"unreadable video"`` (frame ``None``).
+    Reading ends at the first failure at or after frame ``info.frames`` (at the
+    first failure when the count is unknown), or after ``_MAX_BAD_RUN``
+    failures in a row. Frames before ``info.frames`` that fail and are followed
+    by a good one are reported one by one as ``"corrupt frame"``; failures up
+    to the end as one ``"truncated video"``; a video of which no frame decodes
+    as ``"unreadable video"`` (frame ``None``).
 
     Args:
         path: the video file.
@@ -93,13 +94,13 @@ def read_frames(
     index, read = 0, 0
     failed: list[int] = []  # the current run of frames that failed to decode
     try:
-        while info.frames is None or index < info.frames:
+        while True:
             wanted = index % stride == 0
             ok = cap.grab()
             frame = cap.retrieve()[1] if ok and wanted else None
             if not ok or (wanted and frame is None):
-                if info.frames is None:
-                    break  # no frame count: the first failure is the end
+                if info.frames is None or index >= info.frames:
+                    break  # the end (a header that under-counts costs nothing: we read on to here)
                 failed.append(index)
                 if len(failed) > _MAX_BAD_RUN:
                     break

@@ -1,20 +1,40 @@
 """Data-parallel training: the sharded sampler, and 2 gloo processes under torchrun
-matching one process with the same global batch."""
+matching one process with the same global batch; detection plumbing (shard / gather /
+fill_cache) in 2 gloo processes matching one process, each cache entry written once."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import itertools
+import json
 import os
 import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
+import pytest
 import torch
 
-from sppnet.data.synthetic import make_classification_dataset
-from sppnet.engine.classify import ClassifyConfig, build_model
-from sppnet.engine.common import load_weights
-from sppnet.engine.distributed import ShardedEpochSampler, derive_seed
+from sppnet.engine.distributed import (
+    CacheFill,
+    DistContext,
+    ShardedEpochSampler,
+    derive_seed,
+    fill_cache,
+    gather_shards,
+    init_distributed,
+    shard,
+    shutdown_distributed,
+    split_classes,
+)
+from sppnet.utils import atomic_path
+
+
+def _flat(lists: list[list[int]]) -> list[int]:
+    return list(itertools.chain.from_iterable(lists))
 
 
 def test_shards_of_all_ranks_form_the_global_order():
@@ -30,10 +50,10 @@ def test_shards_of_all_ranks_form_the_global_order():
     # 10 over 3 ranks: padded to 12 with the first indices of the order.
     three = [list(ShardedEpochSampler(10, 3, 1, r, 3)) for r in range(3)]
     assert [len(s) for s in three] == [4, 4, 4]
-    assert sorted(sum(three, [])) == sorted(single + single[:2])
+    assert sorted(_flat(three)) == sorted(single + single[:2])
     # Evaluation: no padding, every index exactly once.
     evals = [list(ShardedEpochSampler(10, 0, 0, r, 3, shuffle=False, pad=False)) for r in range(3)]
-    assert sorted(sum(evals, [])) == list(range(10)) and [len(e) for e in evals] == [4, 3, 3]
+    assert sorted(_flat(evals)) == list(range(10)) and [len(e) for e in evals] == [4, 3, 3]
     # Resuming mid-epoch skips this rank's first indices.
     assert list(ShardedEpochSampler(10, 3, 1, 1, 2, start=2)) == ranks[1][2:]
     assert len(ShardedEpochSampler(10, 3, 1, 1, 2, start=2)) == 3
@@ -57,27 +77,73 @@ def _metrics(path) -> list[dict]:
 
 
 def test_two_gloo_processes_match_one_process(tmp_path):
+    # Imported here: the spawned workers of the detection test below import this module.
+    from sppnet.data.synthetic import make_classification_dataset
+    from sppnet.engine.classify import ClassifyConfig, build_model
+    from sppnet.engine.common import load_weights
+
     data = make_classification_dataset(
         tmp_path / "data", seed=2, train_per_class=3, val_per_class=1, test_per_class=0, min_size=48, max_size=80
     )
     # Dropout off: each process draws its own masks, so only then is the math identical.
-    flags = ["--data", str(data), "--width", "0.1", "--fc-dim", "32", "--dropout", "0", "--size", "64",
-             "--epochs", "2", "--schedule", "multi", "--batch-size", "8", "--lr", "0.05", "--workers", "0",
-             "--device", "cpu", "--quiet"]  # fmt: skip
+    flags = [
+        "--data",
+        str(data),
+        "--width",
+        "0.1",
+        "--fc-dim",
+        "32",
+        "--dropout",
+        "0",
+        "--size",
+        "64",
+        "--epochs",
+        "2",
+        "--schedule",
+        "multi",
+        "--batch-size",
+        "8",
+        "--lr",
+        "0.05",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     single = subprocess.run(
         [sys.executable, "-m", "sppnet", "classify", "train", "--out", str(tmp_path / "one"), *flags],
-        env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert single.returncode == 0, single.stderr
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-                "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]  # fmt: skip
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+    ]
     ddp = subprocess.run(
         [*launcher, "-m", "sppnet", "classify", "train", "--out", str(tmp_path / "two"), *flags],
-        env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     a, meta_a = load_weights(tmp_path / "one" / "model.safetensors")
     b, meta_b = load_weights(tmp_path / "two" / "model.safetensors")
@@ -93,3 +159,140 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     for ra, rb in zip(rows_a, rows_b):
         assert abs(float(ra["train_loss"]) - float(rb["train_loss"])) < 1e-4
         assert ra["train_acc"] == rb["train_acc"] and ra["val_top1"] == rb["val_top1"]
+
+
+# --------------------------------------------------------------------------- #
+# Detection plumbing: shard / gather_shards / split_classes / fill_cache
+# --------------------------------------------------------------------------- #
+
+
+def _per_image(i: int) -> list[float]:
+    """A stand-in for one image's result: a small conv of a seeded image (deterministic, index-specific)."""
+    g = torch.Generator().manual_seed(1000 + i)
+    image = torch.rand(1, 3, 5 + i % 3, 7, generator=g)
+    weight = torch.rand(2, 3, 3, 3, generator=g)
+    return torch.nn.functional.conv2d(image, weight).sum(dim=(2, 3)).flatten().tolist()
+
+
+def test_shard_covers_every_index_once_in_balanced_parts():
+    for n in (0, 1, 5, 12, 13):
+        for world in (1, 2, 3, 5):
+            for strided in (False, True):
+                parts = [list(shard(n, DistContext(rank=r, world_size=world), strided)) for r in range(world)]
+                assert sorted(_flat(parts)) == list(range(n))
+                assert max(map(len, parts)) - min(map(len, parts)) <= 1
+                if not strided:  # contiguous blocks, in rank order
+                    assert _flat(parts) == list(range(n))
+                else:
+                    assert all(p == list(range(r, n, world)) for r, p in enumerate(parts))
+    assert list(split_classes(7, DistContext(rank=1, world_size=3))) == [1, 4]
+    with pytest.raises(ValueError, match="n >= 0"):
+        shard(-1, DistContext())
+
+
+def test_gather_shards_one_process_and_length_check():
+    ctx = DistContext()
+    assert gather_shards(["a", "b"], 2, ctx) == ["a", "b"]
+    with pytest.raises(ValueError, match="rank 0 has 1 results for its 2 indices"):
+        gather_shards(["a"], 2, ctx)
+
+
+def _cache_job(keys, cache_dir, log_dir, rank, stop_after=None) -> dict:
+    """Runs fill_cache on files ``cache_dir/<key>``; logs each build to ``log_dir/rank<r>.log``."""
+    ctx_calls = {"n": 0}
+
+    def exists(i: int) -> bool:
+        return (cache_dir / keys[i]).is_file()
+
+    def build(i: int) -> None:
+        with atomic_path(cache_dir / keys[i]) as tmp:
+            tmp.write_text(json.dumps(_per_image(i)))
+        with open(log_dir / f"rank{rank}.log", "a") as f:
+            f.write(f"{keys[i]}\n")
+        ctx_calls["n"] += 1
+
+    def should_stop() -> bool:
+        return stop_after is not None and ctx_calls["n"] >= stop_after
+
+    return should_stop, exists, build
+
+
+def _worker(rank: int, world: int, port: int, tmp: str, n: int, keys: list[str]) -> None:
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "GLOO_SOCKET_IFNAME": "lo",
+        }
+    )
+    torch.set_num_threads(1)
+    ctx = init_distributed("cpu", timeout_s=60)
+    assert ctx.world_size == world and ctx.backend == "gloo"
+    out = Path(tmp)
+    report = {}
+    for strided in (False, True):
+        mine = shard(n, ctx, strided)
+        report[f"mine_{strided}"] = list(mine)
+        report[f"gathered_{strided}"] = gather_shards([_per_image(i) for i in mine], n, ctx, strided)
+    # Rank 1 stops after one entry (an interrupt); a second call resumes.
+    should_stop, exists, build = _cache_job(
+        keys, out / "cache", out / "logs", rank, stop_after=1 if rank == 1 else None
+    )
+    first = fill_cache(keys, exists, build, ctx, should_stop=should_stop)
+    _, exists, build = _cache_job(keys, out / "cache", out / "logs", rank)
+    second = fill_cache(keys, exists, build, ctx)
+    report["fills"] = [dataclasses.asdict(first), dataclasses.asdict(second)]
+    (out / f"report{rank}.json").write_text(json.dumps(report))
+    shutdown_distributed(ctx)
+
+
+def test_two_gloo_processes_shard_gather_and_fill_each_entry_once(tmp_path):
+    n = 11
+    keys = [f"k{i % 9}" for i in range(n)]  # items 9 and 10 repeat the keys of 0 and 1
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "cache" / "k5").write_text(json.dumps(_per_image(5)))  # present before the run: not rebuilt
+    context = torch.multiprocessing.start_processes(
+        _worker, args=(2, _free_port(), str(tmp_path), n, keys), nprocs=2, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in context.processes:
+                p.kill()
+            pytest.fail("the 2 gloo processes did not finish within 120 s")
+    reports = [json.loads((tmp_path / f"report{r}.json").read_text()) for r in range(2)]
+    single = [_per_image(i) for i in range(n)]  # the one-process result
+    for r in reports:
+        for strided in ("False", "True"):
+            torch.testing.assert_close(torch.tensor(r[f"gathered_{strided}"]), torch.tensor(single))
+    assert reports[0]["mine_False"] == list(range(5)) and reports[1]["mine_False"] == list(range(5, 11))
+    assert reports[0]["mine_True"] == list(range(0, 11, 2)) and reports[1]["mine_True"] == list(range(1, 11, 2))
+    # Each missing entry built by exactly one process, over the interrupted call and its resume.
+    logs = [(tmp_path / "logs" / f"rank{r}.log").read_text().split() for r in range(2)]
+    built = logs[0] + logs[1]
+    assert sorted(built) == sorted(set(keys) - {"k5"}) and len(built) == len(set(built)) == 8
+    first0, second0 = reports[0]["fills"]
+    assert first0["missing"] == 8 and first0["stopped"] and first0["built"] == 4
+    assert reports[1]["fills"][0]["built"] == 1 and first0["built_all"] == 5
+    assert second0["missing"] == 3 and second0["built_all"] == 3 and not second0["stopped"]
+    assert reports[0]["fills"][1]["built_all"] == reports[1]["fills"][1]["built_all"]
+    for key in set(keys):
+        i = keys.index(key)
+        torch.testing.assert_close(
+            torch.tensor(json.loads((tmp_path / "cache" / key).read_text())), torch.tensor(single[i])
+        )
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_fill_cache_one_process(tmp_path):
+    keys = ["a", "b", "a", "c"]
+    (tmp_path / "logs").mkdir()
+    should_stop, exists, build = _cache_job(keys, tmp_path / "cache", tmp_path / "logs", 0)
+    result = fill_cache(keys, exists, build, DistContext(), should_stop=should_stop)
+    assert result == CacheFill(missing=3, built=3, built_all=3, stopped=False)
+    assert (tmp_path / "logs" / "rank0.log").read_text().split() == ["a", "b", "c"]
+    assert fill_cache(keys, exists, build, DistContext()) == CacheFill(0, 0, 0, False)

@@ -15,15 +15,32 @@ local batch ``k`` of all ranks together is exactly global batch ``k`` of a
 single process: DDP's gradient average then equals the single-process gradient
 of the same batch (equal local batch sizes), which ``tests/test_distributed.py``
 checks.
+
+Detection stages (proposals, conv5 caching, evaluation) split the images, not
+batches: :func:`shard` gives each rank a fixed part of ``range(n)`` and
+:func:`gather_shards` puts every rank's per-image results back in image order,
+so the result is the one of a single process. Per-class work (SVMs, box
+regressors) is split with :func:`split_classes`. :func:`fill_cache` fills a
+per-image cache with each entry written by exactly one process::
+
+    ctx = init_distributed(device)
+    mine = shard(len(images), ctx)                          # contiguous block
+    local = [detect(images[i]) for i in mine]               # per-image results (CPU objects)
+    results = gather_shards(local, len(images), ctx)        # on every rank, in image order
+    if ctx.is_main:
+        write(results)
+
+Everything here works, unchanged, with one process (``world_size == 1``) and
+then makes no collective call.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -34,17 +51,24 @@ from torch.utils.data import Sampler
 from sppnet.engine.common import UserError, resolve_device
 
 __all__ = [
+    "CacheFill",
     "DistContext",
-    "init_distributed",
-    "shutdown_distributed",
     "ShardedEpochSampler",
-    "derive_seed",
-    "wrap_model",
-    "all_reduce_sum",
     "all_gather_objects",
-    "broadcast_object",
+    "all_reduce_sum",
     "barrier",
+    "broadcast_object",
+    "derive_seed",
+    "fill_cache",
+    "gather_shards",
+    "init_distributed",
+    "shard",
+    "shutdown_distributed",
+    "split_classes",
+    "wrap_model",
 ]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -54,7 +78,7 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     backend: str | None = None  # None: no process group (a single process)
 
     @property
@@ -98,9 +122,7 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistCon
         raise UserError(f"RANK={rank} is outside [0, WORLD_SIZE={world})")
     if dev.type == "cuda":
         if torch.cuda.device_count() <= local_rank:
-            raise UserError(
-                f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA devices are visible"
-            )
+            raise UserError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA devices are visible")
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
         backend = "nccl"
@@ -222,3 +244,143 @@ def barrier(ctx: DistContext) -> None:
 
 def _comm_device(ctx: DistContext) -> torch.device:
     return ctx.device if ctx.backend == "nccl" else torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- #
+# Per-image and per-class work (detection)
+# --------------------------------------------------------------------------- #
+
+
+def _shard_range(n: int, rank: int, world_size: int, strided: bool) -> range:
+    if strided:
+        return range(rank, n, world_size)
+    return range(rank * n // world_size, (rank + 1) * n // world_size)
+
+
+def shard(n: int, ctx: DistContext, strided: bool = False) -> range:
+    """This rank's part of ``range(n)``: every index on exactly one rank, the same on every call.
+
+    Args:
+        n: number of items (images, classes); ``n < world_size`` leaves some ranks empty.
+        ctx: this process.
+        strided: False (contiguous): rank ``r`` gets ``[r * n // N, (r + 1) * n // N)``,
+            neighbouring images together (a video's frames, a sorted folder).
+            True (strided): ``r, r + N, r + 2N, ...``, round robin, for items
+            whose cost drifts with the index (classes sorted by frequency).
+            Either way the parts differ in length by at most one.
+
+    Returns:
+        range: the indices, increasing.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"shard needs a count n >= 0, got {n!r}")
+    return _shard_range(n, ctx.rank, ctx.world_size, strided)
+
+
+def gather_shards(local: Sequence[T], n: int, ctx: DistContext, strided: bool = False) -> list[T]:
+    """Every rank's results for its :func:`shard`, back in the order ``0..n-1``, on every rank.
+
+    Args:
+        local: this rank's results, one per index of ``shard(n, ctx, strided)``, in
+            that order; picklable (move tensors to the CPU first).
+        n, strided: as given to :func:`shard`.
+        ctx: this process.
+
+    Returns:
+        list of ``n`` results; ``list(local)`` for one process.
+
+    Raises:
+        ValueError: ``local`` (or another rank's part) does not match its shard's length.
+    """
+    mine = shard(n, ctx, strided)
+    if len(local) != len(mine):
+        raise ValueError(f"rank {ctx.rank} has {len(local)} results for its {len(mine)} indices of {n}")
+    parts = all_gather_objects(list(local), ctx)
+    out: list[Any] = [None] * n
+    for rank, part in enumerate(parts):
+        indices = _shard_range(n, rank, ctx.world_size, strided)
+        if len(part) != len(indices):
+            raise ValueError(f"rank {rank} sent {len(part)} results for its {len(indices)} indices of {n}")
+        for i, value in zip(indices, part):
+            out[i] = value
+    return out
+
+
+def split_classes(num_classes: int, ctx: DistContext) -> range:
+    """The classes this rank trains (SVMs, box regressors): ``shard(num_classes, ctx, strided=True)``.
+
+    Collect the per-class results with ``gather_shards(results, num_classes, ctx, strided=True)``.
+    """
+    return shard(num_classes, ctx, strided=True)
+
+
+@dataclass(frozen=True)
+class CacheFill:
+    """What :func:`fill_cache` did.
+
+    Attributes:
+        missing (int): distinct entries that were missing before the call (all ranks).
+        built (int): entries this rank built.
+        built_all (int): entries all ranks built together.
+        stopped (bool): some rank stopped early (``should_stop``): entries are still missing.
+    """
+
+    missing: int
+    built: int
+    built_all: int
+    stopped: bool
+
+
+def fill_cache(
+    keys: Sequence[str],
+    exists: Callable[[int], bool],
+    build: Callable[[int], None],
+    ctx: DistContext,
+    should_stop: Callable[[], bool] | None = None,
+    progress: Callable[[Iterable[int]], Iterable[int]] | None = None,
+) -> CacheFill:
+    """Builds the missing entries of a per-item cache, each entry by exactly one process.
+
+    1. Rank 0 lists the distinct keys whose entry does not exist (the first item
+       of each key stands for it) and sends the list to every rank, so all ranks
+       agree on the work even while files appear.
+    2. Each rank builds its strided share of that list (balanced to one entry).
+    3. A sum over ranks of what each built, which no rank passes before all
+       have finished: on return every entry built by any rank is on disk.
+
+    ``build`` must write its entry atomically (``sppnet.utils.atomic_path`` /
+    ``save_cache``): a run killed midway leaves whole entries or none, and the
+    next call builds only what is missing (resume). Items with equal keys (two
+    copies of one image) are built once.
+
+    Args:
+        keys: ``keys[i]`` names item ``i``'s entry (e.g. its content hash).
+        exists: ``exists(i)`` tells whether item ``i``'s entry is present and valid
+            (called on rank 0 only).
+        build: ``build(i)`` computes and stores item ``i``'s entry.
+        ctx: this process.
+        should_stop: polled after each entry (e.g. a graceful-interrupt flag);
+            True stops this rank; the others learn it at the end (``stopped``).
+        progress: wraps this rank's iterable of indices (a progress bar; pass one
+            on the main rank only).
+
+    Returns:
+        :class:`CacheFill`, the same ``missing``, ``built_all`` and ``stopped`` on every rank.
+    """
+    todo: list[int] | None = None
+    if ctx.is_main:
+        first: dict[str, int] = {}
+        for i, key in enumerate(keys):
+            first.setdefault(key, i)
+        todo = [i for i in first.values() if not exists(i)]
+    todo = broadcast_object(todo, ctx)
+    mine = todo[ctx.rank :: ctx.world_size]
+    built, stopped = 0, False
+    for i in progress(mine) if progress is not None else mine:
+        build(i)
+        built += 1
+        if should_stop is not None and should_stop():
+            stopped = True
+            break
+    totals = all_reduce_sum([built, float(stopped)], ctx)  # also the barrier of step 3
+    return CacheFill(missing=len(todo), built=built, built_all=int(totals[0]), stopped=totals[1] > 0)

@@ -83,9 +83,7 @@ def test_box_iou_matches_loop(inclusive, integer):
     b = random_boxes(5, g, integer=integer)
     got = box_iou(a, b, inclusive=inclusive)
     assert got.shape == (7, 5)
-    expected = torch.tensor(
-        [[iou_ref(x, y, inclusive) for y in b.tolist()] for x in a.tolist()], dtype=torch.float64
-    )
+    expected = torch.tensor([[iou_ref(x, y, inclusive) for y in b.tolist()] for x in a.tolist()], dtype=torch.float64)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
 
 
@@ -282,9 +280,7 @@ def test_encode_matches_formula_and_decode_inverts(inclusive):
 def test_encode_known_values():
     p = torch.tensor([[0.0, 0.0, 9.0, 9.0]])  # 10x10 pixels, centre (5, 5)
     t = torch.tensor([[5.0, 0.0, 24.0, 4.0]])  # 20x5 pixels, centre (15, 2.5)
-    torch.testing.assert_close(
-        encode_boxes(p, t), torch.tensor([[1.0, -0.25, math.log(2.0), math.log(0.5)]])
-    )
+    torch.testing.assert_close(encode_boxes(p, t), torch.tensor([[1.0, -0.25, math.log(2.0), math.log(0.5)]]))
 
 
 def test_decode_per_class_deltas_and_clamp():
@@ -368,5 +364,6 @@ def test_select_detections_cuda_matches_cpu():
     for key in ("boxes", "scores", "labels"):
         assert gpu[key].is_cuda
         torch.testing.assert_close(gpu[key].cpu(), cpu[key])
-    torch.testing.assert_close(box_iou(boxes.cuda(), boxes[:7].cuda(), inclusive=True).cpu(),
-                               box_iou(boxes, boxes[:7], inclusive=True))
+    torch.testing.assert_close(
+        box_iou(boxes.cuda(), boxes[:7].cuda(), inclusive=True).cpu(), box_iou(boxes, boxes[:7], inclusive=True)
+    )

@@ -44,8 +44,8 @@ def greedy_nms_ref(boxes, scores, thr, inclusive):
     return kept
 
 
-def select_ref(boxes, scores, score_thr, nms_thr, max_per_image, inclusive):
-    """Per-class threshold + NMS, then the best ``max_per_image`` over classes."""
+def select_ref(boxes, scores, score_thr, nms_thr, max_per_image, inclusive, max_per_class=None):
+    """Per-class threshold + NMS + the best ``max_per_class``, then the best ``max_per_image`` over classes."""
     num_windows, num_classes = scores.shape
     if boxes.dim() == 2:
         boxes = boxes[:, None, :].expand(num_windows, num_classes, 4)
@@ -54,6 +54,8 @@ def select_ref(boxes, scores, score_thr, nms_thr, max_per_image, inclusive):
         thr = score_thr[c] if isinstance(score_thr, (list, tuple)) else score_thr
         cand = [k for k in range(num_windows) if scores[k, c].item() > thr]
         kept = greedy_nms_ref(boxes[cand, c], scores[cand, c], nms_thr, inclusive)
+        if max_per_class is not None:
+            kept = kept[:max_per_class]  # greedy NMS visits by decreasing score, ties by window
         found += [(scores[cand[i], c].item(), cand[i], c) for i in kept]
     found.sort(key=lambda t: (-t[0], t[1], t[2]))
     if max_per_image is not None:
@@ -81,9 +83,7 @@ def test_box_iou_matches_loop(inclusive, integer):
     b = random_boxes(5, g, integer=integer)
     got = box_iou(a, b, inclusive=inclusive)
     assert got.shape == (7, 5)
-    expected = torch.tensor(
-        [[iou_ref(x, y, inclusive) for y in b.tolist()] for x in a.tolist()], dtype=torch.float64
-    )
+    expected = torch.tensor([[iou_ref(x, y, inclusive) for y in b.tolist()] for x in a.tolist()], dtype=torch.float64)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
 
 
@@ -169,11 +169,12 @@ def test_nms_empty_and_bad_inputs():
 # -------------------------------------------------------- select_detections
 
 
-def _check_select(boxes, scores, score_thr, nms_thr, max_per_image, inclusive):
-    out = select_detections(boxes, scores, score_thr, nms_thr, max_per_image, inclusive)
-    expected = select_ref(boxes, scores, score_thr, nms_thr, max_per_image, inclusive)
+def _check_select(boxes, scores, score_thr, nms_thr, max_per_image, inclusive, max_per_class=None):
+    out = select_detections(boxes, scores, score_thr, nms_thr, max_per_image, inclusive, max_per_class)
+    expected = select_ref(boxes, scores, score_thr, nms_thr, max_per_image, inclusive, max_per_class)
     assert out["labels"].dtype == torch.int64
     assert out["labels"].tolist() == [c for _, _, c in expected]
+    assert out["windows"].tolist() == [k for _, k, _ in expected]
     assert out["scores"].tolist() == [s for s, _, _ in expected]
     per_class = boxes if boxes.dim() == 3 else boxes[:, None, :].expand(-1, scores.shape[1], -1)
     expected_boxes = [per_class[k, c].tolist() for _, k, c in expected]
@@ -193,6 +194,8 @@ def test_select_detections_matches_reference(seed, per_class_boxes):
     scores = (torch.randn(num_windows, num_classes, generator=g, dtype=torch.float64) * 2).round() / 2
     for score_thr, max_per_image in [(float("-inf"), 100), (0.0, 25), (-1.0, None), (0.5, 1)]:
         _check_select(boxes, scores, score_thr, 0.3, max_per_image, inclusive=True)
+        for max_per_class in (1, 4):  # per class, then over classes
+            _check_select(boxes, scores, score_thr, 0.3, max_per_image, True, max_per_class=max_per_class)
     _check_select(boxes, scores, 0.0, 0.5, 40, inclusive=False)
     # one threshold per class (calibrated operating points); +-inf keep all / none
     per_class = [0.0, -1.0, float("inf"), 0.5, float("-inf")]
@@ -202,15 +205,21 @@ def test_select_detections_matches_reference(seed, per_class_boxes):
     assert out["labels"].tolist() == [c for _, _, c in select_ref(boxes, scores, per_class, 0.3, 100, True)]
 
 
-def test_select_detections_keeps_top_100_by_default():
+def test_select_detections_keeps_100_per_class_by_default():
+    # spp_test.m: at most 100 detections of EACH class per image (not 100 over all classes).
     g = torch.Generator().manual_seed(0)
-    # Far-apart windows: NMS removes nothing, so the cap alone decides.
+    # Far-apart windows: NMS removes nothing, so the caps alone decide.
     xy = torch.arange(300, dtype=torch.float64)[:, None] * 100
     boxes = torch.cat([xy, xy, xy + 10, xy + 10], dim=1)
     scores = torch.rand(300, 2, generator=g, dtype=torch.float64)
+    scores[:, 1] -= 0.5  # class 1 scores lower: a total cap of 100 would keep few of them
     out = select_detections(boxes, scores)
-    assert len(out["scores"]) == 100
-    torch.testing.assert_close(out["scores"], scores.flatten().sort(descending=True).values[:100])
+    assert len(out["scores"]) == 200
+    for c in range(2):
+        torch.testing.assert_close(out["scores"][out["labels"] == c], scores[:, c].sort(descending=True).values[:100])
+    total = select_detections(boxes, scores, max_per_image=100, max_per_class=None)
+    torch.testing.assert_close(total["scores"], scores.flatten().sort(descending=True).values[:100])
+    assert int((total["labels"] == 1).sum()) < 50  # the case tells the two caps apart
 
 
 def test_select_detections_empty_and_errors():
@@ -224,6 +233,8 @@ def test_select_detections_empty_and_errors():
         select_detections(torch.zeros(3, 4), torch.zeros(3), 0.0)
     with pytest.raises(ValueError, match="max_per_image must be a positive int or None, got 0"):
         select_detections(torch.zeros(3, 4), torch.zeros(3, 2), 0.0, max_per_image=0)
+    with pytest.raises(ValueError, match="max_per_class must be a positive int or None, got 1.5"):
+        select_detections(torch.zeros(3, 4), torch.zeros(3, 2), 0.0, max_per_class=1.5)
     with pytest.raises(ValueError, match="nms_threshold must be in"):
         select_detections(torch.zeros(3, 4), torch.zeros(3, 2), 0.0, nms_threshold=-0.1)
     with pytest.raises(ValueError, match=r"sequence of 2 per-class values .* got shape \(3,\)"):
@@ -269,9 +280,7 @@ def test_encode_matches_formula_and_decode_inverts(inclusive):
 def test_encode_known_values():
     p = torch.tensor([[0.0, 0.0, 9.0, 9.0]])  # 10x10 pixels, centre (5, 5)
     t = torch.tensor([[5.0, 0.0, 24.0, 4.0]])  # 20x5 pixels, centre (15, 2.5)
-    torch.testing.assert_close(
-        encode_boxes(p, t), torch.tensor([[1.0, -0.25, math.log(2.0), math.log(0.5)]])
-    )
+    torch.testing.assert_close(encode_boxes(p, t), torch.tensor([[1.0, -0.25, math.log(2.0), math.log(0.5)]]))
 
 
 def test_decode_per_class_deltas_and_clamp():
@@ -355,5 +364,6 @@ def test_select_detections_cuda_matches_cpu():
     for key in ("boxes", "scores", "labels"):
         assert gpu[key].is_cuda
         torch.testing.assert_close(gpu[key].cpu(), cpu[key])
-    torch.testing.assert_close(box_iou(boxes.cuda(), boxes[:7].cuda(), inclusive=True).cpu(),
-                               box_iou(boxes, boxes[:7], inclusive=True))
+    torch.testing.assert_close(
+        box_iou(boxes.cuda(), boxes[:7].cuda(), inclusive=True).cpu(), box_iou(boxes, boxes[:7], inclusive=True)
+    )

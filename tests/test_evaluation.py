@@ -11,11 +11,16 @@ import pytest
 import torch
 
 from sppnet.evaluation import (
+    VOC07_RECALL_THRESHOLDS,
     PRCurve,
     average_precision,
     best_f1_thresholds,
+    coco_ground_truth,
+    coco_image_ids,
+    coco_results,
     evaluate_detections,
     precision_recall,
+    save_coco_results,
 )
 
 # ------------------------------------------------------------------ helpers
@@ -25,7 +30,11 @@ def pred(boxes, scores, labels=None):
     boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
     labels = [0] * len(boxes) if labels is None else labels
     scores = torch.tensor(scores, dtype=torch.float32)
-    return {"boxes": boxes, "scores": scores, "labels": torch.tensor(labels, dtype=torch.long)}
+    return {
+        "boxes": boxes,
+        "scores": scores,
+        "labels": torch.tensor(labels, dtype=torch.long),
+    }
 
 
 def target(boxes, labels=None, difficult=None):
@@ -56,11 +65,27 @@ def nan_max(values):
     return max(values) if values else None
 
 
+def matlab_colon(a, d, b):
+    """MATLAB's ``a:d:b`` (colon.m): n = round((b - a) / d) steps, the first half
+    counted from ``a`` (``a + k*d``), the second from ``b`` (``b - (n-k)*d``), the
+    middle of an even n at ``(a + b) / 2``."""
+    n = round((b - a) / d)
+    out = []
+    for k in range(n + 1):
+        if 2 * k < n:
+            out.append(a + k * d)
+        elif 2 * k > n:
+            out.append(b - (n - k) * d)
+        else:
+            out.append((a + b) / 2)
+    return out
+
+
 def devkit_ap(preds, gts, cls, iou_threshold, metric, inclusive=True):
     """VOCevaldet.m + VOCap.m for one class, transcribed loop for loop.
 
-    Differences, as documented in sppnet.evaluation: npos = 0 gives NaN; the
-    11 thresholds are exact k / 10; an all-NaN precision gives p = 0.
+    Differences, as documented in sppnet.evaluation: npos = 0 gives NaN; an
+    all-NaN precision gives p = 0.
     """
     off = 1.0 if inclusive else 0.0
     # load ground truth objects
@@ -69,11 +94,13 @@ def devkit_ap(preds, gts, cls, iou_threshold, metric, inclusive=True):
     for t in gts:
         keep = [j for j, lab in enumerate(t["labels"].tolist()) if lab == cls]
         diff = t["difficult"].tolist() if "difficult" in t else [False] * len(t["labels"])
-        gt.append({
-            "BB": [t["boxes"][j].double().tolist() for j in keep],
-            "diff": [bool(diff[j]) for j in keep],
-            "det": [False] * len(keep),
-        })
+        gt.append(
+            {
+                "BB": [t["boxes"][j].double().tolist() for j in keep],
+                "diff": [bool(diff[j]) for j in keep],
+                "det": [False] * len(keep),
+            }
+        )
         npos += sum(not diff[j] for j in keep)
     # load results
     ids, confidence, BB = [], [], []
@@ -97,14 +124,21 @@ def devkit_ap(preds, gts, cls, iou_threshold, metric, inclusive=True):
         ovmax = -math.inf
         jmax = None
         for j, bbgt in enumerate(gt[i]["BB"]):
-            bi = [max(bb[0], bbgt[0]), max(bb[1], bbgt[1]), min(bb[2], bbgt[2]), min(bb[3], bbgt[3])]
+            bi = [
+                max(bb[0], bbgt[0]),
+                max(bb[1], bbgt[1]),
+                min(bb[2], bbgt[2]),
+                min(bb[3], bbgt[3]),
+            ]
             iw = bi[2] - bi[0] + off
             ih = bi[3] - bi[1] + off
             if iw > 0 and ih > 0:
                 # compute overlap as area of intersection / area of union
-                ua = (bb[2] - bb[0] + off) * (bb[3] - bb[1] + off) + (
-                    (bbgt[2] - bbgt[0] + off) * (bbgt[3] - bbgt[1] + off)
-                ) - iw * ih
+                ua = (
+                    (bb[2] - bb[0] + off) * (bb[3] - bb[1] + off)
+                    + ((bbgt[2] - bbgt[0] + off) * (bbgt[3] - bbgt[1] + off))
+                    - iw * ih
+                )
                 ov = iw * ih / ua
                 if ov > ovmax:
                     ovmax = ov
@@ -132,8 +166,7 @@ def devkit_ap(preds, gts, cls, iou_threshold, metric, inclusive=True):
     # compute average precision
     if metric == "voc07":
         ap = 0.0
-        for k in range(11):
-            t = k / 10
+        for t in matlab_colon(0.0, 0.1, 1.0):
             p = nan_max([prec[d] for d in range(nd) if rec[d] >= t])
             ap += (0.0 if p is None else p) / 11
         return ap
@@ -176,16 +209,20 @@ def random_dataset(seed, num_images=120, num_classes=3, integer=True):
             det_boxes, gt_boxes = det_boxes.round(), gt_boxes.round()
         det_labels = np.concatenate([near_labels, rng.integers(0, num_classes, n_rand)])
         scores = rng.integers(0, 8, len(det_boxes)) / 8  # many ties
-        preds.append({
-            "boxes": torch.tensor(det_boxes, dtype=torch.float32).reshape(-1, 4),
-            "scores": torch.tensor(scores, dtype=torch.float32),
-            "labels": torch.tensor(det_labels, dtype=torch.long),
-        })
-        gts.append({
-            "boxes": torch.tensor(gt_boxes, dtype=torch.float32).reshape(-1, 4),
-            "labels": torch.tensor(gt_labels, dtype=torch.long),
-            "difficult": torch.tensor(rng.random(n_gt) < 0.2),
-        })
+        preds.append(
+            {
+                "boxes": torch.tensor(det_boxes, dtype=torch.float32).reshape(-1, 4),
+                "scores": torch.tensor(scores, dtype=torch.float32),
+                "labels": torch.tensor(det_labels, dtype=torch.long),
+            }
+        )
+        gts.append(
+            {
+                "boxes": torch.tensor(gt_boxes, dtype=torch.float32).reshape(-1, 4),
+                "labels": torch.tensor(gt_labels, dtype=torch.long),
+                "difficult": torch.tensor(rng.random(n_gt) < 0.2),
+            }
+        )
     return preds, gts
 
 
@@ -310,13 +347,45 @@ def test_score_ties_keep_input_order():
     assert ap_of([pred([A], [0.5]), pred([NOWHERE], [0.5])], gts2) == pytest.approx(6 / 11, abs=1e-15)
 
 
-def test_voc07_thresholds_are_exact_tenths():
-    # 10 objects, 3 found with precision 1: recall 3/10 reaches t = 0.3, so 4 of 11
-    # points count. With np.arange(0, 1.1, 0.1) (t = 0.30000000000000004) it would be 3.
+def test_voc07_thresholds_are_matlabs_doubles():
+    # The doubles of MATLAB's 0:0.1:1, written out: 0.3 is 3 * 0.1; 0.6, 0.7 the nearest doubles.
+    expected = [0.0, 0.1, 0.2, 0.30000000000000004, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+    assert list(VOC07_RECALL_THRESHOLDS) == expected == matlab_colon(0.0, 0.1, 1.0)
+    assert 3 / 10 < VOC07_RECALL_THRESHOLDS[3] and 6 / 10 >= VOC07_RECALL_THRESHOLDS[6]
+    assert 7 / 10 >= VOC07_RECALL_THRESHOLDS[7]
+
+
+def eleven_point(recall, precision, thresholds):
+    return sum(max((p for r, p in zip(recall, precision) if r >= t), default=0.0) for t in thresholds) / 11
+
+
+def test_voc07_recalls_of_exactly_three_six_and_seven_tenths():
+    # 10 objects; T = true positive, F = false positive, in score order:
+    #   TTT F TTT FFF T FFFFF T  ->  recall exactly 3/10 (precision 1), 6/10 (6/7), 7/10 (7/11).
+    # t = 0.3: k/10 counts recall 3/10 (p = 1), MATLAB's 0.30000000000000004 does not (p = 6/7);
+    # t = 0.6, 0.7: MATLAB counts 6/10 and 7/10, np.arange's 0.6000000000000001 and
+    # 0.7000000000000001 do not (p = 7/11 and 8/17 instead of 6/7 and 7/11).
     objects = [[20 * k, 0, 20 * k + 9, 9] for k in range(10)]
-    preds = [pred(objects[:3], [0.9, 0.8, 0.7])]
-    assert ap_of(preds, [target(objects)]) == pytest.approx(4 / 11, abs=1e-15)
-    assert np.arange(0.0, 1.1, 0.1)[3] > 3 / 10  # the trap being avoided
+    pattern = "TTTFTTTFFFTFFFFFT"
+    boxes, found = [], 0
+    for j, c in enumerate(pattern):
+        if c == "T":
+            boxes.append(objects[found])
+            found += 1
+        else:
+            boxes.append([300 + 20 * j, 300, 309 + 20 * j, 309])
+    scores = [1.0 - j / 100 for j in range(len(pattern))]
+    preds, gts = [pred(boxes, scores)], [target(objects)]
+
+    curve = precision_recall(preds, gts, ["thing"])["thing"]
+    assert {3 / 10, 6 / 10, 7 / 10} <= set(curve.recall.tolist())
+    matlab = eleven_point(curve.recall, curve.precision, matlab_colon(0.0, 0.1, 1.0))
+    tenths = eleven_point(curve.recall, curve.precision, [k / 10 for k in range(11)])
+    arange = eleven_point(curve.recall, curve.precision, np.arange(0.0, 1.1, 0.1).tolist())
+    assert len({matlab, tenths, arange}) == 3  # the case tells the three apart
+    assert ap_of(preds, gts) == pytest.approx(matlab, abs=1e-15)
+    assert ap_of(preds, gts) == pytest.approx(devkit_ap(preds, gts, 0, 0.5, "voc07"), abs=1e-15)
+    assert average_precision(curve.recall, curve.precision) == pytest.approx(matlab, abs=1e-15)
 
 
 def test_average_precision_direct():
@@ -349,8 +418,20 @@ def test_no_detections_gives_zero():
 
 
 def test_numpy_inputs_accepted():
-    preds = [{"boxes": np.array([A], dtype=np.float64), "scores": np.array([0.3]), "labels": np.array([0])}]
-    gts = [{"boxes": np.array([A]), "labels": np.array([0]), "difficult": np.array([False])}]
+    preds = [
+        {
+            "boxes": np.array([A], dtype=np.float64),
+            "scores": np.array([0.3]),
+            "labels": np.array([0]),
+        }
+    ]
+    gts = [
+        {
+            "boxes": np.array([A]),
+            "labels": np.array([0]),
+            "difficult": np.array([False]),
+        }
+    ]
     assert evaluate_detections(preds, gts, ["a"])["mAP"] == 1.0
 
 
@@ -369,7 +450,11 @@ def test_matches_devkit_loop_on_random_data(seed, metric):
             if math.isnan(expected):
                 assert math.isnan(out["ap"][name])
             else:
-                assert out["ap"][name] == pytest.approx(expected, abs=1e-12), (name, iou_threshold, inclusive)
+                assert out["ap"][name] == pytest.approx(expected, abs=1e-12), (
+                    name,
+                    iou_threshold,
+                    inclusive,
+                )
 
 
 def test_five_thousand_images_complete():
@@ -389,13 +474,19 @@ def test_five_thousand_images_complete():
     scores = rng.random((num_images, num_dets))
     difficult = rng.random((num_images, num_gts)) < 0.1
     preds = [
-        {"boxes": torch.from_numpy(det_boxes[i]), "scores": torch.from_numpy(scores[i]),
-         "labels": torch.from_numpy(det_labels[i])}
+        {
+            "boxes": torch.from_numpy(det_boxes[i]),
+            "scores": torch.from_numpy(scores[i]),
+            "labels": torch.from_numpy(det_labels[i]),
+        }
         for i in range(num_images)
     ]
     gts = [
-        {"boxes": torch.from_numpy(gt_boxes[i]), "labels": torch.from_numpy(gt_labels[i]),
-         "difficult": torch.from_numpy(difficult[i])}
+        {
+            "boxes": torch.from_numpy(gt_boxes[i]),
+            "labels": torch.from_numpy(gt_labels[i]),
+            "difficult": torch.from_numpy(difficult[i]),
+        }
         for i in range(num_images)
     ]
     out = evaluate_detections(preds, gts, [f"class{c}" for c in range(num_classes)])
@@ -416,15 +507,33 @@ def coco_reference_stats(preds, gts, num_classes):
     for i, (p, t) in enumerate(zip(preds, gts)):
         for box, lab, diff in zip(t["boxes"].tolist(), t["labels"].tolist(), t["difficult"].tolist()):
             w, h = box[2] - box[0], box[3] - box[1]
-            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": lab,
-                         "bbox": [box[0], box[1], w, h], "area": w * h, "iscrowd": int(diff)})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": i,
+                    "category_id": lab,
+                    "bbox": [box[0], box[1], w, h],
+                    "area": w * h,
+                    "iscrowd": int(diff),
+                }
+            )
         for box, lab, s in zip(p["boxes"].tolist(), p["labels"].tolist(), p["scores"].tolist()):
             w, h = box[2] - box[0], box[3] - box[1]
-            results.append({"image_id": i, "category_id": lab, "bbox": [box[0], box[1], w, h], "score": s})
+            results.append(
+                {
+                    "image_id": i,
+                    "category_id": lab,
+                    "bbox": [box[0], box[1], w, h],
+                    "score": s,
+                }
+            )
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO()
-        coco.dataset = {"images": [{"id": i} for i in range(len(gts))],
-                        "categories": [{"id": c} for c in range(num_classes)], "annotations": anns}
+        coco.dataset = {
+            "images": [{"id": i} for i in range(len(gts))],
+            "categories": [{"id": c} for c in range(num_classes)],
+            "annotations": anns,
+        }
         coco.createIndex()
         ev = COCOeval(coco, coco.loadRes(results), "bbox")
         ev.evaluate()
@@ -501,34 +610,60 @@ def test_coco_without_pycocotools_says_so(monkeypatch):
 def test_validation_errors_name_the_values():
     good_p, good_t = [pred([A], [1.0])], [target([A])]
 
-    def raw(boxes, scores=torch.ones(1), labels=torch.zeros(1, dtype=torch.long)):
+    def raw(boxes, scores=None, labels=None):
+        scores = torch.ones(1) if scores is None else scores
+        labels = torch.zeros(1, dtype=torch.long) if labels is None else labels
         return [{"boxes": boxes, "scores": scores, "labels": labels}]
 
     with pytest.raises(ValueError, match="one entry per image, got 2 and 1"):
         evaluate_detections(good_p * 2, good_t, ["a"])
-    with pytest.raises(ValueError, match=r"predictions\[1\]\['labels'\]\[2\] = 5 is out of range for 2 classes"):
+    with pytest.raises(
+        ValueError,
+        match=r"predictions\[1\]\['labels'\]\[2\] = 5 is out of range for 2 classes",
+    ):
         preds = [pred([], []), pred([A, B, C], [1, 1, 1], [0, 1, 5])]
         evaluate_detections(preds, good_t * 2, ["a", "b"])
     with pytest.raises(ValueError, match=r"ground_truths\[0\]\['labels'\]\[0\] = -1 is out of range"):
         evaluate_detections(good_p, [target([A], labels=[-1])], ["a"])
-    with pytest.raises(ValueError, match=r"predictions\[0\]\['boxes'\] must have shape \[N, 4\], got \(1, 5\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"predictions\[0\]\['boxes'\] must have shape \[N, 4\], got \(1, 5\)",
+    ):
         evaluate_detections(raw(torch.zeros(1, 5)), good_t, ["a"])
-    with pytest.raises(ValueError, match=r"\['scores'\] must have shape \[1\] \(one per box\), got \(2,\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"\['scores'\] must have shape \[1\] \(one per box\), got \(2,\)",
+    ):
         evaluate_detections(raw(torch.zeros(1, 4), scores=torch.ones(2)), good_t, ["a"])
     with pytest.raises(ValueError, match=r"ground_truths\[0\]\['difficult'\] must have shape \[1\]"):
         evaluate_detections(good_p, [target([A], difficult=[True, False])], ["a"])
     with pytest.raises(ValueError, match=r"predictions\[0\] has no 'scores'"):
-        evaluate_detections([{"boxes": torch.zeros(1, 4), "labels": torch.zeros(1, dtype=torch.long)}],
-                            good_t, ["a"])
-    with pytest.raises(ValueError, match=r"predictions\[0\]\['labels'\] must be integers, got dtype float32"):
+        evaluate_detections(
+            [{"boxes": torch.zeros(1, 4), "labels": torch.zeros(1, dtype=torch.long)}],
+            good_t,
+            ["a"],
+        )
+    with pytest.raises(
+        ValueError,
+        match=r"predictions\[0\]\['labels'\] must be integers, got dtype float32",
+    ):
         evaluate_detections(raw(torch.zeros(1, 4), labels=torch.zeros(1)), good_t, ["a"])
-    with pytest.raises(ValueError, match=r"ground_truths\[0\]\['boxes'\]\[1\] = \[5.0, 0.0, 4.0, 9.0\] must"):
+    with pytest.raises(
+        ValueError,
+        match=r"ground_truths\[0\]\['boxes'\]\[1\] = \[5.0, 0.0, 4.0, 9.0\] must",
+    ):
         evaluate_detections(good_p, [target([A, [5, 0, 4, 9]])], ["a"])
-    with pytest.raises(ValueError, match=r"predictions\[0\]\['boxes'\]\[0\] = \[0.0, nan, 9.0, 9.0\] is not finite"):
+    with pytest.raises(
+        ValueError,
+        match=r"predictions\[0\]\['boxes'\]\[0\] = \[0.0, nan, 9.0, 9.0\] is not finite",
+    ):
         evaluate_detections([pred([[0, math.nan, 9, 9]], [1.0])], good_t, ["a"])
     with pytest.raises(ValueError, match=r"predictions\[0\]\['scores'\]\[0\] is NaN"):
         evaluate_detections([pred([A], [math.nan])], good_t, ["a"])
-    with pytest.raises(ValueError, match="metric must be one of \\('voc07', 'voc12', 'coco'\\), got 'voc10'"):
+    with pytest.raises(
+        ValueError,
+        match="metric must be one of \\('voc07', 'voc12', 'coco'\\), got 'voc10'",
+    ):
         evaluate_detections(good_p, good_t, ["a"], metric="voc10")
     with pytest.raises(ValueError, match=r"iou_threshold must be in \(0, 1\], got 0"):
         evaluate_detections(good_p, good_t, ["a"], iou_threshold=0)
@@ -545,9 +680,12 @@ def f1_above(preds, gts, cls, threshold):
     """Brute force: keep class ``cls`` detections scoring > threshold, match them
     in score order (VOC rules: best-IoU object, difficult ignored, duplicates
     are false), and return (F1, precision, recall) over counted detections."""
-    dets = [(float(p["scores"][d]), i, p["boxes"][d].double().tolist())
-            for i, p in enumerate(preds) for d in range(len(p["scores"]))
-            if int(p["labels"][d]) == cls and float(p["scores"][d]) > threshold]
+    dets = [
+        (float(p["scores"][d]), i, p["boxes"][d].double().tolist())
+        for i, p in enumerate(preds)
+        for d in range(len(p["scores"]))
+        if int(p["labels"][d]) == cls and float(p["scores"][d]) > threshold
+    ]
     dets.sort(key=lambda t: -t[0])
     taken = set()
     tp = fp = 0
@@ -598,12 +736,21 @@ def test_best_f1_thresholds_hand_computed_and_empty_classes():
     # Class 0: scores 0.9 (TP), 0.8 (FP), 0.7 (TP), 0.2 (FP); two objects.
     # F1 after each: 2/3, 1/2, 4/5, 2/3 -> best at 0.7, the cut halfway to 0.2.
     gt = target([[0, 0, 9, 9], [20, 20, 29, 29]], [0, 0])
-    p = pred([[0, 0, 9, 9], [40, 40, 49, 49], [20, 20, 29, 29], [60, 60, 69, 69]], [0.9, 0.8, 0.7, 0.2], [0, 0, 0, 0])
+    p = pred(
+        [[0, 0, 9, 9], [40, 40, 49, 49], [20, 20, 29, 29], [60, 60, 69, 69]],
+        [0.9, 0.8, 0.7, 0.2],
+        [0, 0, 0, 0],
+    )
     points = best_f1_thresholds(precision_recall([p], [gt], ["x", "y"]))
     assert points["x"]["threshold"] == pytest.approx(0.45)
     assert points["x"]["f1"] == pytest.approx(0.8)
     assert points["x"]["precision"] == pytest.approx(2 / 3) and points["x"]["recall"] == pytest.approx(1.0)
-    assert points["y"] == {"threshold": None, "f1": None, "precision": None, "recall": None}
+    assert points["y"] == {
+        "threshold": None,
+        "f1": None,
+        "precision": None,
+        "recall": None,
+    }
     # the best point is the last detection: the cut sits just below its score
     p = pred([[0, 0, 9, 9], [20, 20, 29, 29]], [0.9, 0.3], [0, 0])
     point = best_f1_thresholds(precision_recall([p], [gt], ["x"]))["x"]
@@ -619,3 +766,132 @@ def test_best_f1_thresholds_hand_computed_and_empty_classes():
     p = pred([[0, 0, 9, 9], [40, 40, 49, 49]], [hi, lo], [0, 0])
     point = best_f1_thresholds(precision_recall([p], [gt], ["x"]))["x"]
     assert point["threshold"] == lo and point["precision"] == 1.0
+
+
+# ------------------------------------------------------------- COCO results
+
+
+def _cocoeval_stats(annotation_file, results_file):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(str(annotation_file))
+        ev = COCOeval(coco, coco.loadRes(str(results_file)), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return ev.stats[:3]
+
+
+def test_coco_results_of_a_coco_data_set_load_against_its_own_annotation_file(tmp_path):
+    # The user's workflow: a COCO data set (non-contiguous image and category ids, a
+    # crowd region), detections written with coco_results, scored by pycocotools
+    # against the ORIGINAL annotation file: the same AP as metric="coco".
+    pytest.importorskip("pycocotools")
+    import json
+
+    from PIL import Image
+
+    from sppnet.data import COCODetection
+
+    rng = np.random.default_rng(0)
+    images, annotations = [], []
+    for n, image_id in enumerate([17, 4, 230, 9, 55, 101]):
+        Image.new("RGB", (64, 48)).save(tmp_path / f"{image_id}.png")
+        images.append({"id": image_id, "file_name": f"{image_id}.png", "width": 64, "height": 48})
+        for k in range(int(rng.integers(1, 4))):
+            x, y = (int(v) for v in rng.integers(0, 30, 2))
+            w, h = (int(v) for v in rng.integers(4, 18, 2))
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": int(rng.choice([3, 8, 12])),
+                    "bbox": [x, y, w, h],
+                    "area": w * h,
+                    "iscrowd": int(n == 2 and k == 0),
+                }
+            )
+    categories = [
+        {"id": 12, "name": "cat"},
+        {"id": 3, "name": "dog"},
+        {"id": 8, "name": "emu"},
+    ]
+    annotation_file = tmp_path / "instances.json"
+    annotation_file.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    ds = COCODetection(tmp_path, annotation_file)
+    assert sum(bool(r["difficult"].any()) for r in ds.records) == 1  # the crowd region
+
+    preds = []
+    for r in ds.records:  # jittered objects (hits and near misses) and random boxes, distinct scores
+        boxes = r["boxes"].double() + torch.from_numpy(rng.normal(0, 2, (len(r["boxes"]), 4)))
+        boxes = torch.cat(
+            [
+                boxes,
+                torch.from_numpy(rng.uniform(0, 30, (2, 2))).repeat(1, 2) + torch.tensor([0, 0, 9, 9]),
+            ]
+        )
+        boxes[:, 2:] = torch.maximum(boxes[:, 2:], boxes[:, :2])
+        labels = torch.cat([r["labels"], torch.from_numpy(rng.integers(0, 3, 2))])
+        preds.append(
+            {
+                "boxes": boxes,
+                "scores": torch.from_numpy(rng.random(len(boxes))),
+                "labels": labels,
+            }
+        )
+    results_file = tmp_path / "results.json"
+    results = coco_results(preds, [r["id"] for r in ds.records], ds.category_ids)
+    save_coco_results(results_file, results)
+    assert {"image_id", "category_id", "bbox", "score"} == set(results[0])
+    assert {r["image_id"] for r in results} <= {17, 4, 230, 9, 55, 101}
+    assert {r["category_id"] for r in results} <= {3, 8, 12}
+
+    ours = evaluate_detections(preds, ds.records, ds.class_names, metric="coco")
+    ap, ap50, ap75 = _cocoeval_stats(annotation_file, results_file)
+    assert 0.05 < ap < 0.95
+    assert ours["mAP"] == pytest.approx(ap, abs=1e-12)
+    assert ours["AP50"] == pytest.approx(ap50, abs=1e-12)
+    assert ours["AP75"] == pytest.approx(ap75, abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_coco_results_of_voc_data_with_a_written_ground_truth(tmp_path, seed):
+    # VOC: ids are file stems; ground truth written with coco_ground_truth from the
+    # same records and ids; difficult objects are crowd regions in both.
+    pytest.importorskip("pycocotools")
+    preds, gts = random_dataset(seed, num_images=40)
+    g = torch.Generator().manual_seed(seed)
+    for p in preds:  # distinct scores: pycocotools breaks ties in image-id order, ours in input order
+        p["scores"] = torch.rand(len(p["scores"]), generator=g, dtype=torch.float64)
+    stems = [f"2008_{k:06d}" if k % 2 else f"{k:06d}" for k in range(len(gts))]
+    image_ids = coco_image_ids(stems)
+    classes = ["a", "b", "c"]
+    truth = coco_ground_truth(gts, image_ids, classes, [1, 2, 3], images=[{"file_name": s} for s in stems])
+    save_coco_results(tmp_path / "gt.json", truth)
+    save_coco_results(tmp_path / "res.json", coco_results(preds, image_ids, [1, 2, 3]))
+    ours = evaluate_detections(preds, gts, classes, metric="coco")
+    ap, ap50, ap75 = _cocoeval_stats(tmp_path / "gt.json", tmp_path / "res.json")
+    assert ours["mAP"] == pytest.approx(ap, abs=1e-12)
+    assert ours["AP50"] == pytest.approx(ap50, abs=1e-12)
+    assert ours["AP75"] == pytest.approx(ap75, abs=1e-12)
+    # Inclusive boxes: w = x2 - x1 + 1, the inverse of sppnet.data.coco's x2 = x + w - 1.
+    p = preds[0]
+    first = coco_results([p], [7], [1, 2, 3])[0]
+    x1, y1, x2, y2 = p["boxes"][0].double().tolist()
+    assert first["bbox"] == [x1, y1, x2 - x1 + 1, y2 - y1 + 1] and first["image_id"] == 7
+    assert first["category_id"] == [1, 2, 3][int(p["labels"][0])]
+
+
+def test_coco_image_ids_for_coco_and_voc_records():
+    assert coco_image_ids([17, 4, 230]) == [17, 4, 230]
+    assert coco_image_ids(["000005", "2008_000123", "000010"]) == [5, 2008000123, 10]
+    assert coco_image_ids(["0005", "5"]) == [1, 2]  # both would be 5: by position
+    assert coco_image_ids(["cat_01", "dog_02"]) == [1, 2]
+    with pytest.raises(ValueError, match=r"image ids must be unique, got duplicates \[4\]"):
+        coco_image_ids([4, 4])
+    with pytest.raises(ValueError, match="need one image id per image, got 1 ids for 2 images"):
+        coco_results([pred([A], [1.0]), pred([A], [1.0])], [1], [1])
+    with pytest.raises(ValueError, match="out of range for 1 classes"):
+        coco_results([pred([A], [1.0], labels=[1])], [1], [1])

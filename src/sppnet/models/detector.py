@@ -5,18 +5,32 @@ The detector reads like the algorithm; every step is a named function:
     proposals (selective search, ``data/proposals.py``)
       -> feature_maps      conv1-conv5 ONCE per image and scale   [C, h_s, w_s] per scale
       -> assign_scales     per window, the scale whose scaled window area is closest to 224^2
+                           (Sec. 4.2; or the released code's rule, :func:`assign_scales_released`)
       -> map_windows       window -> conv5 cells (Appendix), the backbone's own stride/offset
       -> pool_windows      spatial pyramid per window                      [K, C * sum(n*n)]
       -> fc7               fc6, fc7 of the backbone                         [K, fc_dim]
       -> class_scores      one linear SVM per class (or the softmax of fc8) [K, num_classes]
-      -> regress_boxes     ridge regression on pool5, one per class          [K, num_classes, 4]
-      -> select_detections per-class NMS at IoU 0.3, <= 100 per image
+      -> select_detections per-class NMS at IoU 0.3 on the proposals, <= 100 per class
+      -> regress_boxes     ridge regression on pool5, one per class, of the survivors
+
+The last two steps follow the released test code (``spp_test.m``,
+``bbox_regression/spp_test_svm_bbox_regressor.m``): NMS runs on the proposals'
+boxes and scores, at most 100 detections of each class are kept, and the
+survivors' boxes are then replaced by their regressed boxes (no second NMS).
+``detect(nms_boxes="regressed")`` regresses every window first and runs the NMS
+on the regressed boxes instead (Fast R-CNN's order); ``max_per_image`` adds a
+cap over all classes.
 
 ``method="rcnn"`` replaces the first four steps by R-CNN's: every window is cropped
-from the image and warped to the network's input size (:func:`warp_windows`),
-and the conv layers run on each warped window; pooling of the fixed-size conv5
-map, fc7, the scorers and the regressors are shared. That is the baseline of the
-paper's speed claim (Table 9): same backbone, same windows, same heads.
+from the image with 16 pixels of context (R-CNN Appendix A) and warped to the
+network's input size (:func:`warp_windows`), and the conv layers run on each
+warped window; pooling of the fixed-size conv5 map, fc7, the scorers and the
+regressors are shared. That is the baseline of the paper's speed claim
+(Table 9): same backbone, same windows, same heads.
+
+Validation. The public entry points (``detect``, ``score_windows``,
+``window_pool5``, the step methods and functions) check their boxes once; the
+pipeline behind them trusts its callers.
 
 Conventions. Images are ``Tensor[3, H, W]`` floats in ``[0, 1]`` (as
 ``sppnet.data.pil_to_tensor`` makes them); the detector normalises them with its
@@ -55,7 +69,7 @@ unchunked; the peak left is the conv layers' activations at that scale.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -76,19 +90,22 @@ from sppnet.ops import (
 from sppnet.ops._bins import check_levels
 
 __all__ = [
-    "SPPDetector",
-    "Scale",
-    "image_scales",
-    "assign_scales",
-    "map_windows",
-    "warp_windows",
-    "reorder_pyramid_levels",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "PAPER_SCALES",
     "PAPER_SINGLE_SCALE",
     "PAPER_TARGET_SIZE",
+    "RCNN_CONTEXT_PADDING",
     "RELEASED_CODE_TARGET_SIZE",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
+    "SCALE_RULES",
+    "SPPDetector",
+    "Scale",
+    "assign_scales",
+    "assign_scales_released",
+    "image_scales",
+    "map_windows",
+    "reorder_pyramid_levels",
+    "warp_windows",
 ]
 
 #: SPP-net Sec. 4.2: five scales (short side); the released code uses 874 for 864.
@@ -97,13 +114,19 @@ PAPER_SCALES = (480, 576, 688, 864, 1200)
 PAPER_SINGLE_SCALE = (688,)
 #: Sec. 4.2: the scale whose scaled window area is closest to 224 x 224.
 PAPER_TARGET_SIZE = 224
-#: The released code's target side: 13 conv5 cells x stride 16 = 208 px.
+#: The released code's target side: 13 conv5 cells x stride 16 = 208 px (``spm_expected_scale.m``).
 RELEASED_CODE_TARGET_SIZE = 13 * 16
+#: R-CNN Appendix A (``rcnn_im_crop.m``): 16 px of context on each side of a 227 px warp,
+#: as a fraction of the warp's side; other warp sizes keep the fraction (224 px: 15.8 px).
+RCNN_CONTEXT_PADDING = 16 / 227
+#: ``"area"``: Sec. 4.2, area closest to ``target_size ** 2`` (default); ``"released"``: the released code.
+SCALE_RULES = ("area", "released")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 SCORERS = ("svm", "softmax")
 METHODS = ("spp", "rcnn")
+NMS_BOXES = ("proposals", "regressed")
 
 
 class Scale(NamedTuple):
@@ -137,8 +160,8 @@ def image_scales(height: int, width: int, scales: Sequence[int], min_size: int =
     out = []
     for s in scales:
         f = int(s) / min(height, width)
-        h = max(int(min_size), int(round(height * f)))
-        w = max(int(min_size), int(round(width * f)))
+        h = max(int(min_size), round(height * f))
+        w = max(int(min_size), round(width * f))
         out.append(Scale(h, w, h / height, w / width))
     return out
 
@@ -170,12 +193,59 @@ def assign_scales(boxes: Tensor, scale_factors: Tensor | Sequence, target_size: 
         LongTensor[K]: the scale index of each window; on a tie the first scale wins.
     """
     validate_boxes(boxes)
-    f = _factors(scale_factors).to(boxes.device)  # [S, 2]
+    return _assign_by_area(boxes, _factors(scale_factors).to(boxes.device), target_size)
+
+
+def _assign_by_area(boxes: Tensor, factors: Tensor, target_size: float) -> Tensor:
     b = boxes.to(torch.float64)
     areas = (b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1)  # [K]
-    scaled = areas[:, None] * (f[:, 0] * f[:, 1])[None, :]  # [K, S]
+    scaled = areas[:, None] * (factors[:, 0] * factors[:, 1])[None, :]  # [K, S]
     # argmin returns the first minimum: the first (smallest) scale wins ties.
     return (scaled - float(target_size) ** 2).abs().argmin(dim=1)
+
+
+def assign_scales_released(
+    boxes: Tensor,
+    short_sides: Sequence[int],
+    image_min_side: int,
+    target_size: float = RELEASED_CODE_TARGET_SIZE,
+) -> Tensor:
+    """The released code's scale rule (``spm_expected_scale.m``, ``spp_features_convX_to_poolX.m``).
+
+    Per window, the short side at which its side ``sqrt(area)`` would be
+    ``target_size``, rounded (MATLAB's ``round``: halves away from zero)::
+
+        expected = round(target_size * image_min_side / sqrt(area))
+
+    then the scale whose short side is nearest to it, ``argmin_s |s - expected|``
+    (the first on ties). It measures the distance on the short side, linearly,
+    where Sec. 4.2's rule (:func:`assign_scales`) measures it on the area: the two
+    pick different scales for windows between two scales (about 2 % of
+    selective-search windows with the five paper scales).
+
+    Args:
+        boxes (Tensor[K, 4]): inclusive pixel boxes in the original image.
+        short_sides: the short side of the image at each scale (e.g. ``(480, 576, 688, 864, 1200)``).
+        image_min_side: the original image's short side, ``min(H, W)``.
+        target_size: 208 in the released code (:data:`RELEASED_CODE_TARGET_SIZE`).
+
+    Returns:
+        LongTensor[K]: the scale index of each window.
+    """
+    validate_boxes(boxes)
+    if len(short_sides) == 0 or any(int(s) < 1 for s in short_sides) or int(image_min_side) < 1:
+        raise ValueError(
+            f"short sides and image_min_side must be positive, got {tuple(short_sides)} and {image_min_side}"
+        )
+    return _assign_released(boxes, short_sides, image_min_side, target_size)
+
+
+def _assign_released(boxes: Tensor, short_sides: Sequence[int], image_min_side: int, target_size: float) -> Tensor:
+    b = boxes.to(torch.float64)
+    areas = (b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1)  # [K]
+    expected = torch.floor(float(target_size) * int(image_min_side) / areas.sqrt() + 0.5)  # MATLAB round, > 0
+    sides = torch.tensor([float(s) for s in short_sides], dtype=torch.float64, device=boxes.device)
+    return (sides[None, :] - expected[:, None]).abs().argmin(dim=1)  # [K]; first minimum, like MATLAB's min
 
 
 def map_windows(
@@ -212,29 +282,55 @@ def map_windows(
     return map_boxes_to_features(continuous, stride, offset, feature_size)
 
 
-def warp_windows(image: Tensor, boxes: Tensor, size: int, sampling_ratio: int = 0) -> Tensor:
-    """R-CNN's warp: every window cropped and resized to ``size x size``, all at once.
+def warp_windows(
+    image: Tensor, boxes: Tensor, size: int, sampling_ratio: int = 0, context: float = RCNN_CONTEXT_PADDING
+) -> Tensor:
+    """R-CNN's warp with context padding: every window cropped and resized to ``size x size``, all at once.
 
-    ``torchvision.ops.roi_align`` with ``aligned=True`` on the continuous window
-    ``[x1, x2 + 1) x [y1, y2 + 1)``: with one sample per output pixel
-    (``sampling_ratio=1``) that is exactly ``F.interpolate(crop, size,
+    R-CNN Appendix A (``rcnn_im_crop.m``): the box is enlarged about its centre
+    so that, once warped, it fills the middle ``size * (1 - 2 * context)`` pixels
+    and ``p = context * size`` pixels of its surroundings frame it on each side
+    (R-CNN: ``p = 16`` at ``size = 227``, the default fraction); outside the
+    image is the mean, i.e. 0 in a normalised image: the warp samples the image
+    extended by zeros, bilinearly. ``context=0`` warps the bare box (the image's
+    border pixels extend it by half a pixel, roi_align's rule). Unlike
+    ``rcnn_im_crop.m`` the enlarged box is not rounded to whole pixels.
+
+    ``torchvision.ops.roi_align`` with ``aligned=True`` on the continuous
+    (enlarged) window ``[x1, x2 + 1) x [y1, y2 + 1)``: with one sample per output
+    pixel (``sampling_ratio=1``) that is exactly ``F.interpolate(crop, size,
     mode="bilinear", align_corners=False)`` of the crop whenever the window is at
     least ``size`` pixels on each side; the default (adaptive, ``0``) averages
-    ``ceil(window / size)`` samples per output pixel and side, an anti-aliased warp.
+    ``ceil(window / size)`` samples per output pixel and side, an anti-aliased
+    warp.
 
     Args:
         image (Tensor[3, H, W]): the (normalised) image.
         boxes (Tensor[K, 4]): inclusive pixel boxes.
         size: output side (the network's input size).
         sampling_ratio: samples per output pixel and side; 0 = adaptive.
+        context: context on each side as a fraction of ``size``, in ``[0, 0.5)``
+            (:data:`RCNN_CONTEXT_PADDING`; 0: no context).
 
     Returns:
         Tensor[K, 3, size, size].
     """
     validate_boxes(boxes)
+    if not 0.0 <= float(context) < 0.5:
+        raise ValueError(f"context must be in [0, 0.5) (a fraction of the warp side), got {context}")
+    return _warp(image, boxes, size, sampling_ratio, context)
+
+
+def _warp(image: Tensor, boxes: Tensor, size: int, sampling_ratio: int, context: float) -> Tensor:
     b = boxes.to(image.dtype)
-    continuous = torch.cat([b[:, :2], b[:, 2:] + 1], dim=1)
-    rois = torch.cat([continuous.new_zeros((len(b), 1)), continuous], dim=1)  # [K, 5]
+    lo, hi = b[:, :2], b[:, 2:] + 1  # [K, 2] each: the continuous window [x1, x2 + 1)
+    if context:
+        centre, half = (lo + hi) / 2, (hi - lo) / (2 * (1 - 2 * float(context)))  # the box fills 1 - 2 * context
+        # One ring of zeros (the mean): roi_align repeats the border pixel for samples
+        # up to half a pixel outside, which must read the mean instead.
+        image = F.pad(image, (1, 1, 1, 1))
+        lo, hi = centre - half + 1, centre + half + 1
+    rois = torch.cat([b.new_zeros((len(b), 1)), lo, hi], dim=1)  # [K, 5]
     return torchvision.ops.roi_align(
         image[None], rois, (int(size), int(size)), spatial_scale=1.0, sampling_ratio=int(sampling_ratio), aligned=True
     )
@@ -298,8 +394,13 @@ class SPPDetector(nn.Module):
             the same levels as the backbone's (see :func:`reorder_pyramid_levels`).
         scales: image short sides (Sec. 4.2: ``(688,)`` or :data:`PAPER_SCALES`).
         target_size: window side targeted by :func:`assign_scales` (224; 208 in the code).
+        scale_rule: ``"area"`` (default, Sec. 4.2: :func:`assign_scales`) or
+            ``"released"`` (the released code: :func:`assign_scales_released`,
+            which the release pairs with ``target_size=208``).
         method: ``"spp"`` or ``"rcnn"`` (warp every window, :func:`warp_windows`).
         warp_size: R-CNN's network input side (default ``target_size``).
+        warp_context: R-CNN's context padding, a fraction of ``warp_size`` on
+            each side (:data:`RCNN_CONTEXT_PADDING`, 16 px at 227; 0: the bare box).
         chunk_size: windows pooled and scored at a time (SPP); bounds memory.
         warp_chunk: windows warped and convolved at a time (R-CNN).
         pixel_mean, pixel_std: per-channel normalisation of ``[0, 1]`` images
@@ -327,6 +428,8 @@ class SPPDetector(nn.Module):
         warp_chunk: int = 64,
         pixel_mean: Sequence[float] = IMAGENET_MEAN,
         pixel_std: Sequence[float] = IMAGENET_STD,
+        scale_rule: str = "area",
+        warp_context: float = RCNN_CONTEXT_PADDING,
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -337,14 +440,20 @@ class SPPDetector(nn.Module):
             raise ValueError(f"scales must be short sides >= {backbone.min_input_size}, got {tuple(scales)}")
         if chunk_size < 1 or warp_chunk < 1:
             raise ValueError(f"chunk sizes must be >= 1, got chunk_size={chunk_size}, warp_chunk={warp_chunk}")
+        if scale_rule not in SCALE_RULES:
+            raise ValueError(f"scale_rule must be one of {SCALE_RULES}, got {scale_rule!r}")
+        if not 0.0 <= float(warp_context) < 0.5:
+            raise ValueError(f"warp_context must be in [0, 0.5) (a fraction of the warp side), got {warp_context}")
         reorder_pyramid_levels(backbone, levels)
         self.backbone = backbone
         self.num_classes = int(num_classes)
         self.levels = tuple(backbone.levels)
         self.scales = tuple(int(s) for s in scales)
         self.target_size = float(target_size)
+        self.scale_rule = scale_rule
         self.method = method
-        self.warp_size = int(round(target_size)) if warp_size is None else int(warp_size)
+        self.warp_context = float(warp_context)
+        self.warp_size = round(float(target_size)) if warp_size is None else int(warp_size)
         if self.warp_size < backbone.min_input_size:
             raise ValueError(f"warp_size must be >= {backbone.min_input_size}, got {self.warp_size}")
         self.chunk_size = int(chunk_size)
@@ -387,6 +496,8 @@ class SPPDetector(nn.Module):
             "warp_chunk": self.warp_chunk,
             "pixel_mean": self.pixel_mean.flatten().tolist(),
             "pixel_std": self.pixel_std.flatten().tolist(),
+            "scale_rule": self.scale_rule,
+            "warp_context": self.warp_context,
         }
 
     # ----------------------------------------------------------- step by step
@@ -421,8 +532,21 @@ class SPPDetector(nn.Module):
         return maps, list(scales)
 
     def assign_scales(self, boxes: Tensor, scales: Sequence[Scale]) -> Tensor:
-        """:func:`assign_scales` with the detector's ``target_size``: ``LongTensor[K]``."""
-        return assign_scales(boxes, scales, self.target_size)
+        """The scale of each window by the detector's ``scale_rule`` and ``target_size``: ``LongTensor[K]``.
+
+        ``scales`` are :meth:`image_scales` of one image (the released rule reads
+        the image's short side and the short side at each scale from them).
+        """
+        validate_boxes(boxes)
+        return self._assign_scales(boxes, scales)
+
+    def _assign_scales(self, boxes: Tensor, scales: Sequence[Scale]) -> Tensor:
+        if self.scale_rule == "released":
+            sc = scales[0]
+            image_min_side = min(round(sc.height / sc.fy), round(sc.width / sc.fx))
+            short_sides = [min(s.height, s.width) for s in scales]
+            return _assign_released(boxes, short_sides, image_min_side, self.target_size)
+        return _assign_by_area(boxes, _factors(scales).to(boxes.device), self.target_size)
 
     def map_windows(
         self, boxes: Tensor, scales: Sequence[Scale], feature_sizes: Sequence[tuple[int, int]], scale_index: Tensor
@@ -439,23 +563,30 @@ class SPPDetector(nn.Module):
     def pool_windows(self, maps: Sequence[Tensor], rois: Tensor) -> Tensor:
         """The pyramid of every window on the map of its scale (``roi_spatial_pyramid_pool``).
 
+        The maps may live elsewhere (a CPU feature cache) and in another float
+        dtype: only the maps some window uses are moved, one at a time, to the
+        detector's device and dtype (``pixel_mean``'s); so are the rois.
+
         Args:
-            maps: ``Tensor[C5, h_s, w_s]`` per scale.
-            rois (LongTensor[K, 5]): ``(scale_index, x1, y1, x2, y2)`` inclusive cells.
+            maps: ``Tensor[C5, h_s, w_s]`` per scale of one image.
+            rois (LongTensor[K, 5]): ``(scale_index, x1, y1, x2, y2)`` inclusive
+                cells (:meth:`map_windows`), on any device; any subset of the scales.
 
         Returns:
-            Tensor[K, C5 * sum(n*n)]: pool5 features, rows in the order of ``rois``.
+            Tensor[K, C5 * sum(n*n)]: pool5 features on the detector's device,
+            rows in the order of ``rois``.
         """
-        out = maps[0].new_empty((len(rois), self.pooled_dim))
-        for s, fmap in enumerate(maps):
+        dev, dtype = self.pixel_mean.device, self.pixel_mean.dtype
+        rois = rois.to(dev)
+        out = torch.empty((len(rois), self.pooled_dim), device=dev, dtype=dtype)
+        for s in torch.unique(rois[:, 0]).tolist():
             sel = (rois[:, 0] == s).nonzero().squeeze(1)
-            if len(sel):
-                cells = rois[sel, 1:]
-                out[sel] = roi_spatial_pyramid_pool(fmap[None], [cells], self.levels, "max")
+            fmap = maps[s].to(dev, dtype)  # [C5, h_s, w_s]
+            out[sel] = roi_spatial_pyramid_pool(fmap[None], [rois[sel, 1:]], self.levels, "max")
         return out
 
     def warped_pool5(self, image: Tensor, boxes: Tensor) -> Tensor:
-        """R-CNN: warp each window to ``warp_size``, run conv1-conv5 on it, pool its whole map.
+        """R-CNN: warp each window (with context) to ``warp_size``, run conv1-conv5 on it, pool its whole map.
 
         Args:
             image (Tensor[3, H, W]): normalised image.
@@ -464,7 +595,11 @@ class SPPDetector(nn.Module):
         Returns:
             Tensor[K, C5 * sum(n*n)].
         """
-        crops = warp_windows(image, boxes, self.warp_size)  # [K, 3, S, S]
+        validate_boxes(boxes)
+        return self._warped_pool5(image, boxes)
+
+    def _warped_pool5(self, image: Tensor, boxes: Tensor) -> Tensor:
+        crops = _warp(image, boxes, self.warp_size, 0, self.warp_context)  # [K, 3, S, S]
         return self.backbone.pool(self.backbone.forward_features(crops))
 
     def fc7(self, pool5: Tensor) -> Tensor:
@@ -503,18 +638,34 @@ class SPPDetector(nn.Module):
         deltas = torch.einsum("kd,cdj->kcj", x, self.bbox_weight) + self.bbox_bias  # [K, C, 4]
         return clip_boxes(decode_boxes(boxes.to(pool5.dtype), deltas), image_size, inclusive=True)
 
+    def _pool5_chunks(self, image: Tensor, boxes: Tensor) -> Iterator[tuple[int, int, Tensor]]:
+        """``(start, end, pool5 Tensor[end - start, D])`` chunk by chunk: the one place SPP and R-CNN differ.
+
+        SPP: conv5 once per scale, then the pyramid of ``chunk_size`` windows at
+        a time; R-CNN: ``warp_chunk`` windows warped and convolved at a time.
+        ``boxes`` are checked by the caller.
+        """
+        if self.method == "rcnn":
+            for s, e in _chunks(len(boxes), self.warp_chunk):
+                yield s, e, self._warped_pool5(image, boxes[s:e])
+            return
+        maps, scales = self.feature_maps(image)
+        rois = self.map_windows(boxes, scales, [m.shape[-2:] for m in maps], self._assign_scales(boxes, scales))
+        for s, e in _chunks(len(boxes), self.chunk_size):
+            yield s, e, self.pool_windows(maps, rois[s:e])
+
     def window_pool5(self, image: Tensor, boxes: Tensor) -> Tensor:
         """pool5 of every window of one normalised image (SPP or R-CNN), chunked.
+
+        Args:
+            image (Tensor[3, H, W]): normalised image.
+            boxes (Tensor[K, 4]): inclusive pixel boxes.
 
         Returns:
             Tensor[K, D].
         """
-        if self.method == "rcnn":
-            parts = [self.warped_pool5(image, boxes[s:e]) for s, e in _chunks(len(boxes), self.warp_chunk)]
-            return torch.cat(parts) if parts else image.new_zeros((0, self.pooled_dim))
-        maps, scales = self.feature_maps(image)
-        rois = self.map_windows(boxes, scales, [m.shape[-2:] for m in maps], self.assign_scales(boxes, scales))
-        parts = [self.pool_windows(maps, rois[s:e]) for s, e in _chunks(len(boxes), self.chunk_size)]
+        validate_boxes(boxes)
+        parts = [pool5 for _, _, pool5 in self._pool5_chunks(image, boxes)]
         return torch.cat(parts) if parts else image.new_zeros((0, self.pooled_dim))
 
     # ------------------------------------------------------------------ inference
@@ -529,30 +680,19 @@ class SPPDetector(nn.Module):
             boxes (Tensor[K, 4]): inclusive pixel boxes (proposals).
 
         Returns:
-            ``(scores Tensor[K, num_classes], boxes Tensor[K, num_classes, 4])``.
+            ``(scores Tensor[K, num_classes], boxes Tensor[K, num_classes, 4])``:
+            the regressed boxes (or the proposals, repeated, without regression).
         """
         validate_boxes(boxes)
-        dev = self.pixel_mean.device
-        img = self.normalize(image.to(dev))
-        boxes = boxes.to(dev, torch.float32)
-        height, width = image.shape[-2:]
+        img = self.normalize(image.to(self.pixel_mean.device))
+        return self._score_windows(img, boxes.to(img.device, torch.float32), scorer, bbox_regression)
+
+    def _score_windows(self, img: Tensor, boxes: Tensor, scorer: str, bbox_regression: bool) -> tuple[Tensor, Tensor]:
+        """:meth:`score_windows` of a normalised image and checked float32 boxes on its device."""
+        height, width = img.shape[-2:]
         scores = img.new_empty((len(boxes), self.num_classes))
         out_boxes = img.new_empty((len(boxes), self.num_classes, 4))
-        if self.method == "rcnn":
-            windows = _chunks(len(boxes), self.warp_chunk)
-
-            def pool5_of(s: int, e: int) -> Tensor:
-                return self.warped_pool5(img, boxes[s:e])
-        else:
-            maps, scales = self.feature_maps(img)
-            rois = self.map_windows(boxes, scales, [m.shape[-2:] for m in maps], self.assign_scales(boxes, scales))
-            windows = _chunks(len(boxes), self.chunk_size)
-
-            def pool5_of(s: int, e: int) -> Tensor:
-                return self.pool_windows(maps, rois[s:e])
-
-        for s, e in windows:
-            pool5 = pool5_of(s, e)  # [k, D]
+        for s, e, pool5 in self._pool5_chunks(img, boxes):  # pool5: [e - s, D]
             scores[s:e] = self.class_scores(self.fc7(pool5), scorer)
             if bbox_regression:
                 out_boxes[s:e] = self.regress_boxes(boxes[s:e], pool5, (height, width))
@@ -568,10 +708,20 @@ class SPPDetector(nn.Module):
         scorer: str = "svm",
         score_threshold: float | Sequence[float] | Tensor = float("-inf"),
         nms_threshold: float = 0.3,
-        max_per_image: int = 100,
+        max_per_class: int | None = 100,
+        max_per_image: int | None = None,
         bbox_regression: bool = True,
+        nms_boxes: str = "proposals",
     ) -> list[dict[str, Tensor]]:
-        """Detections of each image (Sec. 4.2 test: all windows, NMS 0.3 per class, <= 100).
+        """Detections of each image (Sec. 4.2 test, in the order of the released ``spp_test.m``).
+
+        Every window is scored; per class, NMS at IoU 0.3 on the proposals'
+        boxes and scores keeps at most ``max_per_class`` windows, whose boxes are
+        then replaced by their regressed boxes
+        (``bbox_regression/spp_test_svm_bbox_regressor.m``). The release also
+        drops SVM scores <= -1.5 and keeps the best ``5 * num_images`` (100,000
+        with box regression) per class over the whole test set; pass a
+        ``score_threshold`` for the former.
 
         Args:
             images: ``Tensor[3, H, W]`` in [0, 1], one per image.
@@ -580,8 +730,14 @@ class SPPDetector(nn.Module):
             score_threshold: a detection needs a score above it (one value, or
                 one per class, e.g. a run's calibrated ``thresholds.json``).
             nms_threshold: per-class NMS IoU (0.3).
-            max_per_image: at most this many detections per image (100).
+            max_per_class: at most this many detections of each class per image
+                (100, ``spp_test.m``); None: no per-class cap.
+            max_per_image: at most this many over all classes (after the
+                per-class cap); None (default): no total cap.
             bbox_regression: apply the box regressors (when trained).
+            nms_boxes: ``"proposals"`` (default, the release: NMS on the
+                proposals, then regress the survivors) or ``"regressed"`` (regress
+                every window, then NMS on the regressed per-class boxes).
 
         Returns:
             One dict per image: ``boxes`` (Tensor[D, 4] inclusive pixels), ``scores``
@@ -590,14 +746,30 @@ class SPPDetector(nn.Module):
         """
         if len(images) != len(proposals):
             raise ValueError(f"need one proposal tensor per image, got {len(proposals)} for {len(images)} images")
+        if nms_boxes not in NMS_BOXES:
+            raise ValueError(f"nms_boxes must be one of {NMS_BOXES}, got {nms_boxes!r}")
+        proposals = [torch.as_tensor(p) for p in proposals]
+        for i, p in enumerate(proposals):
+            validate_boxes(p, f"proposals[{i}]")
+        dev = self.pixel_mean.device
         was_training = self.training
         self.eval()
         try:
             results = []
             for image, boxes in zip(images, proposals):
-                scores, per_class = self.score_windows(image, torch.as_tensor(boxes), scorer, bbox_regression)
-                det = select_detections(per_class, scores, score_threshold, nms_threshold, max_per_image)
-                results.append({k: v.cpu() for k, v in det.items()})
+                img = self.normalize(image.to(dev))
+                boxes = boxes.to(dev, torch.float32)
+                scores, per_class = self._score_windows(img, boxes, scorer, bbox_regression)
+                if nms_boxes == "proposals":
+                    det = select_detections(
+                        boxes, scores, score_threshold, nms_threshold, max_per_image, True, max_per_class
+                    )
+                    det["boxes"] = per_class[det["windows"], det["labels"]]  # the survivors, regressed
+                else:
+                    det = select_detections(
+                        per_class, scores, score_threshold, nms_threshold, max_per_image, True, max_per_class
+                    )
+                results.append({k: det[k].cpu() for k in ("boxes", "scores", "labels")})
             return results
         finally:
             self.train(was_training)
@@ -621,7 +793,7 @@ class SPPDetector(nn.Module):
         for index, r in zip((0, 3), ranks):
             layer = self.backbone.fc[index]
             if not isinstance(layer, nn.Linear):
-                raise ValueError(f"fc layer {index} is already compressed")
+                raise ValueError(f"fc layer {index} is already compressed")  # noqa: TRY004 (boundary error)
             r = min(int(r), min(layer.weight.shape))
             u, s, vh = torch.linalg.svd(layer.weight.double(), full_matrices=False)
             first = nn.Linear(layer.in_features, r, bias=False)
@@ -634,6 +806,6 @@ class SPPDetector(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"method={self.method!r}, num_classes={self.num_classes}, levels={self.levels}, "
-            f"scales={self.scales}, target_size={self.target_size:g}, chunk_size={self.chunk_size}"
+            f"scales={self.scales}, target_size={self.target_size:g}, scale_rule={self.scale_rule!r}, "
+            f"chunk_size={self.chunk_size}"
         )
-

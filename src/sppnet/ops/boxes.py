@@ -230,14 +230,16 @@ def select_detections(
     scores: Tensor,
     score_threshold: float | Sequence[float] | Tensor = float("-inf"),
     nms_threshold: float = 0.3,
-    max_per_image: int | None = 100,
+    max_per_image: int | None = None,
     inclusive: bool = True,
+    max_per_class: int | None = 100,
 ) -> dict[str, Tensor]:
     """Turn per-class window scores of one image into final detections.
 
-    SPP-net Sec. 4 / SPEC Sec. 3 item 9 (as R-CNN): keep the windows scoring
-    ``> score_threshold`` for a class, run NMS at IoU 0.3 for each class
-    separately, then keep the ``max_per_image`` best detections over all classes.
+    SPP-net Sec. 4.2 and the released ``spp_test.m`` (as R-CNN's ``rcnn_test.m``):
+    keep the windows scoring ``> score_threshold`` for a class, run NMS at IoU
+    0.3 for each class separately, keep the ``max_per_class`` best of each class
+    (100); optionally then the ``max_per_image`` best over all classes.
 
     Ordering is deterministic: by decreasing score; ties are broken by window
     index, then class index (the row-major order of ``scores``). The NMS uses
@@ -254,14 +256,16 @@ def select_detections(
             one value for every class, or one per class (column of ``scores``,
             e.g. calibrated operating points; ``-inf`` keeps all, ``inf`` none).
         nms_threshold (float): per-class NMS IoU threshold (0.3 in SPP-net).
-        max_per_image (int or None): how many detections to keep at most (100
-            in SPP-net); None keeps all.
+        max_per_image (int or None): at most this many detections over all
+            classes (after the per-class cap); None (default) keeps all.
         inclusive (bool): PASCAL ``+1`` convention for the NMS overlaps.
+        max_per_class (int or None): at most this many detections of each class
+            (100 in ``spp_test.m``); None keeps all.
 
     Returns:
-        dict with ``boxes`` (Tensor[D, 4]), ``scores`` (Tensor[D]) and
-        ``labels`` (Tensor[D], int64 class column), ``D <= max_per_image``,
-        sorted by decreasing score.
+        dict with ``boxes`` (Tensor[D, 4]), ``scores`` (Tensor[D]), ``labels``
+        (Tensor[D], int64 class column) and ``windows`` (Tensor[D], int64 row
+        of ``scores`` each detection comes from), sorted by decreasing score.
     """
     if scores.dim() != 2:
         raise ValueError(f"scores must be a Tensor[K, C], got shape {tuple(scores.shape)}")
@@ -275,10 +279,9 @@ def select_detections(
         )
     if not 0.0 <= nms_threshold <= 1.0:
         raise ValueError(f"nms_threshold must be in [0, 1], got {nms_threshold}")
-    if max_per_image is not None and (
-        isinstance(max_per_image, bool) or not isinstance(max_per_image, int) or max_per_image < 1
-    ):
-        raise ValueError(f"max_per_image must be a positive int or None, got {max_per_image!r}")
+    for name, cap in (("max_per_image", max_per_image), ("max_per_class", max_per_class)):
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+            raise ValueError(f"{name} must be a positive int or None, got {cap!r}")
     if bool(torch.isnan(scores).any()):
         row = int(torch.isnan(scores).any(dim=1).nonzero()[0, 0])
         raise ValueError(f"scores must not contain NaN, got row {row} = {scores[row].tolist()}")
@@ -301,10 +304,22 @@ def select_detections(
         nms_threshold,
         inclusive=inclusive,
     )
+    if max_per_class is not None:
+        labels = flat_labels[candidates[keep]]  # in score order
+        by_class = torch.argsort(labels, stable=True)  # grouped by class, score order inside
+        grouped = labels[by_class]
+        rank = torch.empty_like(by_class)
+        rank[by_class] = torch.arange(len(grouped), device=grouped.device) - torch.searchsorted(grouped, grouped)
+        keep = keep[rank < max_per_class]
     if max_per_image is not None:
         keep = keep[:max_per_image]
     idx = candidates[keep]
-    return {"boxes": flat_boxes[idx], "scores": flat_scores[idx], "labels": flat_labels[idx]}
+    return {
+        "boxes": flat_boxes[idx],
+        "scores": flat_scores[idx],
+        "labels": flat_labels[idx],
+        "windows": torch.div(idx, num_classes, rounding_mode="floor"),
+    }
 
 
 def _score_thresholds(value: Any, num_classes: int, scores: Tensor) -> Tensor:

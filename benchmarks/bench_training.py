@@ -46,11 +46,11 @@ from torchvision import transforms as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import datasets as real_sets  # noqa: E402
-import recipe_proto  # noqa: E402
+import datasets as real_sets
+import recipe_proto
 
-from sppnet.data.imagefolder import ImageFolderDataset  # noqa: E402
-from sppnet.engine.classify import ClassifyConfig, builtin_data_root, evaluate, load_classifier, train  # noqa: E402
+from sppnet.data.imagefolder import ImageFolderDataset
+from sppnet.engine.classify import ClassifyConfig, builtin_data_root, evaluate, load_classifier, train
 
 SETS = ("shapes", "digits", "objects")
 

@@ -150,7 +150,7 @@ def _digit_sprite(
     """``(RGB, alpha)`` of one digit scan ``height`` px tall, rotated, coloured against ``bg``."""
     pool = src.digit_pool[split][label]
     scan = src.digit_images[pool[int(rng.integers(len(pool)))]]
-    width = max(4, int(round(height * rng.uniform(0.6, 0.9))))
+    width = max(4, round(height * rng.uniform(0.6, 0.9)))
     alpha = Image.fromarray((scan * 255).astype(np.uint8)).resize((width, height), Image.Resampling.BICUBIC)
     alpha = alpha.rotate(float(rng.uniform(-15, 15)), resample=Image.Resampling.BILINEAR, expand=True)
     a = np.asarray(alpha, dtype=np.float32) / 255.0
@@ -176,9 +176,9 @@ def _object_sprite(rng: np.random.Generator, src: _Sources, name: str, height: i
     box = (
         rng.uniform(0, dx), rng.uniform(0, dy), w - rng.uniform(0, dx), h - rng.uniform(0, dy),
     )  # fmt: skip
-    view = obj.crop(tuple(int(round(v)) for v in box))
+    view = obj.crop(tuple(round(v) for v in box))
     aspect = view.width / view.height * math.exp(rng.uniform(-0.2, 0.2))
-    width = max(4, int(round(height * aspect)))
+    width = max(4, round(height * aspect))
     view = view.resize((width, height), Image.Resampling.BILINEAR)
     if rng.random() < 0.5:
         view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -220,9 +220,9 @@ def render_classification(
     """One image of class ``label``: a sprite at 30-90 % of the short side on a photo crop."""
     short = int(rng.integers(min_size, max_size + 1))
     aspect = math.exp(rng.uniform(-0.3, 0.3))
-    w, h = (int(round(short * aspect)), short) if aspect >= 1 else (short, int(round(short / aspect)))
+    w, h = (round(short * aspect), short) if aspect >= 1 else (short, round(short / aspect))
     canvas = _background(rng, src, w, h)
-    height = max(8, int(round(min(w, h) * rng.uniform(0.3, 0.9))))
+    height = max(8, round(min(w, h) * rng.uniform(0.3, 0.9)))
     sprite, alpha = _sprite(rng, src, kind, split, label, height, canvas)
     if sprite.width > w or sprite.height > h:  # rotated or wide views can exceed the canvas
         f = min(w / sprite.width, h / sprite.height)
@@ -260,7 +260,7 @@ def _iou(a, b) -> float:
     if iw <= 0 or ih <= 0:
         return 0.0
     inter = iw * ih
-    area = lambda r: (r[2] - r[0] + 1) * (r[3] - r[1] + 1)  # noqa: E731
+    area = lambda r: (r[2] - r[0] + 1) * (r[3] - r[1] + 1)
     return inter / (area(a) + area(b) - inter)
 
 
@@ -277,7 +277,7 @@ def render_detection(
     classes = [str(d) for d in range(10)] if kind == "digits" else list(OBJECTS)
     short = int(rng.integers(min_short, max_short + 1))
     aspect = math.exp(rng.uniform(-0.35, 0.35))
-    w, h = (int(round(short * aspect)), short) if aspect >= 1 else (short, int(round(short / aspect)))
+    w, h = (round(short * aspect), short) if aspect >= 1 else (short, round(short / aspect))
     canvas = _background(rng, src, w, h)
     objects: list[dict] = []
     for _ in range(int(rng.integers(1, max_objects + 1))):
@@ -382,8 +382,8 @@ def make_deepforest_set(
     if not tiles:
         raise ValueError(f"no annotated images found in {wheel}")
     order = np.random.default_rng(seed).permutation(len(tiles))
-    n_test = int(round(test_fraction * len(tiles)))
-    n_val = int(round(0.1 * len(tiles)))
+    n_test = round(test_fraction * len(tiles))
+    n_val = round(0.1 * len(tiles))
     split_of = {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
     items = {s: [tiles[i] for i in sorted(split_of[s])] for s in ("train", "val", "test")}
     return _write_voc(out, items, "deepforest (tiled)")

@@ -230,9 +230,8 @@ WINDOW_CASES = {
 
 def machine() -> str:
     cpu = platform.processor() or "unknown CPU"
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     return (
         f"{cpu}; {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}, "
         f"numba threads {numba.config.NUMBA_NUM_THREADS}; torch {torch.__version__}, "

@@ -46,11 +46,11 @@ from torchvision import transforms as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import datasets as real_sets  # noqa: E402
-import recipe_proto  # noqa: E402
+import datasets as real_sets
+import recipe_proto
 
-from sppnet.data.imagefolder import ImageFolderDataset  # noqa: E402
-from sppnet.engine.classify import ClassifyConfig, builtin_data_root, evaluate, load_classifier, train  # noqa: E402
+from sppnet.data.imagefolder import ImageFolderDataset
+from sppnet.engine.classify import ClassifyConfig, builtin_data_root, evaluate, load_classifier, train
 
 SETS = ("shapes", "digits", "objects")
 
@@ -107,7 +107,11 @@ def train_reference(root: Path, budget: float, size: int = 112, seed: int = 0) -
             if len(idx) < 2:
                 continue
             frac = min(1.0, (time.perf_counter() - t0) / budget)  # one-cycle over the time budget
-            lr = max_lr * (0.04 + 0.96 * frac / 0.25) if frac < 0.25 else max_lr * 0.5 * (1 + math.cos(math.pi * (frac - 0.25) / 0.75))
+            lr = (
+                max_lr * (0.04 + 0.96 * frac / 0.25)
+                if frac < 0.25
+                else max_lr * 0.5 * (1 + math.cos(math.pi * (frac - 0.25) / 0.75))
+            )
             for g in opt.param_groups:
                 g["lr"] = lr
             x = torch.stack([train_tf(cache[i][0]) for i in idx.tolist()])

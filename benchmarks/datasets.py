@@ -129,7 +129,7 @@ def _background(rng: np.random.Generator, src: _Sources, width: int, height: int
     photo = src.backgrounds[int(rng.integers(len(src.backgrounds)))]
     scale = rng.uniform(0.3, 1.0) * min(photo.width / width, photo.height / height)
     cw, ch = max(8, int(width * scale)), max(8, int(height * scale))
-    x, y = int(rng.integers(0, photo.width - cw + 1)), int(rng.integers(0, photo.height - ch + 1))
+    x, y = (int(rng.integers(0, photo.width - cw + 1)), int(rng.integers(0, photo.height - ch + 1)))
     bg = photo.crop((x, y, x + cw, y + ch)).resize((width, height), Image.Resampling.BILINEAR)
     if rng.random() < 0.5:
         bg = bg.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -144,12 +144,13 @@ def _colour_jitter(rng: np.random.Generator, img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
 
 
-def _digit_sprite(rng: np.random.Generator, src: _Sources, split: str, label: int, height: int,
-                  bg: Image.Image) -> tuple[Image.Image, Image.Image]:
+def _digit_sprite(
+    rng: np.random.Generator, src: _Sources, split: str, label: int, height: int, bg: Image.Image
+) -> tuple[Image.Image, Image.Image]:
     """``(RGB, alpha)`` of one digit scan ``height`` px tall, rotated, coloured against ``bg``."""
     pool = src.digit_pool[split][label]
     scan = src.digit_images[pool[int(rng.integers(len(pool)))]]
-    width = max(4, int(round(height * rng.uniform(0.6, 0.9))))
+    width = max(4, round(height * rng.uniform(0.6, 0.9)))
     alpha = Image.fromarray((scan * 255).astype(np.uint8)).resize((width, height), Image.Resampling.BICUBIC)
     alpha = alpha.rotate(float(rng.uniform(-15, 15)), resample=Image.Resampling.BILINEAR, expand=True)
     a = np.asarray(alpha, dtype=np.float32) / 255.0
@@ -175,9 +176,9 @@ def _object_sprite(rng: np.random.Generator, src: _Sources, name: str, height: i
     box = (
         rng.uniform(0, dx), rng.uniform(0, dy), w - rng.uniform(0, dx), h - rng.uniform(0, dy),
     )  # fmt: skip
-    view = obj.crop(tuple(int(round(v)) for v in box))
+    view = obj.crop(tuple(round(v) for v in box))
     aspect = view.width / view.height * math.exp(rng.uniform(-0.2, 0.2))
-    width = max(4, int(round(height * aspect)))
+    width = max(4, round(height * aspect))
     view = view.resize((width, height), Image.Resampling.BILINEAR)
     if rng.random() < 0.5:
         view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -200,7 +201,7 @@ def _paste(canvas: Image.Image, sprite: Image.Image, alpha: Image.Image, x: int,
     a = np.asarray(alpha) > 127
     ys, xs = np.nonzero(a)
     x1, y1 = max(0, x + int(xs.min())), max(0, y + int(ys.min()))
-    x2, y2 = min(canvas.width - 1, x + int(xs.max())), min(canvas.height - 1, y + int(ys.max()))
+    x2, y2 = (min(canvas.width - 1, x + int(xs.max())), min(canvas.height - 1, y + int(ys.max())))
     return x1, y1, x2, y2
 
 
@@ -213,27 +214,29 @@ def _sprite(rng, src, kind: str, split: str, label: int, height: int, bg: Image.
 # ------------------------------------------------------------- classification
 
 
-def render_classification(rng: np.random.Generator, src: _Sources, kind: str, split: str, label: int,
-                          min_size: int = 64, max_size: int = 160) -> Image.Image:
+def render_classification(
+    rng: np.random.Generator, src: _Sources, kind: str, split: str, label: int, min_size: int = 64, max_size: int = 160
+) -> Image.Image:
     """One image of class ``label``: a sprite at 30-90 % of the short side on a photo crop."""
     short = int(rng.integers(min_size, max_size + 1))
     aspect = math.exp(rng.uniform(-0.3, 0.3))
-    w, h = (int(round(short * aspect)), short) if aspect >= 1 else (short, int(round(short / aspect)))
+    w, h = (round(short * aspect), short) if aspect >= 1 else (short, round(short / aspect))
     canvas = _background(rng, src, w, h)
-    height = max(8, int(round(min(w, h) * rng.uniform(0.3, 0.9))))
+    height = max(8, round(min(w, h) * rng.uniform(0.3, 0.9)))
     sprite, alpha = _sprite(rng, src, kind, split, label, height, canvas)
     if sprite.width > w or sprite.height > h:  # rotated or wide views can exceed the canvas
         f = min(w / sprite.width, h / sprite.height)
         size = (max(1, int(sprite.width * f)), max(1, int(sprite.height * f)))
-        sprite, alpha = sprite.resize(size, Image.Resampling.BILINEAR), alpha.resize(size, Image.Resampling.BILINEAR)
+        sprite, alpha = (sprite.resize(size, Image.Resampling.BILINEAR), alpha.resize(size, Image.Resampling.BILINEAR))
     x = int(rng.integers(0, w - sprite.width + 1))
     y = int(rng.integers(0, h - sprite.height + 1))
     canvas.paste(sprite, (x, y), alpha)
     return canvas
 
 
-def make_classification_set(out: Path, kind: str, src: _Sources, seed: int = 0,
-                            per_class: tuple[int, int, int] = (60, 20, 20)) -> Path:
+def make_classification_set(
+    out: Path, kind: str, src: _Sources, seed: int = 0, per_class: tuple[int, int, int] = (60, 20, 20)
+) -> Path:
     """Writes ``out/{train,val,test}/<class>/<i>.jpg``; returns ``out``."""
     classes = [str(d) for d in range(10)] if kind == "digits" else list(OBJECTS)
     kind_code = CLASSIFICATION_SETS.index(kind)
@@ -257,17 +260,24 @@ def _iou(a, b) -> float:
     if iw <= 0 or ih <= 0:
         return 0.0
     inter = iw * ih
-    area = lambda r: (r[2] - r[0] + 1) * (r[3] - r[1] + 1)  # noqa: E731
+    area = lambda r: (r[2] - r[0] + 1) * (r[3] - r[1] + 1)
     return inter / (area(a) + area(b) - inter)
 
 
-def render_detection(rng: np.random.Generator, src: _Sources, kind: str, split: str,
-                     min_short: int = 200, max_short: int = 400, max_objects: int = 4) -> tuple[Image.Image, list[dict]]:
+def render_detection(
+    rng: np.random.Generator,
+    src: _Sources,
+    kind: str,
+    split: str,
+    min_short: int = 200,
+    max_short: int = 400,
+    max_objects: int = 4,
+) -> tuple[Image.Image, list[dict]]:
     """An image with 1..``max_objects`` sprites (20 px to 70 % of the short side), boxes overlapping <= 0.1 IoU."""
     classes = [str(d) for d in range(10)] if kind == "digits" else list(OBJECTS)
     short = int(rng.integers(min_short, max_short + 1))
     aspect = math.exp(rng.uniform(-0.35, 0.35))
-    w, h = (int(round(short * aspect)), short) if aspect >= 1 else (short, int(round(short / aspect)))
+    w, h = (round(short * aspect), short) if aspect >= 1 else (short, round(short / aspect))
     canvas = _background(rng, src, w, h)
     objects: list[dict] = []
     for _ in range(int(rng.integers(1, max_objects + 1))):
@@ -312,8 +322,9 @@ def _write_voc(out: Path, items: dict[str, list[tuple[Image.Image, list[dict]]]]
     return out
 
 
-def make_detection_set(out: Path, kind: str, src: _Sources, seed: int = 0,
-                       counts: tuple[int, int, int] = (120, 40, 100)) -> Path:
+def make_detection_set(
+    out: Path, kind: str, src: _Sources, seed: int = 0, counts: tuple[int, int, int] = (120, 40, 100)
+) -> Path:
     """Pascal VOC set of ``kind`` (``digits`` or ``objects``): train / val / test image counts."""
     kind_code = 10 + CLASSIFICATION_SETS.index(kind)
     items = {}
@@ -325,8 +336,9 @@ def make_detection_set(out: Path, kind: str, src: _Sources, seed: int = 0,
     return _write_voc(out, items, f"sppnet benchmarks {kind}")
 
 
-def make_deepforest_set(out: Path, wheel: Path, seed: int = 0, tile: int = 300, min_visible: float = 0.6,
-                        test_fraction: float = 0.3) -> Path:
+def make_deepforest_set(
+    out: Path, wheel: Path, seed: int = 0, tile: int = 300, min_visible: float = 0.6, test_fraction: float = 0.3
+) -> Path:
     """Tiles deepforest's annotated images (read from the wheel) into a one-class ("Tree") VOC set.
 
     Each image with a ``.xml`` annotation is cut into ``tile x tile`` tiles (the
@@ -370,8 +382,8 @@ def make_deepforest_set(out: Path, wheel: Path, seed: int = 0, tile: int = 300, 
     if not tiles:
         raise ValueError(f"no annotated images found in {wheel}")
     order = np.random.default_rng(seed).permutation(len(tiles))
-    n_test = int(round(test_fraction * len(tiles)))
-    n_val = int(round(0.1 * len(tiles)))
+    n_test = round(test_fraction * len(tiles))
+    n_val = round(0.1 * len(tiles))
     split_of = {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
     items = {s: [tiles[i] for i in sorted(split_of[s])] for s in ("train", "val", "test")}
     return _write_voc(out, items, "deepforest (tiled)")
@@ -380,7 +392,9 @@ def make_deepforest_set(out: Path, wheel: Path, seed: int = 0, tile: int = 300, 
 # ----------------------------------------------------------------------- main
 
 
-def build(out: Path, names: list[str], seed: int = 0, wheel: Path | None = None, verbose: bool = True) -> dict[str, Path]:
+def build(
+    out: Path, names: list[str], seed: int = 0, wheel: Path | None = None, verbose: bool = True
+) -> dict[str, Path]:
     """Builds the named sets under ``out/<name>`` (replacing old ones); returns their folders."""
     unknown = [n for n in names if n not in SETS]
     if unknown:
@@ -415,8 +429,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, required=True, help="folder that receives one sub-folder per set")
     ap.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--deepforest-wheel", type=Path, default=None,
-                    help="deepforest-*.whl (pip download --no-deps deepforest -d DIR); needed for deepforest-voc")
+    ap.add_argument(
+        "--deepforest-wheel",
+        type=Path,
+        default=None,
+        help="deepforest-*.whl (pip download --no-deps deepforest -d DIR); needed for deepforest-voc",
+    )
     args = ap.parse_args(argv)
     build(args.out, args.sets, args.seed, args.deepforest_wheel)
 

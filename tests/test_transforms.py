@@ -12,9 +12,11 @@ from sppnet.data.transforms import (
     PCA_EIGVAL,
     PCA_EIGVEC,
     TrainTransform,
+    color_jitter,
     crop_boxes,
     lighting,
     normalize,
+    random_resized_box,
     resize_short_side,
     resize_side,
     small_size_for,
@@ -132,3 +134,73 @@ def test_train_transform_rejects_bad_sizes():
         TrainTransform(0)
     with pytest.raises(ValueError, match="out_size must be >= 1"):
         TrainTransform(64, out_size=0)
+
+
+def test_random_resized_box_draws_area_and_aspect_in_range():
+    g = torch.Generator().manual_seed(0)
+    boxes = [random_resized_box(120, 90, (0.25, 1.0), (0.75, 4 / 3), g) for _ in range(300)]
+    for x1, y1, x2, y2 in boxes:
+        assert 0 <= x1 < x2 <= 120 and 0 <= y1 < y2 <= 90
+    fitted = [b for b in boxes if (b[2] - b[0], b[3] - b[1]) != (90 * 4 // 3, 90)]
+    areas = np.array([(x2 - x1) * (y2 - y1) / (120 * 90) for x1, y1, x2, y2 in fitted])
+    aspects = np.array([(x2 - x1) / (y2 - y1) for x1, y1, x2, y2 in fitted])
+    # rounding to whole pixels moves area and aspect by at most a few percent
+    assert areas.min() > 0.23 and areas.max() <= 1.0 and aspects.min() > 0.73 and aspects.max() < 1.37
+    assert areas.std() > 0.1  # the scale is really drawn, positions too
+    assert len({b[:2] for b in boxes}) > 100
+
+
+def test_random_resized_box_falls_back_to_a_centred_crop_with_clipped_aspect():
+    g = torch.Generator().manual_seed(0)
+    # a 400x40 strip: no crop of aspect <= 4/3 and area >= 25 % exists, so the fallback is used
+    w = round(40 * 4 / 3)  # the widest crop of aspect 4/3, centred
+    assert random_resized_box(400, 40, (0.25, 1.0), (0.75, 4 / 3), g) == ((400 - w) // 2, 0, (400 - w) // 2 + w, 40)
+    with pytest.raises(ValueError, match="scale"):
+        random_resized_box(10, 10, (0.5, 0.2))
+
+
+def test_random_crop_transform_is_a_resized_window_of_the_whole_image():
+    img = coordinate_image(150, 100)
+    tf = TrainTransform(112, crop="random", alphastd=0.0, flip=False, mean=(0, 0, 0), std=(1, 1, 1))
+    g = torch.Generator().manual_seed(3)
+    x = tf(img, g)
+    assert x.shape == (3, 112, 112)
+    # the same draws give the box: resized image (short side 128), then the crop
+    resized = resize_short_side(img, resize_side(112))
+    box = random_resized_box(resized.width, resized.height, tf.scale, tf.ratio, torch.Generator().manual_seed(3))
+    expected = pil_to_tensor(resized.crop(box).resize((112, 112), Image.Resampling.BILINEAR))
+    torch.testing.assert_close(x, expected)
+    small = TrainTransform(112, 90, crop="random")(img, torch.Generator().manual_seed(3))
+    assert small.shape == (3, 90, 90)
+
+
+def jitter_reference(x, b, c, s):
+    """Brightness, contrast, saturation by their definitions, pixel by pixel."""
+    w = (0.299, 0.587, 0.114)
+    out = (x * b).clamp(0, 1)
+    mean = sum(w[k] * out[k] for k in range(3)).mean()
+    out = (mean + c * (out - mean)).clamp(0, 1)
+    grey = sum(w[k] * out[k] for k in range(3))
+    return torch.stack([(grey + s * (out[k] - grey)).clamp(0, 1) for k in range(3)])
+
+
+def test_color_jitter_matches_its_definition():
+    x = torch.rand(3, 5, 7, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    g = torch.Generator().manual_seed(9)
+    b, c, s = (1.0 + (2.0 * torch.rand(3, generator=torch.Generator().manual_seed(9)) - 1.0) * 0.4).tolist()
+    out = color_jitter(x, 0.4, g)
+    torch.testing.assert_close(out, jitter_reference(x, b, c, s))
+    assert out.min() >= 0 and out.max() <= 1
+    assert color_jitter(x, 0.0) is x
+
+
+def test_paper_crops_draw_the_same_as_before_when_jitter_is_off():
+    # jitter=0 draws nothing: the paper's augmentation stream is unchanged
+    img = coordinate_image(140, 120)
+    a = TrainTransform(112)(img, torch.Generator().manual_seed(5))
+    b = TrainTransform(112, jitter=0.0, crop="paper")(img, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="crop"):
+        TrainTransform(112, crop="five")
+    with pytest.raises(ValueError, match="jitter"):
+        TrainTransform(112, jitter=1.5)

@@ -16,6 +16,15 @@ Training (:class:`TrainTransform`), for a crop side ``size`` (224 in the paper):
    noise is a mild, label-preserving perturbation there as on photographs);
 6. normalise with the ImageNet channel mean / std.
 
+Beyond the paper (``crop="random"``, ``jitter > 0``), for training from scratch
+on small data sets: step 2 becomes a crop of a random area fraction
+(``scale``) and aspect ratio (``ratio``, log-uniform) of the ENTIRE image,
+resized to the output size (Szegedy et al. 2015, "Going deeper with
+convolutions", Sec. 6; torchvision's ``RandomResizedCrop``), and before step 5
+brightness, contrast and saturation are each scaled by a factor drawn from
+``[1 - jitter, 1 + jitter]`` (torchvision's ``ColorJitter`` without hue), then
+clamped to [0, 1]. Flips and the PCA colour altering stay as in the paper.
+
 Randomness comes from an explicit ``torch.Generator`` passed per call, so the
 training loop can seed every sample from ``(seed, epoch, index)``: the result is
 the same with 0 or N DataLoader workers, one process or many.
@@ -26,6 +35,7 @@ they use the helpers below so training and testing agree on geometry.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -46,6 +56,9 @@ __all__ = [
     "crop_boxes",
     "normalize",
     "lighting",
+    "color_jitter",
+    "random_resized_box",
+    "CROPS",
     "TrainTransform",
 ]
 
@@ -63,6 +76,8 @@ PCA_EIGVEC: tuple[tuple[float, float, float], ...] = (
 #: Longest accepted ``long side / short side`` of an input image. Resizing the
 #: short side of a 1 x 5000 strip to 256 would make a 1.3-gigapixel image.
 MAX_ASPECT = 20.0
+#: Training crops: the paper's five fixed crops, or random-resized crops of the whole image.
+CROPS: tuple[str, ...] = ("paper", "random")
 
 
 def resize_side(size: int) -> int:
@@ -90,8 +105,7 @@ def resize_short_side(img: Image.Image, side: int) -> Image.Image:
         raise ValueError(f"image has no pixels ({w}x{h})")
     if max(w, h) / min(w, h) > MAX_ASPECT:
         raise ValueError(
-            f"image of {w}x{h} pixels has aspect ratio {max(w, h) / min(w, h):.1f}; "
-            f"at most {MAX_ASPECT:g} is supported"
+            f"image of {w}x{h} pixels has aspect ratio {max(w, h) / min(w, h):.1f}; at most {MAX_ASPECT:g} is supported"
         )
     if w <= h:
         new = (side, max(side, int(round(h * side / w))))
@@ -139,6 +153,66 @@ def lighting(x: Tensor, alphastd: float, generator: torch.Generator | None = Non
     return x + rgb.to(x.dtype).view(3, 1, 1)
 
 
+def color_jitter(x: Tensor, strength: float, generator: torch.Generator | None = None) -> Tensor:
+    """Random brightness, contrast and saturation of ``x (Tensor[3, H, W])`` in [0, 1], clamped to [0, 1].
+
+    Each factor is drawn uniformly from ``[1 - strength, 1 + strength]`` and the
+    three are applied in that order: brightness ``x * b``; contrast
+    ``m + c * (x - m)`` around the mean grey level ``m``; saturation
+    ``g + s * (x - g)`` around each pixel's grey value ``g`` (ITU-R 601 luma).
+    """
+    if strength <= 0:
+        return x
+    b, c, s = (1.0 + (2.0 * torch.rand(3, generator=generator) - 1.0) * strength).tolist()
+    luma = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype).view(3, 1, 1)
+    x = (x * b).clamp_(0, 1)
+    mean = (x * luma).sum(0).mean()
+    x = (mean + c * (x - mean)).clamp_(0, 1)
+    grey = (x * luma).sum(0, keepdim=True)  # [1, H, W]
+    return (grey + s * (x - grey)).clamp_(0, 1)
+
+
+def random_resized_box(
+    width: int,
+    height: int,
+    scale: tuple[float, float] = (0.25, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    generator: torch.Generator | None = None,
+) -> tuple[int, int, int, int]:
+    """A crop of a random area fraction and aspect ratio of a ``width x height`` image, as a PIL box.
+
+    Area ``a ~ U(scale) * width * height``, aspect ``r = w / h`` log-uniform in
+    ``ratio``; up to 10 draws until the crop fits, then the largest centred crop
+    whose aspect is clipped to ``ratio`` (torchvision's ``RandomResizedCrop`` rule).
+    The position is uniform over the image.
+    """
+    if not (0 < scale[0] <= scale[1] <= 1):
+        raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {scale}")
+    if not (0 < ratio[0] <= ratio[1]):
+        raise ValueError(f"ratio must satisfy 0 < min <= max, got {ratio}")
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        u = torch.rand(4, generator=generator).tolist()
+        target = area * (scale[0] + (scale[1] - scale[0]) * u[0])
+        aspect = math.exp(log_lo + (log_hi - log_lo) * u[1])
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            x = min(int(u[2] * (width - w + 1)), width - w)
+            y = min(int(u[3] * (height - h + 1)), height - h)
+            return x, y, x + w, y + h
+    aspect = width / height
+    if aspect < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif aspect > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    x, y = (width - w) // 2, (height - h) // 2
+    return x, y, x + w, y + h
+
+
 class TrainTransform:
     """Training augmentation of SPP-net (see the module docstring).
 
@@ -150,6 +224,10 @@ class TrainTransform:
         flip: random horizontal flips.
         alphastd: strength of the PCA lighting noise (0.1 in AlexNet; 0 disables).
         mean, std: normalisation.
+        crop: ``"paper"`` (five fixed crops) or ``"random"`` (random-resized
+            crops of the whole image, resized to ``out_size``; see the module docstring).
+        scale, ratio: area fraction and aspect-ratio range of ``crop="random"``.
+        jitter: brightness / contrast / saturation strength (0 disables).
 
     ``transform(img, generator)`` takes an RGB ``PIL.Image`` and returns
     ``Tensor[3, out_size, out_size]``; all randomness is drawn from ``generator``.
@@ -163,7 +241,19 @@ class TrainTransform:
         alphastd: float = 0.1,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        crop: str = "paper",
+        scale: tuple[float, float] = (0.25, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        jitter: float = 0.0,
     ) -> None:
+        if crop not in CROPS:
+            raise ValueError(f"crop must be one of {', '.join(CROPS)}, got {crop!r}")
+        if not (0 < scale[0] <= scale[1] <= 1):
+            raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {tuple(scale)}")
+        if not (0 < ratio[0] <= ratio[1]):
+            raise ValueError(f"ratio must satisfy 0 < min <= max, got {tuple(ratio)}")
+        if not 0 <= jitter < 1:
+            raise ValueError(f"jitter must be in [0, 1), got {jitter}")
         if size < 1:
             raise ValueError(f"size must be >= 1, got {size}")
         out_size = size if out_size is None else int(out_size)
@@ -175,23 +265,32 @@ class TrainTransform:
         self.alphastd = float(alphastd)
         self.mean = tuple(mean)
         self.std = tuple(std)
+        self.crop = crop
+        self.scale = (float(scale[0]), float(scale[1]))
+        self.ratio = (float(ratio[0]), float(ratio[1]))
+        self.jitter = float(jitter)
 
     def __call__(self, img: Image.Image, generator: torch.Generator | None = None) -> Tensor:
         if img.mode != "RGB":
             img = to_rgb(img)
         img = resize_short_side(img, resize_side(self.size))
-        boxes = crop_boxes(img.width, img.height, self.size)
-        box = boxes[int(torch.randint(len(boxes), (1,), generator=generator))]
+        if self.crop == "paper":
+            boxes = crop_boxes(img.width, img.height, self.size)
+            box = boxes[int(torch.randint(len(boxes), (1,), generator=generator))]
+        else:
+            box = random_resized_box(img.width, img.height, self.scale, self.ratio, generator)
         img = img.crop(box)
         if self.flip and bool(torch.rand(1, generator=generator) < 0.5):
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        if self.out_size != self.size:  # multi-size: same content, lower resolution (Sec. 2.3)
+        if img.size != (self.out_size, self.out_size):  # multi-size: same content, lower resolution (Sec. 2.3)
             img = img.resize((self.out_size, self.out_size), Image.Resampling.BILINEAR)
-        x = lighting(pil_to_tensor(img), self.alphastd, generator)
+        x = color_jitter(pil_to_tensor(img), self.jitter, generator)
+        x = lighting(x, self.alphastd, generator)
         return normalize(x, self.mean, self.std)
 
     def __repr__(self) -> str:
         return (
             f"TrainTransform(size={self.size}, out_size={self.out_size}, resize={resize_side(self.size)}, "
-            f"flip={self.flip}, alphastd={self.alphastd})"
+            f"flip={self.flip}, alphastd={self.alphastd}, crop={self.crop!r}, scale={self.scale}, "
+            f"ratio={self.ratio}, jitter={self.jitter})"
         )

@@ -22,6 +22,14 @@ overfeat5   96x7 s2 p1; pool 3 s3; LRN (36) 256x5 p2; pool 2 s2 (18)   512 x3 (1
 overfeat7   as overfeat5                                               + conv6, conv7 512x3
 ==========  ==============================  =========================  ==========
 
+Normalisation (``norm``): ``"lrn"`` is the paper's (LRN where Table 1 puts it);
+``"bn"`` -- a beyond-the-paper variant -- drops the LRN layers and puts a
+``BatchNorm2d`` after every conv, before its ReLU (Ioffe & Szegedy 2015; the
+convs then have no bias); ``"none"`` drops the LRN layers. ``fc_norm=True``
+puts a ``BatchNorm1d`` after fc6 and fc7, before their ReLU: the pyramid's
+fc6 input is ``C5 * 50`` wide (12,800 for a 256-channel conv5), and in short
+runs from scratch that layer is what stalls at chance without it.
+
 Padding: chosen to give the table's map sizes. ZF-5's conv2 uses padding 1 so
 that its map is the table's 27x27 (the released Caffe model uses 0 and gets
 26x26; both end at 13x13 after the ceil-mode pool). Pools in ZF-5 use ceil
@@ -42,7 +50,10 @@ from sppnet.models.geometry import feature_geometry
 from sppnet.ops import SpatialPyramidPool
 from sppnet.ops._bins import check_levels
 
-__all__ = ["SPPNet", "Conv", "Pool", "LRN", "ZF5", "CONVNET5", "OVERFEAT5", "OVERFEAT7"]
+__all__ = ["SPPNet", "Conv", "Pool", "LRN", "NORMS", "ZF5", "CONVNET5", "OVERFEAT5", "OVERFEAT7"]
+
+#: Values of ``SPPNet(norm=...)``: the paper's LRN, batch norm after every conv, none.
+NORMS: tuple[str, ...] = ("lrn", "bn", "none")
 
 
 @dataclass(frozen=True)
@@ -73,7 +84,6 @@ class LRN:
     alpha: float = 1e-4
     beta: float = 0.75
     k: float = 1.0
-
 
 
 class ChannelLRN(nn.LocalResponseNorm):
@@ -111,6 +121,7 @@ class ChannelLRN(nn.LocalResponseNorm):
             return inv.sqrt().mul_(inv).mul_(x)  # in place: peak x + 2 maps
         return x / base.pow_(self.beta)
 
+
 # SPP-net Table 1. LRN sizes: 3 in the released ZF-5, 5 (AlexNet's) elsewhere.
 ZF5 = (
     Conv(96, 7, 2, 1), LRN(3, 5e-5), Pool(3, 2, ceil=True),
@@ -147,6 +158,9 @@ class SPPNet(nn.Module):
         fc_dim: width of fc6 and fc7 (4096 in the paper).
         dropout: dropout after fc6 and fc7.
         input_size: the one input side the ``spp=False`` baseline accepts.
+        norm: ``"lrn"`` (the paper), ``"bn"`` (``BatchNorm2d`` after every conv,
+            before its ReLU, instead of LRN) or ``"none"`` (see the module docstring).
+        fc_norm: ``BatchNorm1d`` after fc6 and fc7, before their ReLU.
         name: registry name, kept for checkpoints.
 
     Shapes: ``forward_features(x: Tensor[N, 3, H, W]) -> Tensor[N, C5, h, w]``;
@@ -164,6 +178,8 @@ class SPPNet(nn.Module):
         fc_dim: int = 4096,
         dropout: float = 0.5,
         input_size: int = 224,
+        norm: str = "lrn",
+        fc_norm: bool = False,
         name: str = "custom",
     ) -> None:
         super().__init__()
@@ -175,6 +191,8 @@ class SPPNet(nn.Module):
             raise ValueError(f"fc_dim must be >= 1, got {fc_dim}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
         self.name = name
         self.layer_specs = tuple(layers)
         self.spp = bool(spp)
@@ -183,18 +201,25 @@ class SPPNet(nn.Module):
         self.num_classes = int(num_classes)
         self.fc_dim = int(fc_dim)
         self.dropout = float(dropout)
+        self.norm = norm
+        self.fc_norm = bool(fc_norm)
 
         modules: list[nn.Module] = []
         chans = 3
         for spec in self.layer_specs:
             if isinstance(spec, Conv):
                 out = _scale(spec.out, width)
-                modules += [nn.Conv2d(chans, out, spec.k, spec.s, spec.p), nn.ReLU(inplace=True)]
+                if norm == "bn":
+                    modules += [nn.Conv2d(chans, out, spec.k, spec.s, spec.p, bias=False), nn.BatchNorm2d(out)]
+                else:
+                    modules.append(nn.Conv2d(chans, out, spec.k, spec.s, spec.p))
+                modules.append(nn.ReLU(inplace=True))
                 chans = out
             elif isinstance(spec, Pool):
                 modules.append(nn.MaxPool2d(spec.k, spec.s, spec.p, ceil_mode=spec.ceil))
             elif isinstance(spec, LRN):
-                modules.append(ChannelLRN(spec.size, spec.alpha, spec.beta, spec.k))
+                if norm == "lrn":
+                    modules.append(ChannelLRN(spec.size, spec.alpha, spec.beta, spec.k))
             else:
                 raise ValueError(f"unknown layer spec {spec!r}")
         self.features = nn.Sequential(*modules)
@@ -211,17 +236,18 @@ class SPPNet(nn.Module):
             self.input_size = int(input_size)
             a, _ = self.feature_size(self.input_size, self.input_size)
             if a < 6:
-                raise ValueError(
-                    f"spp=False needs a conv5 map of at least 6x6; input_size={input_size} gives {a}x{a}"
-                )
+                raise ValueError(f"spp=False needs a conv5 map of at least 6x6; input_size={input_size} gives {a}x{a}")
             stride = a // 6  # pool5 as a fixed sliding window that gives exactly 6x6 bins
             self.pool = nn.Sequential(nn.MaxPool2d(a - 5 * stride, stride), nn.Flatten(1))
             pooled_dim = chans * 36
         self.pooled_dim = pooled_dim
-        self.fc = nn.Sequential(
-            nn.Linear(pooled_dim, fc_dim), nn.ReLU(inplace=True), nn.Dropout(dropout),
-            nn.Linear(fc_dim, fc_dim), nn.ReLU(inplace=True), nn.Dropout(dropout),
-        )  # fmt: skip
+        fc: list[nn.Module] = []
+        for fan_in in (pooled_dim, fc_dim):  # fc6, fc7
+            fc.append(nn.Linear(fan_in, fc_dim))
+            if self.fc_norm:
+                fc.append(nn.BatchNorm1d(fc_dim))
+            fc += [nn.ReLU(inplace=True), nn.Dropout(dropout)]
+        self.fc = nn.Sequential(*fc)  # fc6 is fc[0]; fc7 is fc[3], or fc[4] with fc_norm
         self.classifier = nn.Linear(fc_dim, num_classes)
         self._init_weights()
 
@@ -239,6 +265,8 @@ class SPPNet(nn.Module):
             "width": self.width,
             "fc_dim": self.fc_dim,
             "dropout": self.dropout,
+            "norm": self.norm,
+            "fc_norm": self.fc_norm,
         }
         if not self.spp:
             cfg["input_size"] = self.input_size
@@ -257,8 +285,7 @@ class SPPNet(nn.Module):
             )
         if min(h, w) < self.min_input_size:
             raise ValueError(
-                f"{self.name} needs inputs of at least {self.min_input_size}x{self.min_input_size} "
-                f"pixels, got {h}x{w}"
+                f"{self.name} needs inputs of at least {self.min_input_size}x{self.min_input_size} pixels, got {h}x{w}"
             )
 
     def forward_features(self, x: Tensor) -> Tensor:
@@ -279,15 +306,19 @@ class SPPNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, 0.0, 0.01)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
     def extra_repr(self) -> str:
         head = f"spp levels={self.levels}" if self.spp else f"no-SPP input_size={self.input_size}"
         return (
-            f"name={self.name!r}, {head}, width={self.width}, stride={self.stride}, "
+            f"name={self.name!r}, {head}, width={self.width}, norm={self.norm!r}, fc_norm={self.fc_norm}, stride={self.stride}, "
             f"offset={self.offset}, min_input_size={self.min_input_size}"
         )
 

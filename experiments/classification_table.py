@@ -38,7 +38,7 @@ import torch
 from sppnet.data.imagefolder import ImageFolderDataset
 from sppnet.data.synthetic import make_classification_dataset
 from sppnet.engine.classify import ClassifyConfig, builtin_data_root, evaluate, load_classifier, train
-from sppnet.utils.io import atomic_write_text, load_json, save_json
+from sppnet.utils import atomic_write_text, load_json, save_json
 from sppnet.viz.plots import plot_grouped_bars
 
 VARIANTS = {
@@ -142,8 +142,14 @@ def plot(results: dict, out: Path, data_name: str) -> Path:
         vals = [[r[views]["top1_err"] for r in results.get(name, {}).values() if views in r] for name in names]
         means[VIEW_TITLES[views]] = [statistics.mean(v) if v else None for v in vals]
         stds[VIEW_TITLES[views]] = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]
-    return plot_grouped_bars(names, means, out / "table.png", "top-1 error (%)",
-                             f"SPP-net Tables 2-3 on {data_name} (mean ± std over seeds)", errors=stds)
+    return plot_grouped_bars(
+        names,
+        means,
+        out / "table.png",
+        "top-1 error (%)",
+        f"SPP-net Tables 2-3 on {data_name} (mean ± std over seeds)",
+        errors=stds,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,8 +182,11 @@ def main(argv: list[str] | None = None) -> int:
             results.setdefault(name, {})[key] = result
             save_json(results_path, results)
             errs = ", ".join(f"{v} {result[v]['top1_err']:.1f}" for v in VIEWS if v in result)
-            print(f"[{(time.perf_counter() - start) / 60:5.1f} min] {name} seed {seed}: top-1 err {errs} "
-                  f"(trained in {result['train_seconds']:.0f}s)", flush=True)  # fmt: skip
+            print(
+                f"[{(time.perf_counter() - start) / 60:5.1f} min] {name} seed {seed}: top-1 err {errs} "
+                f"(trained in {result['train_seconds']:.0f}s)",
+                flush=True,
+            )
     total = time.perf_counter() - start
     print(write_table(results, base, args, total, out, data_name))
     print(f"wrote {out / 'table.md'} and {plot(results, out, data_name)}; total time {total / 60:.1f} min")

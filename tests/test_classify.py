@@ -26,7 +26,7 @@ from sppnet.engine.classify import (
     train,
 )
 from sppnet.engine.common import UserError, load_weights
-from sppnet.utils.io import load_json
+from sppnet.utils import load_json
 
 TINY = dict(width=0.1, fc_dim=32, size=64, epochs=1, batch_size=8, workers=0, device="cpu", lr_steps=())
 
@@ -224,9 +224,29 @@ def test_unreadable_images_are_skipped_and_counted(data, tmp_path, capsys):
 
 def test_cli_train_val_predict(data, tmp_path, capsys):
     out = tmp_path / "cli"
-    args = ["classify", "train", "--data", str(data), "--out", str(out), "--width", "0.1", "--fc-dim", "32",
-            "--size", "64", "--epochs", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu",
-            "--quiet"]  # fmt: skip
+    args = [
+        "classify",
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--width",
+        "0.1",
+        "--fc-dim",
+        "32",
+        "--size",
+        "64",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     assert main(args) == 0
     cfg = load_json(out / "config.json")
     assert (cfg["preset"], cfg["size"], cfg["small_size"], cfg["epochs"], cfg["lr"]) == ("small", 64, 51, 1, 0.02)
@@ -253,8 +273,10 @@ def test_cli_train_val_predict(data, tmp_path, capsys):
     "argv, message",
     [
         (["classify", "train", "--data", "{tmp}/nope", "--out", "{tmp}/r"], "data folder {tmp}/nope does not exist"),
-        (["classify", "train", "--out", "{tmp}/r", "--size", "10", "--data", "{data}"],
-         "size=10 is smaller than the minimum input"),
+        (
+            ["classify", "train", "--out", "{tmp}/r", "--size", "10", "--data", "{data}"],
+            "size=10 is smaller than the minimum input",
+        ),
         (["classify", "train", "--out", "{tmp}/r", "--no-spp", "--schedule", "multi"], "needs the SPP head"),
         (["classify", "train", "--out", "{tmp}/r", "--resume"], "nothing to resume"),
         (["classify", "val", "--run", "{tmp}/none"], "does not exist: is {tmp}/none a classification run"),

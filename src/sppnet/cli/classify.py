@@ -22,10 +22,27 @@ _EPILOG = """examples:
 
 # Flags that map one-to-one onto ClassifyConfig fields (dest -> field).
 _TRAIN_FIELDS = (
-    "data", "model", "width", "fc_dim", "dropout", "init", "size", "small_size", "schedule", "epochs",
-    "batch_size", "lr", "lr_steps", "momentum", "weight_decay", "alphastd", "seed", "workers", "cache_images",
+    "data",
+    "model",
+    "width",
+    "fc_dim",
+    "dropout",
+    "init",
+    "size",
+    "small_size",
+    "schedule",
+    "epochs",
+    "batch_size",
+    "lr",
+    "lr_steps",
+    "momentum",
+    "weight_decay",
+    "alphastd",
+    "seed",
+    "workers",
+    "cache_images",
     "device",
-)  # fmt: skip
+)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -40,24 +57,38 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     sub.required = True
 
     t = sub.add_parser(
-        "train", help="train a classifier", epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "train",
+        help="train a classifier",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train an SPP-net classifier. Flags left out take the preset's value.",
     )
     t.add_argument("--data", help="ImageFolder root with train/<class>/* (and val/); default: the built-in shapes set")
     t.add_argument("--out", required=True, help="run directory (checkpoints, metrics, config)")
     add_preset(t)
     t.add_argument("--model", help="network: zf5 | convnet5 | overfeat5 | overfeat7 (default zf5)")
-    t.add_argument("--no-spp", dest="spp", action="store_false", default=None,
-                   help="the no-SPP baseline (fixed 6x6 pool5; one input size only)")
+    t.add_argument(
+        "--no-spp",
+        dest="spp",
+        action="store_false",
+        default=None,
+        help="the no-SPP baseline (fixed 6x6 pool5; one input size only)",
+    )
     t.add_argument("--width", type=float, help="channel multiplier (1.0 = the paper's Table 1)")
     t.add_argument("--fc-dim", type=int, help="width of fc6 / fc7 (paper 4096)")
     t.add_argument("--dropout", type=float, help="dropout after fc6 and fc7 (paper preset 0.5, small 0)")
-    t.add_argument("--init", choices=("paper", "he"),
-                   help="fc6/fc7 init: paper N(0, 0.01) or he (fan-in normal; small preset default)")
+    t.add_argument(
+        "--init",
+        choices=("paper", "he"),
+        help="fc6/fc7 init: paper N(0, 0.01) or he (fan-in normal; small preset default)",
+    )
     t.add_argument("--size", type=int, help="crop side (paper 224); images are resized to short side size*256/224")
     t.add_argument("--small-size", type=int, help="second size of multi/random schedules (default size*180/224)")
-    t.add_argument("--schedule", choices=("single", "multi", "random"),
-                   help="single size (default), alternate size/small-size epochs, or a random size per epoch")
+    t.add_argument(
+        "--schedule",
+        choices=("single", "multi", "random"),
+        help="single size (default), alternate size/small-size epochs, or a random size per epoch",
+    )
     t.add_argument("--epochs", type=int)
     t.add_argument("--batch-size", type=int, help="global batch size (split over torchrun processes)")
     t.add_argument("--lr", type=float, help="initial learning rate")
@@ -67,15 +98,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--alphastd", type=float, help="PCA colour-noise strength (0 disables; default 0.1)")
     t.add_argument("--seed", type=int)
     t.add_argument("--workers", type=int, help="DataLoader worker processes (turns the image cache off)")
-    t.add_argument("--cache-images", action=argparse.BooleanOptionalAction, default=None,
-                   help="keep decoded, resized training images in memory (small data sets; needs --workers 0)")
+    t.add_argument(
+        "--cache-images",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep decoded, resized training images in memory (small data sets; needs --workers 0)",
+    )
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     add_common(t)
     t.set_defaults(func=_train, device=None)
 
-    v = sub.add_parser("val", help="evaluate a trained classifier",
-                       description="Top-1 / top-5 accuracy of a run's model with the paper's test views.")
+    v = sub.add_parser(
+        "val",
+        help="evaluate a trained classifier",
+        description="Top-1 / top-5 accuracy of a run's model with the paper's test views.",
+    )
     v.add_argument("--run", required=True, help="run directory written by 'classify train'")
     v.add_argument("--data", help="ImageFolder root (default: the run's data)")
     v.add_argument("--split", default="val", help="split folder to evaluate (val | test | ...; default val)")
@@ -98,7 +136,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _add_views(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--views", choices=("center", "ten", "full", "multi"), default="center",
+        "--views",
+        choices=("center", "ten", "full", "multi"),
+        default="center",
         help="center crop | ten (corners + centre + flips) | full (whole image, SPP only) | "
         "multi (6 scales x 18 windows on the feature maps + 2 full views, SPP only); default center",
     )
@@ -114,7 +154,7 @@ def _int_list(text: str) -> tuple[int, ...]:
 def _train(args: argparse.Namespace) -> int:
     from sppnet.engine.classify import ClassifyConfig, train
     from sppnet.engine.common import resolve_device
-    from sppnet.utils.io import load_json
+    from sppnet.utils import load_json
 
     explicit = {f: getattr(args, f) for f in _TRAIN_FIELDS if getattr(args, f) is not None}
     if args.spp is not None:

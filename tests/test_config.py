@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import pytest
@@ -25,6 +25,7 @@ class Inner(Config):
     steps: tuple[int, ...] = option((3, 5), help="steps", min=0)
     pair: tuple[float, ...] = option((0.1, 0.5), help="a pair", length=2, min=0, max=1)
     cap: int | None = option(None, help="a cap", min=1, flag="--cap")
+    epochs: tuple[int, ...] = option((4,), help="comma-separated", min=0, sep=",", nonempty=False)
     flip: bool = option(True, help="flip")
 
 
@@ -33,7 +34,7 @@ class Outer(Config):
     mode: str = option("a", help="mode", choices=("a", "b"))
     workers: int = option(2, help="workers", min=0)
     folder: str | None = option(None, help="a folder", path=True)
-    inner: Inner = option(help="the inner stage", default_factory=Inner)
+    inner: Inner = field(default_factory=Inner)
     hidden: int = option(7, help="no flag", flag=False)
 
 
@@ -41,7 +42,7 @@ def test_leaves_and_flags_come_from_the_declaration():
     got = {leaf.path: leaf.flag for leaf in leaves(Outer)}
     assert got == {
         "mode": "--mode", "workers": "--workers", "folder": "--folder", "inner.lr": "--in-lr",
-        "inner.steps": "--in-steps", "inner.pair": "--in-pair", "inner.cap": "--cap", "inner.flip": "--in-flip",
+        "inner.steps": "--in-steps", "inner.pair": "--in-pair", "inner.cap": "--cap", "inner.epochs": "--in-epochs", "inner.flip": "--in-flip",
         "hidden": None,
     }  # fmt: skip
 
@@ -132,6 +133,8 @@ def test_flags_give_only_what_was_typed_as_nested_overrides(tmp_path):
     assert set(got) == {"inner", "folder"}
     assert config_overrides(parser().parse_args(["--cap", "none"]), Outer) == {"inner": {"cap": None}}
     assert config_overrides(parser().parse_args([]), Outer) == {}
+    assert config_overrides(parser().parse_args(["--in-epochs", "3,7"]), Outer) == {"inner": {"epochs": (3, 7)}}
+    assert config_overrides(parser().parse_args(["--in-epochs", ""]), Outer) == {"inner": {"epochs": ()}}
 
 
 @pytest.mark.parametrize(
@@ -143,6 +146,7 @@ def test_flags_give_only_what_was_typed_as_nested_overrides(tmp_path):
         (["--workers", "-1"], "--workers: must be >= 0, got -1"),
         (["--in-pair", "0.1"], "--in-pair"),
         (["--mode", "z"], "--mode"),
+        (["--in-epochs", "3,-1"], "--in-epochs: must be >= 0, got -1"),
     ],
 )
 def test_bad_values_are_refused_where_they_are_parsed(argv, message, capsys):

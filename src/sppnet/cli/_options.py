@@ -11,7 +11,8 @@ type and declared range, so ``--ft-lr nan`` is refused where it is parsed::
 
 Flags left out are absent from the namespace (``argparse.SUPPRESS``), so the
 preset's value applies; an optional setting accepts ``none``. Tuples take one
-or more values (``--scales 480 688``). ``--help`` shows each preset's default.
+or more values (``--scales 480 688``), or one argument split at the declared
+``sep`` (``--lr-steps 40,60``). ``--help`` shows each preset's default.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def _show(value: Any) -> str:
         return " ".join(map(str, value)) or "()"
     if value is None:
         return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
@@ -53,6 +56,21 @@ def _parser(leaf: Leaf) -> Callable[[str], Any]:
         return value
 
     parse.__name__ = leaf.kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def _split_parser(leaf: Leaf) -> Callable[[str], tuple]:
+    """Text ``"40,60"`` -> ``(40, 60)``, each element checked, then the tuple (length, emptiness)."""
+    one = _parser(leaf)
+
+    def parse(text: str) -> tuple:
+        value = tuple(one(part.strip()) for part in text.split(leaf.meta["sep"]) if part.strip())
+        problem = check_value(leaf, value)
+        if problem is not None:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    parse.__name__ = f"{leaf.meta['sep']}-separated {leaf.kind.__name__}s"
     return parse
 
 
@@ -96,18 +114,21 @@ def add_config_options(
                 groups[head] = parser.add_argument_group(title)
             else:
                 groups[head] = parser.add_argument_group((titles or {}).get("", "run"))
-        help_text = f"{leaf.meta.get('help', '')} {_defaults_help(leaf, defaults)}".strip()
+        help_text = f"{leaf.meta.get('help', '')} {_defaults_help(leaf, defaults)}".strip().replace("%", "%%")
         kwargs: dict[str, Any] = {"dest": leaf.path, "default": argparse.SUPPRESS, "help": help_text}
-        if leaf.meta.get("metavar"):
-            kwargs["metavar"] = leaf.meta["metavar"]
+        kwargs["metavar"] = leaf.meta.get("metavar") or leaf.name.upper()
         if leaf.kind is bool and not leaf.sequence:
+            del kwargs["metavar"]
             groups[head].add_argument(leaf.flag, action=argparse.BooleanOptionalAction, **kwargs)
             continue
         kwargs["type"] = _parser(leaf)
         if leaf.meta.get("choices") is not None:
             kwargs["choices"] = leaf.meta["choices"]
-            kwargs.setdefault("metavar", "{" + ",".join(map(str, leaf.meta["choices"])) + "}")
-        if leaf.sequence:
+            if not leaf.meta.get("metavar"):
+                kwargs["metavar"] = "{" + ",".join(map(str, leaf.meta["choices"])) + "}"
+        if leaf.sequence and leaf.meta.get("sep"):
+            kwargs["type"] = _split_parser(leaf)
+        elif leaf.sequence:
             kwargs["nargs"] = leaf.meta["length"] if leaf.meta.get("length") else "+"
         groups[head].add_argument(leaf.flag, **kwargs)
 

@@ -69,7 +69,7 @@ def option(
     nonempty: bool = True,
     path: bool = False,
     metavar: str | None = None,
-    default_factory: Any = dataclasses.MISSING,
+    sep: str | None = None,
 ) -> Any:
     """A dataclass field with its help text, command-line flag and valid range.
 
@@ -84,7 +84,10 @@ def option(
         length: a tuple's exact length; ``nonempty``: a tuple must not be empty.
         path: a file or folder (the CLI makes it absolute).
         metavar: the flag's argument name in ``--help``.
-        default_factory: for a nested config: ``default_factory=FinetuneConfig``.
+        sep: a tuple's flag takes one argument split at ``sep`` (``--lr-steps 40,60``)
+            instead of one argument per value (``--scales 480 688``).
+
+    A nested config is a plain ``dataclasses.field(default_factory=FinetuneConfig)``.
     """
     meta = {
         "help": help,
@@ -98,9 +101,8 @@ def option(
         "nonempty": nonempty,
         "path": path,
         "metavar": metavar,
+        "sep": sep,
     }
-    if default_factory is not dataclasses.MISSING:
-        return dataclasses.field(default_factory=default_factory, metadata={"option": meta})
     if isinstance(default, list):
         raise TypeError("option defaults must be immutable: use a tuple, not a list")
     return dataclasses.field(default=default, metadata={"option": meta})

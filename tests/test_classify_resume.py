@@ -35,19 +35,19 @@ def data(tmp_path_factory):
 
 def tiny(data, **kw) -> ClassifyConfig:
     """Random-size schedule, dropout and colour noise on: every RNG of the loop matters."""
-    base = dict(
-        width=0.1,
-        fc_dim=32,
-        size=64,
-        schedule="random",
-        epochs=3,
-        batch_size=8,
-        lr=0.05,
-        lr_steps=(2,),
-        workers=0,
-        device="cpu",
-        data=str(data),
-    )
+    base = {
+        "width": 0.1,
+        "fc_dim": 32,
+        "size": 64,
+        "schedule": "random",
+        "epochs": 3,
+        "batch_size": 8,
+        "lr": 0.05,
+        "lr_steps": (2,),
+        "workers": 0,
+        "device": "cpu",
+        "data": str(data),
+    }
     return ClassifyConfig(**{**base, **kw})
 
 

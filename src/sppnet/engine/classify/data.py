@@ -126,7 +126,7 @@ class ViewDataset(Dataset):
         return item
 
 
-def _worker_init(worker_id: int) -> None:  # noqa: ARG001
+def _worker_init(worker_id: int) -> None:
     # Ctrl-C is for the main process (it checkpoints); workers must not die of it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     seed = torch.initial_seed() % 2**32  # set by the DataLoader from its seeded generator

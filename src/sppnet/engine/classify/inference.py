@@ -186,6 +186,9 @@ def predict(
             img, name = load_image(item), str(item)
         probs = score_views(model, prepare_views(img, views, cfg.size, IMAGENET_MEAN, IMAGENET_STD), cfg.size).mean(0)
         p, idx = probs.topk(k)
-        top = [{"class": classes[j], "index": int(j), "prob": float(q)} for q, j in zip(p.tolist(), idx.tolist())]
+        top = [
+            {"class": classes[j], "index": int(j), "prob": float(q)}
+            for q, j in zip(p.tolist(), idx.tolist(), strict=True)
+        ]
         results.append({"image": name, "top": top})
     return results

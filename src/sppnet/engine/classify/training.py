@@ -24,7 +24,6 @@ Run directory (``out``)::
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 import time
@@ -39,7 +38,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from sppnet.data.transforms import TrainTransform
-from sppnet.engine.classify.config import RESUME_MUTABLE, ClassifyConfig
+from sppnet.engine.classify.config import ClassifyConfig
 from sppnet.engine.classify.data import AugmentedDataset, builtin_data_root, make_loader, open_image_folder
 from sppnet.engine.classify.inference import evaluate_counts, inference_meta
 from sppnet.engine.classify.schedules import SizeSchedule
@@ -106,22 +105,8 @@ class EpochTotals:
         return [self.loss_sum, self.correct, self.seen]
 
     @classmethod
-    def from_list(cls, values: Sequence[float]) -> "EpochTotals":
+    def from_list(cls, values: Sequence[float]) -> EpochTotals:
         return cls(*(float(v) for v in values))
-
-
-def _check_resume(saved: ClassifyConfig, given: ClassifyConfig | None) -> ClassifyConfig:
-    if given is None:
-        return saved
-    given = given.resolved()
-    diff = [
-        f"{f.name}: run has {getattr(saved, f.name)!r}, given {getattr(given, f.name)!r}"
-        for f in dataclasses.fields(ClassifyConfig)
-        if f.name not in RESUME_MUTABLE + ("preset",) and getattr(saved, f.name) != getattr(given, f.name)
-    ]
-    if diff:
-        raise UserError("cannot change these settings when resuming: " + "; ".join(diff))
-    return dataclasses.replace(saved, **{k: getattr(given, k) for k in RESUME_MUTABLE})
 
 
 def _stop_requested(interrupt: GracefulInterrupt, ctx: DistContext) -> bool:
@@ -164,7 +149,7 @@ def train(
     if resume:
         if not (out / "config.json").is_file():
             raise UserError(f"nothing to resume: {out / 'config.json'} does not exist")
-        cfg = _check_resume(ClassifyConfig.from_dict(load_json(out / "config.json")), cfg)
+        cfg = ClassifyConfig.from_dict(load_json(out / "config.json")).check_resume(cfg)
     else:
         cfg = (cfg or ClassifyConfig()).resolved()
         if ckpt_path.exists():

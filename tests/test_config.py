@@ -28,6 +28,10 @@ class Inner(Config):
     epochs: tuple[int, ...] = option((4,), help="comma-separated", min=0, sep=",", nonempty=False)
     flip: bool = option(True, help="flip")
 
+    def check(self) -> None:
+        if self.cap is not None and self.cap < len(self.steps):
+            raise ConfigError(f"--cap must be at least the number of --in-steps, got {self.cap}")
+
 
 @dataclass
 class Outer(Config):
@@ -41,10 +45,17 @@ class Outer(Config):
 def test_leaves_and_flags_come_from_the_declaration():
     got = {leaf.path: leaf.flag for leaf in leaves(Outer)}
     assert got == {
-        "mode": "--mode", "workers": "--workers", "folder": "--folder", "inner.lr": "--in-lr",
-        "inner.steps": "--in-steps", "inner.pair": "--in-pair", "inner.cap": "--cap", "inner.epochs": "--in-epochs", "inner.flip": "--in-flip",
+        "mode": "--mode",
+        "workers": "--workers",
+        "folder": "--folder",
+        "inner.lr": "--in-lr",
+        "inner.steps": "--in-steps",
+        "inner.pair": "--in-pair",
+        "inner.cap": "--cap",
+        "inner.epochs": "--in-epochs",
+        "inner.flip": "--in-flip",
         "hidden": None,
-    }  # fmt: skip
+    }
 
 
 def test_dict_round_trip_through_json_restores_tuples_and_nesting():
@@ -92,6 +103,7 @@ def test_partial_nested_and_dotted_overrides():
         ({"workers": True}, "must be an integer"),
         ({"workers": 1.5}, "must be an integer"),
         ({"hidden": None}, r"hidden must be set"),
+        ({"inner": {"cap": 1}}, r"--cap must be at least the number of --in-steps, got 1"),  # a nested check()
     ],
 )
 def test_validate_checks_every_declared_range_recursively(override, message):

@@ -21,7 +21,8 @@ From that declaration :class:`Config` gives
   (``{"finetune": {"lr": 1e-4}}`` or ``{"finetune.lr": 1e-4}``), which is
   also what a preset is;
 * :meth:`~Config.validate`: every declared type, choice and range, recursively
-  (floats must be finite), with messages that name the flag and the value;
+  (floats must be finite), then each config's :meth:`~Config.check` of several
+  settings together, with messages that name the flag and the value;
 * :func:`check_resume`: the settings a resumed run may not change;
 
 and :mod:`sppnet.cli._options` turns the same declaration into argparse flags.
@@ -356,9 +357,8 @@ class Config:
 
     # ----------------------------------------------------------------- checks
     def validate(self) -> Self:
-        """Checks every declared type, choice and range, nested configs included; returns ``self``.
-
-        Subclasses add checks that involve several settings (call ``super().validate()``).
+        """Checks every declared type, choice and range, nested configs included, then each
+        config's :meth:`check`; returns ``self``.
 
         Raises:
             ConfigError: naming the setting, its flag and the value.
@@ -368,7 +368,22 @@ class Config:
             problem = check_value(leaf, values[leaf.path])
             if problem is not None:
                 raise ConfigError(f"{_name(leaf)} {problem}")
+        self._check_all()
         return self
+
+    def _check_all(self) -> None:
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if isinstance(value, Config):
+                value._check_all()
+        self.check()
+
+    def check(self) -> None:
+        """Checks that involve several settings (override; the declared ranges are already checked).
+
+        Raises:
+            ConfigError: naming the flags and values.
+        """
 
     def complete(self) -> Self:
         """A copy with derived defaults filled in (e.g. ``None`` meaning "depends on another setting").

@@ -10,6 +10,7 @@ from pathlib import Path
 from sppnet.cli._common import add_common, add_preset
 from sppnet.cli._options import add_config_options, config_overrides
 from sppnet.engine.classify.config import PRESETS, ClassifyConfig
+from sppnet.engine.views import VIEWS
 
 _EPILOG = """examples:
   sppnet classify train --out runs/cls                       # built-in shapes data, small preset on CPU
@@ -76,7 +77,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def _add_views(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--views",
-        choices=("center", "ten", "full", "multi"),
+        choices=VIEWS,
         default="center",
         help="center crop | ten (corners + centre + flips) | full (whole image, SPP only) | "
         "multi (6 scales x 18 windows on the feature maps + 2 full views, SPP only); default center",

@@ -162,9 +162,8 @@ class ClassifyConfig(Config):
             changes["small_size"] = small_size_for(self.size)
         return dataclasses.replace(self, **changes)
 
-    def validate(self) -> ClassifyConfig:
-        """The declared ranges, then the checks that involve several settings."""
-        super().validate()
+    def check(self) -> None:
+        """The checks that involve several settings (the declared ranges are checked before)."""
         if self.model not in list_models():
             raise ConfigError(f"unknown model {self.model!r} (--model); registered: {', '.join(list_models())}")
         if self.small_size is not None and self.small_size > self.size:
@@ -179,7 +178,6 @@ class ClassifyConfig(Config):
                 f"cache_images keeps images in the training process, so it needs workers=0 (got {self.workers}); "
                 f"turn the cache off to use DataLoader workers"
             )
-        return self
 
     def check_resume(self, given: ClassifyConfig | None) -> ClassifyConfig:
         """This (saved) config with the settings a resumed run may change taken from ``given``.

@@ -12,9 +12,13 @@ Layering: ``data`` may import ``ops`` and ``models``, never ``engine`` or ``cli`
 * :mod:`~sppnet.data.imagefolder` - ``root/<split>/<class>/*`` classification;
 * :mod:`~sppnet.data.voc`, :mod:`~sppnet.data.coco` - detection records with
   boxes ``(x1, y1, x2, y2)`` in 0-based inclusive pixels (see ``voc``);
-* :mod:`~sppnet.data.safety` - refusal of names that escape their folder.
+* :mod:`~sppnet.data.safety` - refusal of names that escape their folder;
+* :mod:`~sppnet.data.checks` - validation before work: ``check_detection_data``,
+  ``check_classification_data`` (a ``DataReport`` of what is used and skipped,
+  or a ``DataError``).
 """
 
+from sppnet.data.checks import DataError, DataReport, check_classification_data, check_detection_data
 from sppnet.data.coco import COCODetection
 from sppnet.data.imagefolder import ImageFolderDataset, find_images
 from sppnet.data.images import (
@@ -45,12 +49,16 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "IMAGE_LIMIT_FLAGS",
     "COCODetection",
+    "DataError",
+    "DataReport",
     "DataWarning",
     "ImageError",
     "ImageFolderDataset",
     "ImageLimits",
     "SkipCounter",
     "VOCDetection",
+    "check_classification_data",
+    "check_detection_data",
     "check_image_size",
     "default_data_root",
     "find_images",

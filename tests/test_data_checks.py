@@ -44,11 +44,13 @@ def _coco(root: Path, annotations: list[dict]) -> tuple[Path, Path]:
     for name in ("a.jpg", "b.jpg"):
         Image.new("RGB", (40, 30)).save(images / name)
     data = {
-        "images": [{"id": 1, "file_name": "a.jpg", "width": 40, "height": 30},
-                   {"id": 2, "file_name": "b.jpg", "width": 40, "height": 30}],
+        "images": [
+            {"id": 1, "file_name": "a.jpg", "width": 40, "height": 30},
+            {"id": 2, "file_name": "b.jpg", "width": 40, "height": 30},
+        ],
         "annotations": annotations,
         "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}],
-    }  # fmt: skip
+    }
     (root / "ann.json").write_text(json.dumps(data))
     return images, root / "ann.json"
 
@@ -63,8 +65,10 @@ CAT = {"name": "cat", "box": (2, 2, 10, 12)}
 
 def test_annotation_size_that_disagrees_with_the_image_is_found_from_the_header(tmp_path, no_decoding):
     # Issue 18: a <size> that disagreed with the image failed only after proposals and pretraining.
-    root = _voc(tmp_path / "voc", {"a": ((40, 30), (40, 30), [DOG]), "b": ((40, 30), (30, 40), [CAT, DOG]),
-                                   "c": ((50, 50), (50, 50), [CAT])})  # fmt: skip
+    root = _voc(
+        tmp_path / "voc",
+        {"a": ((40, 30), (40, 30), [DOG]), "b": ((40, 30), (30, 40), [CAT, DOG]), "c": ((50, 50), (50, 50), [CAT])},
+    )
     data = VOCDetection(root, "train")
     with pytest.warns(DataWarning, match=r"skipping .*b\.jpg: the annotation says 40x30 pixels but the image is 30x40"):
         report = check_detection_data(data.records, data.class_names, skipped=[data.skipped_images])
@@ -116,8 +120,14 @@ def test_class_without_positives_warns_and_strict_raises(tmp_path):
 
 
 def test_images_outside_the_limits_are_skipped_before_any_search(tmp_path, no_decoding):
-    root = _voc(tmp_path / "voc", {"a": ((40, 30), (40, 30), [DOG]), "strip": ((2000, 10), (2000, 10), []),
-                                   "big": ((400, 300), (400, 300), [CAT])})  # fmt: skip
+    root = _voc(
+        tmp_path / "voc",
+        {
+            "a": ((40, 30), (40, 30), [DOG]),
+            "strip": ((2000, 10), (2000, 10), []),
+            "big": ((400, 300), (400, 300), [CAT]),
+        },
+    )
     data = VOCDetection(root, "train")
     with pytest.warns(DataWarning, match=r"strip\.jpg: image is 2000x10 .*--max-aspect-ratio"):
         report = check_detection_data(data.records, data.class_names)
@@ -142,11 +152,16 @@ def test_positive_counts_match_a_loop_over_objects():
     records = []
     for i in range(40):
         n = rng.randint(0, 5)
-        records.append({
-            "image_path": f"img{i}.jpg", "width": 50, "height": 40,
-            "boxes": torch.zeros((n, 4)), "labels": torch.tensor([rng.randrange(3) for _ in range(n)], dtype=torch.long),
-            "difficult": torch.tensor([rng.random() < 0.3 for _ in range(n)], dtype=torch.bool),
-        })  # fmt: skip
+        records.append(
+            {
+                "image_path": f"img{i}.jpg",
+                "width": 50,
+                "height": 40,
+                "boxes": torch.zeros((n, 4)),
+                "labels": torch.tensor([rng.randrange(3) for _ in range(n)], dtype=torch.long),
+                "difficult": torch.tensor([rng.random() < 0.3 for _ in range(n)], dtype=torch.bool),
+            }
+        )
     expected = dict.fromkeys(classes, 0)
     objects = difficult = 0
     for r in records:
@@ -162,8 +177,14 @@ def test_positive_counts_match_a_loop_over_objects():
 
 
 def test_bad_labels_empty_split_and_no_classes():
-    record = {"image_path": "x.jpg", "width": 5, "height": 5, "boxes": torch.zeros((1, 4)),
-              "labels": torch.tensor([2]), "difficult": torch.tensor([False])}  # fmt: skip
+    record = {
+        "image_path": "x.jpg",
+        "width": 5,
+        "height": 5,
+        "boxes": torch.zeros((1, 4)),
+        "labels": torch.tensor([2]),
+        "difficult": torch.tensor([False]),
+    }
     with pytest.raises(DataError, match=r"x\.jpg: labels \[2\] are not indices into the 2 classes"):
         check_detection_data([record], ["a", "b"], check_headers=False)
     with pytest.raises(DataError, match="detection split 'test' has no images"):

@@ -41,8 +41,11 @@ def _brute_problem(width: int, height: int, lim: ImageLimits) -> str | None:
 
 
 def test_problem_matches_the_rules_at_every_boundary():
-    cases = [ImageLimits(), ImageLimits(max_pixels=1000, max_aspect_ratio=2.5, min_side=3),
-             ImageLimits(max_pixels=None, max_aspect_ratio=None, min_side=1)]  # fmt: skip
+    cases = [
+        ImageLimits(),
+        ImageLimits(max_pixels=1000, max_aspect_ratio=2.5, min_side=3),
+        ImageLimits(max_pixels=None, max_aspect_ratio=None, min_side=1),
+    ]
     sizes = [(w, h) for w in (1, 2, 3, 4, 10, 20, 25, 31, 32, 50, 400, 401, 1000) for h in (1, 2, 3, 10, 20, 40)]
     sizes += [(20000, 10), (10, 20000), (9459, 9459), (9460, 9460), (200, 10), (201, 10), (10, 201)]
     for lim in cases:
@@ -73,9 +76,16 @@ def test_search_size_downscales_the_short_side_only():
 
 
 def test_invalid_limits_name_the_flag(restore_limits):
-    for field, bad in (("max_pixels", 0), ("max_pixels", 1.5), ("max_aspect_ratio", float("nan")),
-                       ("max_aspect_ratio", 0.5), ("min_side", 0), ("min_side", None), ("max_search_pixels", -1),
-                       ("max_pixels", True)):  # fmt: skip
+    for field, bad in (
+        ("max_pixels", 0),
+        ("max_pixels", 1.5),
+        ("max_aspect_ratio", float("nan")),
+        ("max_aspect_ratio", 0.5),
+        ("min_side", 0),
+        ("min_side", None),
+        ("max_search_pixels", -1),
+        ("max_pixels", True),
+    ):
         with pytest.raises(ValueError, match=FLAGS[field]):
             ImageLimits(**{field: bad})
     with pytest.raises(ValueError, match=r"unknown image limits \['max_side'\]"):

@@ -306,9 +306,13 @@ def test_bad_images_raise_or_are_skipped(tmp_path, image_files):
         pytest.warns(DataWarning, match="skipping .*notes.jpg"),
     ):
         out = compute_proposals(
-            [missing, image_files[0], not_image], None, {"min_size": 4}, progress=False, skip_errors=True,
+            [missing, image_files[0], not_image],
+            None,
+            {"min_size": 4},
+            progress=False,
+            skip_errors=True,
             skipped=skipped,
-        )  # fmt: skip
+        )
     assert out[0].shape == (0, 4) and out[2].shape == (0, 4)
     assert skipped.paths == [str(missing), str(not_image)]
     assert skipped.counts == {"missing": 1, "not an image": 1}

@@ -292,8 +292,7 @@ def check_classification_data(
             raise ValueError("pass classes=[...] (names in label order) for a data set without .classes")
     names = validate_class_names(classes)
     where = f" of {train.root / train.split}" if hasattr(train, "root") and hasattr(train, "split") else ""
-    report = DataReport(f"classification training split{where}", names, images=len(train),
-                        earlier=_earlier(skipped))  # fmt: skip
+    report = DataReport(f"classification training split{where}", names, images=len(train), earlier=_earlier(skipped))
     if len(names) < 2:
         raise DataError(
             f"a classifier needs at least 2 classes, got {len(names)} ({', '.join(map(repr, names))}): "

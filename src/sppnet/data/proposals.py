@@ -47,7 +47,7 @@ import threading
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import cv2
 import numpy as np
@@ -68,7 +68,7 @@ __all__ = [
     "sliding_window_proposals",
 ]
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 _MODES = ("fast", "quality", "single")
 
@@ -417,8 +417,9 @@ class ProposalCache:
         key = self.key(image_path)
         boxes = self.load(key)
         if boxes is None:
-            boxes = selective_search(load_image(image_path, limits=limits), **dataclasses.asdict(self.params),
-                                     limits=limits)  # fmt: skip
+            boxes = selective_search(
+                load_image(image_path, limits=limits), **dataclasses.asdict(self.params), limits=limits
+            )
             self.save(key, boxes)
         return boxes
 
@@ -587,13 +588,11 @@ def compute_proposals(
 
     # 3. Compute the rest; store each result as soon as it arrives.
     def store(digest: str, found_digest: str | None, boxes: np.ndarray | None, error: tuple[str, str] | None) -> None:
-        path = paths[groups[digest][0]]
         if error is None and found_digest != digest:
             error = ("changed", "the file changed while its proposals were computed")
         if error is not None:
-            for i in groups[digest][1:]:  # the same bytes under other names fail alike
+            for i in groups[digest]:  # the same bytes under other names fail alike
                 fail(paths[i], *error)
-            fail(path, *error)
             boxes = np.zeros((0, 4), dtype=np.float32)
         elif cache is not None:
             cache.save(cache.key_from_digest(digest), boxes)

@@ -38,7 +38,7 @@ import torch
 from sppnet.data.imagefolder import ImageFolderDataset
 from sppnet.data.synthetic import make_classification_dataset
 from sppnet.engine.classify import ClassifyConfig, builtin_data_root, evaluate, load_classifier, train
-from sppnet.utils.io import atomic_write_text, load_json, save_json
+from sppnet.utils import atomic_write_text, load_json, save_json
 from sppnet.viz.plots import plot_grouped_bars
 
 VARIANTS = {

@@ -65,7 +65,7 @@ from sppnet.engine.svm import SVMConfig, train_svms
 from sppnet.evaluation import evaluate_detections
 from sppnet.models.detector import PAPER_SCALES
 from sppnet.ops import select_detections
-from sppnet.utils.io import atomic_write_text, load_json, save_json
+from sppnet.utils import atomic_write_text, load_json, save_json
 from sppnet.viz.plots import plot_grouped_bars
 
 COLUMNS = {

@@ -26,7 +26,7 @@ from sppnet.engine.classify import (
     train,
 )
 from sppnet.engine.common import UserError, load_weights
-from sppnet.utils.io import load_json
+from sppnet.utils import load_json
 
 TINY = dict(width=0.1, fc_dim=32, size=64, epochs=1, batch_size=8, workers=0, device="cpu", lr_steps=())
 

@@ -114,7 +114,7 @@ def _int_list(text: str) -> tuple[int, ...]:
 def _train(args: argparse.Namespace) -> int:
     from sppnet.engine.classify import ClassifyConfig, train
     from sppnet.engine.common import resolve_device
-    from sppnet.utils.io import load_json
+    from sppnet.utils import load_json
 
     explicit = {f: getattr(args, f) for f in _TRAIN_FIELDS if getattr(args, f) is not None}
     if args.spp is not None:

@@ -136,7 +136,7 @@ def _add_test_data(p: argparse.ArgumentParser, split: str, split_help: str, ann_
 def _train(args: argparse.Namespace) -> int:
     from sppnet.engine.common import resolve_device
     from sppnet.engine.detect import DetectConfig, TrainingInterrupted, train
-    from sppnet.utils.io import load_json
+    from sppnet.utils import load_json
 
     explicit = {f: getattr(args, f) for f in _TRAIN_FIELDS if getattr(args, f, None) is not None}
     if args.strict:

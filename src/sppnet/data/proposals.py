@@ -48,7 +48,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from sppnet.data.images import load_image
-from sppnet.utils.io import file_digest, load_cache, save_cache
+from sppnet.utils import file_digest, load_cache, save_cache
 
 __all__ = [
     "ProposalCache",
@@ -326,7 +326,7 @@ class ProposalCache:
     parameters include :attr:`VERSION` and the OpenCV version, so renaming or
     moving images keeps their entries while changing a parameter, the image
     content, or OpenCV misses. Entries carry a checksum (see
-    :func:`sppnet.utils.io.save_cache`); corrupt or stale ones are deleted and
+    :func:`sppnet.utils.save_cache`); corrupt or stale ones are deleted and
     recomputed, never trusted.
 
     Args:

@@ -97,7 +97,7 @@ from sppnet.engine.distributed import (
 )
 from sppnet.engine.views import check_size, check_views, prepare_views, score_views
 from sppnet.models import get_model, list_models
-from sppnet.utils.io import capture_rng_state, load_json, restore_rng_state, save_json
+from sppnet.utils import capture_rng_state, load_json, restore_rng_state, save_json
 
 __all__ = [
     "ClassifyConfig",

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sppnet.utils.io import atomic_write_text, flatten_state, load_checkpoint, save_checkpoint
+from sppnet.utils import atomic_write_text, flatten_state, load_checkpoint, save_checkpoint
 
 __all__ = [
     "resolve_device",

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from sppnet.utils.io import load_json, save_json
+from sppnet.utils import load_json, save_json
 
 __all__ = ["DemoConfig", "run_demo"]
 

@@ -41,7 +41,7 @@ from sppnet.data.images import load_image, pil_to_tensor
 from sppnet.data.proposals import add_ground_truth
 from sppnet.models.detector import Scale, SPPDetector
 from sppnet.ops import box_iou, roi_spatial_pyramid_pool
-from sppnet.utils.io import file_digest, load_cache, save_cache, tensor_digest
+from sppnet.utils import file_digest, load_cache, save_cache, tensor_digest
 
 __all__ = ["WindowSet", "build_windows", "flip_boxes", "load_record_image", "FeatureCache", "conv_digest"]
 

@@ -41,7 +41,7 @@ from torch import Tensor
 from sppnet.engine.common import GracefulInterrupt, MetricsLog, load_state, progress, save_state
 from sppnet.engine.det_features import FeatureCache, WindowSet, flip_boxes, load_record_image
 from sppnet.models.detector import SPPDetector
-from sppnet.utils.io import capture_rng_state, restore_rng_state
+from sppnet.utils import capture_rng_state, restore_rng_state
 
 __all__ = ["FinetuneConfig", "finetune", "FinetuneInterrupted"]
 

@@ -84,7 +84,7 @@ from sppnet.evaluation import best_f1_thresholds, evaluate_detections, precision
 from sppnet.models import get_model, list_models
 from sppnet.models.detector import METHODS, SCORERS, SPPDetector
 from sppnet.ops import encode_boxes
-from sppnet.utils.io import load_json, save_json
+from sppnet.utils import load_json, save_json
 
 __all__ = [
     "DetectConfig",

@@ -83,7 +83,7 @@ def test_save_checkpoint_failure_inside_writer_keeps_original(tmp_path, monkeypa
 
     def broken_save_file(tensors, filename, metadata=None):
         with open(filename, "wb") as f:
-            f.write(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"partial")
+            f.write(b'\x10\x00\x00\x00\x00\x00\x00\x00{"partial')
         raise OSError("No space left on device")
 
     monkeypatch.setattr(safetensors.torch, "save_file", broken_save_file)
@@ -447,7 +447,7 @@ def test_save_json_converts_dataclasses_paths_and_tuples(tmp_path):
     path = tmp_path / "config.json"
     save_json(path, {"cfg": _Config(), "extra": (np.float32(0.5), np.int64(2))})
     text = path.read_text()
-    assert text.startswith("{\n  \"cfg\"") and text.endswith("\n")
+    assert text.startswith('{\n  "cfg"') and text.endswith("\n")
     assert load_json(path) == {
         "cfg": {"out": "runs/x", "inner": {"scales": [480, 688]}, "lr": 1e-4},
         "extra": [0.5, 2],
@@ -458,7 +458,6 @@ def test_save_json_converts_dataclasses_paths_and_tuples(tmp_path):
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(ValueError, match="broken.json"):
         load_json(tmp_path / "broken.json")
-
 
 
 def test_save_json_refuses_non_finite_floats_and_names_the_key(tmp_path):

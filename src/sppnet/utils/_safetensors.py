@@ -122,4 +122,3 @@ def load_verified(path: Path, device: str, what: str) -> tuple[dict[str, Tensor]
     if device != "cpu":
         tensors = {k: v.to(device) for k, v in tensors.items()}
     return tensors, metadata
-

@@ -19,14 +19,14 @@ import os
 import secrets
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 from torch import Tensor
 
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "load_json", "save_json"]
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -78,8 +78,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         yield tmp
         if not tmp.exists():
             raise FileNotFoundError(
-                f"atomic write of {str(path)!r} failed: nothing was written to the "
-                f"temporary file {str(tmp)!r}"
+                f"atomic write of {str(path)!r} failed: nothing was written to the temporary file {str(tmp)!r}"
             )
         fd = os.open(tmp, os.O_RDWR)
         try:
@@ -115,6 +114,7 @@ def atomic_write_text(path: PathLike, text: str, encoding: str = "utf-8") -> Non
         encoding: Text encoding.
     """
     atomic_write_bytes(path, text.encode(encoding))
+
 
 def _to_jsonable(obj: Any, where: str) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):

@@ -36,9 +36,7 @@ _KEY_CACHE_VERSION = "sppnet.cache_version"
 _KEY_CACHE_KINDS = "sppnet.cache_kinds"
 
 
-def save_cache(
-    path: PathLike, arrays: Mapping[str, np.ndarray | Tensor], key: str, version: int
-) -> None:
+def save_cache(path: PathLike, arrays: Mapping[str, np.ndarray | Tensor], key: str, version: int) -> None:
     """Store derived arrays (features, proposals, ...) in a self-checking cache file.
 
     The file is a safetensors file whose header records ``key`` (typically a
@@ -68,9 +66,7 @@ def save_cache(
             tensors[name] = a
             kinds[name] = "torch"
         else:
-            raise ValueError(
-                f"cache array {name!r} must be a numpy.ndarray or Tensor, got {type(a).__name__}"
-            )
+            raise ValueError(f"cache array {name!r} must be a numpy.ndarray or Tensor, got {type(a).__name__}")
     flat = prepare_tensors(tensors, "cache array")
     metadata = {
         KEY_FORMAT: _FORMAT_CACHE,
@@ -119,6 +115,4 @@ def load_cache(path: PathLike, key: str, version: int) -> dict[str, np.ndarray |
         with contextlib.suppress(OSError):
             path.unlink()
         return None
-    return {
-        name: (t.numpy() if kinds[name] == "numpy" else t) for name, t in tensors.items()
-    }
+    return {name: (t.numpy() if kinds[name] == "numpy" else t) for name, t in tensors.items()}

@@ -125,15 +125,13 @@ def flatten_state(nested: Any) -> tuple[dict[str, Tensor], Any]:
         if isinstance(value, np.ndarray):
             if value.dtype == object or value.dtype.kind in "USV":
                 raise ValueError(
-                    f"cannot store {_format_path(path)}: numpy arrays of dtype "
-                    f"{value.dtype} are not supported"
+                    f"cannot store {_format_path(path)}: numpy arrays of dtype {value.dtype} are not supported"
                 )
             try:
                 t = torch.from_numpy(np.ascontiguousarray(value))
             except TypeError as e:
                 raise ValueError(
-                    f"cannot store {_format_path(path)}: numpy dtype {value.dtype} has no "
-                    f"torch equivalent"
+                    f"cannot store {_format_path(path)}: numpy dtype {value.dtype} has no torch equivalent"
                 ) from e
             return {_TAG_NDARRAY: add_tensor(path, t.clone()), "dtype": value.dtype.str}
         if value is None or isinstance(value, (bool, str)):
@@ -196,8 +194,7 @@ def unflatten_state(tensors: Mapping[str, Tensor], meta: Any) -> Any:
     def tensor(name: Any) -> Tensor:
         if not isinstance(name, str) or name not in tensors:
             raise ValueError(
-                f"checkpoint meta references tensor {name!r}, which is not among the "
-                f"{len(tensors)} stored tensors"
+                f"checkpoint meta references tensor {name!r}, which is not among the {len(tensors)} stored tensors"
             )
         used.add(name)
         return tensors[name]
@@ -218,9 +215,7 @@ def unflatten_state(tensors: Mapping[str, Tensor], meta: Any) -> Any:
             return float(value[_TAG_FLOAT])
         if len(value) == 1 and _TAG_DICT in value:
             items = value[_TAG_DICT]
-            if not isinstance(items, list) or not all(
-                isinstance(kv, list) and len(kv) == 2 for kv in items
-            ):
+            if not isinstance(items, list) or not all(isinstance(kv, list) and len(kv) == 2 for kv in items):
                 raise ValueError(f"malformed checkpoint meta: {_TAG_DICT} entry {items!r}")
             return {decode(k): decode(v) for k, v in items}
         return {k: decode(v) for k, v in value.items()}
@@ -300,8 +295,7 @@ def save_checkpoint(path: PathLike, tensors: Mapping[str, Tensor], meta: Any) ->
         meta_json = json.dumps(meta, sort_keys=False)
     except (TypeError, ValueError) as e:
         raise ValueError(
-            f"checkpoint meta for {str(path)!r} must be JSON-serialisable: {e}; "
-            f"use flatten_state() for nested state"
+            f"checkpoint meta for {str(path)!r} must be JSON-serialisable: {e}; use flatten_state() for nested state"
         ) from e
     metadata = {
         KEY_FORMAT: _FORMAT_CHECKPOINT,
@@ -309,6 +303,7 @@ def save_checkpoint(path: PathLike, tensors: Mapping[str, Tensor], meta: Any) ->
         _KEY_META: meta_json,
     }
     write_safetensors(path, flat, metadata)
+
 
 def read_checkpoint(path: PathLike, device: str = "cpu") -> tuple[dict[str, Tensor], Any]:
     """Read a checkpoint written by :func:`save_checkpoint` without rebuilding it.
@@ -399,9 +394,7 @@ def load_torch_weights_only(path: PathLike, map_location: str | torch.device = "
     except pickle.UnpicklingError as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(
-            f"refusing to load {str(path)!r}: it contains code/objects beyond plain tensors "
-            f"({first_line})"
+            f"refusing to load {str(path)!r}: it contains code/objects beyond plain tensors ({first_line})"
         ) from e
     except (RuntimeError, EOFError, OSError) as e:
         raise ValueError(f"cannot load {str(path)!r}: not a readable torch file ({e})") from e
-

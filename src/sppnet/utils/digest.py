@@ -47,7 +47,7 @@ def file_digest(path_or_bytes: PathLike | bytes | bytearray | memoryview, extra:
                 h.update(chunk)
     if not extra:
         return h.hexdigest()
-    return hashlib.sha256(h.digest() + b"\x00" + extra.encode("utf-8")).hexdigest()
+    return hashlib.sha256(h.digest() + b"\x00" + extra.encode()).hexdigest()
 
 
 def _tensor_bytes(t: Tensor) -> np.ndarray:
@@ -71,7 +71,7 @@ def tensor_digest(tensors: Mapping[str, Tensor]) -> str:
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name]
-        header = f"{name}\x00{t.dtype}\x00{tuple(t.shape)}\x00".encode("utf-8")
+        header = f"{name}\x00{t.dtype}\x00{tuple(t.shape)}\x00".encode()
         h.update(struct.pack("<Q", len(header)))
         h.update(header)
         h.update(_tensor_bytes(t))

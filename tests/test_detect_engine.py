@@ -26,14 +26,7 @@ from sppnet.engine.detect.features import FeatureCache, build_windows, flip_boxe
 from sppnet.models.detector import image_scales
 from sppnet.ops import spatial_pyramid_pool
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP's spin-waiting makes two far slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

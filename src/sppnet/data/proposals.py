@@ -56,7 +56,7 @@ from tqdm.auto import tqdm
 
 from sppnet.data.images import ImageError, SkipCounter, load_image, read_image_size
 from sppnet.data.limits import ImageLimits, get_image_limits, search_size
-from sppnet.utils.io import file_digest, load_cache, save_cache
+from sppnet.utils import file_digest, load_cache, save_cache
 
 __all__ = [
     "ProposalCache",
@@ -338,7 +338,7 @@ class ProposalCache:
     parameters include :attr:`VERSION` and the OpenCV version, so renaming or
     moving images keeps their entries while changing a parameter, the image
     content, or OpenCV misses. Entries carry a checksum (see
-    :func:`sppnet.utils.io.save_cache`); corrupt or stale ones are deleted and
+    :func:`sppnet.utils.save_cache`); corrupt or stale ones are deleted and
     recomputed, never trusted.
 
     Args:

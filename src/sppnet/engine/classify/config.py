@@ -75,7 +75,9 @@ def normalisation_for(model: str, weights: str | None) -> tuple[tuple[float, ...
 
 
 def check_freeze(model: str, freeze: str, flag: str = "--freeze") -> None:
-    """ConfigError unless ``freeze`` is one of :func:`freeze_choices` of ``model``."""
+    """ConfigError unless ``freeze`` is one of :func:`freeze_choices` of ``model`` (if registered)."""
+    if model not in list_models():
+        return  # reported by the config's own model check
     choices = freeze_choices(model)
     if freeze not in choices:
         raise ConfigError(f"{flag} {freeze!r} is not a stage of {model}; choose one of {', '.join(choices)}")

@@ -120,6 +120,26 @@ def test_classify_train_val_each_backbone(name, schedule, views, shapes, tmp_pat
     assert result["images"] == 8 and 0.0 <= result["top1"] <= result["top5"] <= 1.0
 
 
+@pytest.mark.slow
+@pytest.mark.export
+def test_export_onnx_of_a_cli_trained_backbone_has_dynamic_height_and_width(shapes, tmp_path, capsys):
+    ort = pytest.importorskip("onnxruntime")
+    out = tmp_path / "alex"  # (every backbone's model-level ONNX export: tests/test_backbones.py)
+    argv = ["classify", "train", "--model", "alexnet", "--width", TINY_WIDTH["alexnet"], "--data", str(shapes)]
+    assert main([*argv, "--out", str(out), *CLASSIFY]) == 0
+    capsys.readouterr()
+    assert main(["export", "--run", str(out), "--format", "onnx", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["dynamic"]["height"] and report["dynamic"]["width"] and len(report["verified"]) == 3
+    assert (report["mean"], report["std"]) == IMAGENET
+    model, _, _ = load_classifier(out)
+    x = images(1, 71, 97, seed=4)  # a size the export was not verified at
+    session = ort.InferenceSession(report["path"], providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {report["input_name"]: x.numpy()})[0])
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-5)
+
+
 def test_no_spp_vgg16_trains_at_its_one_size(shapes, tmp_path):
     out = tmp_path / "nospp"
     argv = ["classify", "train", "--model", "vgg16", "--width", "0.0625", "--no-spp", "--data", str(shapes)]

@@ -230,7 +230,13 @@ class DetectConfig(Config):
         per_model = MODEL_PRESETS.get(preset, {}).get(model or BackboneConfig.model, {})
         if given.get("backbone", {}).get("checkpoint") is not None:  # --backbone RUN holds the weights
             per_model = merge_overrides(per_model, {"backbone": {"weights": None}})
-        return cls().with_overrides(PRESETS[preset]).with_overrides(per_model).with_overrides(given, preset=preset).resolved()
+        return (
+            cls()
+            .with_overrides(PRESETS[preset])
+            .with_overrides(per_model)
+            .with_overrides(given, preset=preset)
+            .resolved()
+        )
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "") -> DetectConfig:
@@ -294,8 +300,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 #: one of these: ``MODEL_PRESETS[preset][model]``. ``paper`` with a torchvision
 #: backbone is SPP-net's detection recipe (Sec. 4.1) on ImageNet weights, the
 #: setting of Fast R-CNN's SPPnet baseline as far as that paper gives it (VGG-16:
-#: 63.1 mAP on VOC 2007 test; conv layers fixed, "fine-tuning ... cannot update the
-#: convolutional layers", SVMs and box regression, Sec. 1.1 and Table 1):
+#: 63.1 mAP on VOC 2007 test, Table 1; its fine-tuning cannot update the conv
+#: layers, Sec. 1.1; SVMs and box regression):
 #:
 #: * ``weights`` torchvision's ``IMAGENET1K_V1`` (downloaded once into
 #:   ``$TORCH_HOME``; ``--weights FILE`` for a local copy), ``freeze="conv"``: the
@@ -307,8 +313,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 #:   pyramid, which no torchvision file holds). ``--levels 1 2 3 6`` gives the
 #:   four-level pyramid, whose fc6 is then learnt on the VOC windows alone.
 #:   ResNet-50 has no fc6 / fc7 to load: it keeps the pyramid, with fc 1024;
-#: * one scale, 688 (Sec. 4.2's single-scale setting). Fast R-CNN's SPPnet used
-#:   the five (Table 4's caption: "SPPnet uses the five scales specified in [11]",
+#: * one scale, 688 (Sec. 4.2's single-scale setting). Fast R-CNN's SPPnet ran at
+#:   the five scales of SPP-net (its Table 4 compares times at five scales;
 #:   ``--scales 480 576 688 864 1200``); the conv5 cache of VOC 2007 trainval, flipped
 #:   too, is about 50 GB for VGG-16 at 688 (float32, 512 x 43 x 57 per image and
 #:   flip) and five times that at the five scales, more than a usual disk holds.

@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         report = export_torchscript(model, out, (size, size), verify_sizes=sizes, atol=1e-4, rtol=1e-4)
     report["classes"] = list(classes)
+    report["mean"], report["std"] = list(cfg.mean), list(cfg.std)  # the graph takes images normalised with these
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     else:

@@ -215,10 +215,16 @@ def view_probabilities(
     img: Image.Image,
     views: str = "center",
     size: int = 224,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> Tensor:
-    """Class probabilities of one RGB image averaged over its views, Tensor[num_classes]."""
+    """Class probabilities of one RGB image averaged over its views, Tensor[num_classes].
+
+    ``mean`` / ``std``: the normalisation; ``None``: the model's (``model.mean``,
+    what its ImageNet weights expect), else the ImageNet statistics.
+    """
     check_views(views, model)
     check_size(model, size)
+    mean = mean or getattr(model, "mean", IMAGENET_MEAN)
+    std = std or getattr(model, "std", IMAGENET_STD)
     return score_views(model, prepare_views(img, views, size, mean, std), size).mean(0)

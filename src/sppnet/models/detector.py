@@ -790,7 +790,12 @@ class SPPDetector(nn.Module):
         ranks = (rank, rank) if isinstance(rank, int) else tuple(rank)
         if len(ranks) != 2 or any(int(r) < 1 for r in ranks):
             raise ValueError(f"rank must be a positive int or two of them, got {rank!r}")
-        for index, r in zip((0, 3), ranks):
+        # fc6 and fc7 are the two Linear layers of backbone.fc (fc[0] and fc[3], or fc[4]
+        # with a BatchNorm1d between); a compressed one is a Sequential of two
+        slots = [i for i, m in enumerate(self.backbone.fc) if isinstance(m, (nn.Linear, nn.Sequential))]
+        if len(slots) != 2:
+            raise ValueError(f"backbone.fc must hold fc6 and fc7 (two Linear layers), got {self.backbone.fc}")
+        for index, r in zip(slots, ranks):
             layer = self.backbone.fc[index]
             if not isinstance(layer, nn.Linear):
                 raise ValueError(f"fc layer {index} is already compressed")  # noqa: TRY004 (boundary error)

@@ -47,7 +47,14 @@ from torch import Tensor, nn
 from sppnet.models.detector import IMAGENET_MEAN, IMAGENET_STD
 from sppnet.utils import load_torch_weights_only
 
-__all__ = ["FILE_SUFFIXES", "IMAGENET_MEAN", "IMAGENET_STD", "load_torchvision_weights", "read_weights"]
+__all__ = [
+    "FILE_SUFFIXES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "expected_normalisation",
+    "load_torchvision_weights",
+    "read_weights",
+]
 
 FILE_SUFFIXES = (".pth", ".pt", ".safetensors")
 _SHOW = 8  # keys named in an error message
@@ -90,6 +97,21 @@ def _resolve_name(arch: str, name: str):
             f"weights={name!r} is neither a file ({'/'.join(FILE_SUFFIXES)}) nor a torchvision weights name "
             f"for {arch} ({names})"
         ) from None
+
+
+def expected_normalisation(arch: str, weights: str | os.PathLike | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` the ``weights`` of ``arch`` expect, without reading or downloading them.
+
+    A torchvision weights name: its ``transforms()`` (metadata shipped with
+    torchvision); a file or ``None``: the ImageNet statistics.
+
+    Raises:
+        ValueError: ``weights`` is neither a file nor a weights name of ``arch``.
+    """
+    if weights is None or _is_file_spec(weights):
+        return IMAGENET_MEAN, IMAGENET_STD
+    preset = _resolve_name(arch, str(weights)).transforms()
+    return tuple(preset.mean), tuple(preset.std)
 
 
 def read_weights(

@@ -22,17 +22,66 @@ takes today's default.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from sppnet.data.transforms import small_size_for
+from sppnet.data.transforms import IMAGENET_MEAN, IMAGENET_STD, small_size_for
 from sppnet.engine.classify.schedules import SCHEDULES
 from sppnet.engine.config import Config, ConfigError, check_resume, merge_overrides, option
 from sppnet.engine.views import VIEWS
-from sppnet.models import list_models
+from sppnet.models import get_model, list_models
+from sppnet.models.freeze import feature_stages
+from sppnet.models.torchvision_backbones import TORCHVISION_BACKBONES
+from sppnet.models.weights import expected_normalisation
 
-__all__ = ["PRESETS", "RESUME_MUTABLE", "ClassifyConfig"]
+__all__ = [
+    "MODEL_PRESETS",
+    "PRESETS",
+    "RESUME_MUTABLE",
+    "ClassifyConfig",
+    "check_freeze",
+    "freeze_choices",
+    "normalisation_for",
+]
+
+
+@functools.cache
+def freeze_choices(model: str) -> tuple[str, ...]:
+    """The values ``--freeze`` takes for the registered ``model``: ``none``, ``conv`` and its stages.
+
+    The stage names do not depend on the widths, so they are read off a tiny copy of the network.
+    """
+    tiny = get_model(model, num_classes=1, levels=(1,), width=0.01, fc_dim=1)
+    return ("none", "conv", *feature_stages(tiny))
+
+
+def normalisation_for(model: str, weights: str | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` of RGB images in [0, 1] a run of ``model`` from ``weights`` trains with.
+
+    A torchvision weights name brings its own (``weights.transforms()``, read
+    offline); files, random weights and the Table 1 networks use ImageNet's.
+
+    Raises:
+        ConfigError: ``weights`` is neither a file nor a torchvision weights name of ``model``.
+    """
+    if weights is None or model not in TORCHVISION_BACKBONES:
+        return IMAGENET_MEAN, IMAGENET_STD
+    try:
+        return expected_normalisation(model, weights)
+    except ValueError as e:
+        raise ConfigError(f"--weights: {e}") from None
+
+
+def check_freeze(model: str, freeze: str, flag: str = "--freeze") -> None:
+    """ConfigError unless ``freeze`` is one of :func:`freeze_choices` of ``model`` (if registered)."""
+    if model not in list_models():
+        return  # reported by the config's own model check
+    choices = freeze_choices(model)
+    if freeze not in choices:
+        raise ConfigError(f"{flag} {freeze!r} is not a stage of {model}; choose one of {', '.join(choices)}")
+
 
 #: Settings a resumed run may change; every other one must match the saved config.
 RESUME_MUTABLE: tuple[str, ...] = ("epochs", "workers", "cache_images", "device", "views")
@@ -67,6 +116,29 @@ class ClassifyConfig(Config):
     # when memorising 64 images, with He et al.'s (2015) fan-in init ~20.
     init: str = option(
         "he", choices=("paper", "he"), help="fc6/fc7 init: paper N(0, 0.01), or he (fan-in normal, He et al. 2015)"
+    )
+
+    # ---- ImageNet weights of the torchvision backbones (models/weights.py), frozen layers (models/freeze.py)
+    # Read once, when the run starts: a resumed run and a saved model take their
+    # weights from the checkpoint, never from here.
+    weights: str | None = option(
+        None,
+        metavar="NAME|FILE",
+        help="start from ImageNet weights (alexnet, vgg16, resnet50): a torchvision name such as IMAGENET1K_V1 "
+        "(downloaded once into $TORCH_HOME) or a torchvision state dict (.pth / .safetensors); none: random",
+    )
+    freeze: str = option(
+        "none",
+        metavar="STAGE",
+        help="conv layers kept fixed: none, conv (all of them), or up to a stage (conv2, layer3; the model's)",
+    )
+    # The normalisation the run trains and tests with (RGB in [0, 1]); filled in
+    # from the weights (what they expect, else ImageNet's) and saved.
+    mean: tuple[float, ...] | None = option(
+        None, length=3, metavar="M", help="input mean per RGB channel; none: what --weights expect (else ImageNet's)"
+    )
+    std: tuple[float, ...] | None = option(
+        None, length=3, min=0, min_open=True, metavar="S", help="input std per RGB channel; none: what --weights expect"
     )
 
     # ---- input sizes (Sec. 2.3, 3.1)
@@ -118,7 +190,7 @@ class ClassifyConfig(Config):
     def from_preset(
         cls, preset: str = "small", overrides: Mapping[str, Any] | None = None, /, **more: Any
     ) -> ClassifyConfig:
-        """The preset's values, then ``overrides``, resolved.
+        """The preset's values (and :data:`MODEL_PRESETS` of its model), then ``overrides``, resolved.
 
         ``overrides`` is taken as given; in ``more`` (keywords), ``None`` means
         "not set" and is skipped. Two settings follow others unless given: a new
@@ -131,6 +203,8 @@ class ClassifyConfig(Config):
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
         given = merge_overrides(overrides, {k: v for k, v in more.items() if v is not None})
+        model = given.get("model", PRESETS[preset].get("model", cls.model))
+        per_model = MODEL_PRESETS.get(preset, {}).get(model, {})
         follow: dict[str, Any] = {}
         if given.get("size") is not None and given.get("small_size") is None:
             follow["small_size"] = None  # 180/224 of the new size
@@ -139,6 +213,7 @@ class ClassifyConfig(Config):
         return (
             cls()
             .with_overrides(PRESETS[preset])
+            .with_overrides(per_model)
             .with_overrides(merge_overrides(follow, given, {"preset": preset}))
             .resolved()
         )
@@ -149,7 +224,8 @@ class ClassifyConfig(Config):
         return super().from_dict(d, where).resolved()
 
     def complete(self) -> ClassifyConfig:
-        """Tuples for the sequences, ``lr_steps`` sorted, ``small_size`` derived from ``size`` when unset."""
+        """Tuples for the sequences, ``lr_steps`` sorted, ``small_size`` derived from ``size`` and
+        ``mean`` / ``std`` from the weights (:func:`normalisation_for`) when unset."""
         changes: dict[str, Any] = {}
         for name in ("levels", "lr_steps"):
             value = getattr(self, name)
@@ -160,12 +236,24 @@ class ClassifyConfig(Config):
             changes["lr_steps"] = tuple(sorted(steps))
         if self.small_size is None and isinstance(self.size, int) and not isinstance(self.size, bool):
             changes["small_size"] = small_size_for(self.size)
+        if self.mean is None or self.std is None:
+            mean, std = normalisation_for(self.model, self.weights)
+            changes["mean"] = tuple(self.mean or mean)
+            changes["std"] = tuple(self.std or std)
         return dataclasses.replace(self, **changes)
 
     def check(self) -> None:
         """The checks that involve several settings (the declared ranges are checked before)."""
         if self.model not in list_models():
             raise ConfigError(f"unknown model {self.model!r} (--model); registered: {', '.join(list_models())}")
+        check_freeze(self.model, self.freeze)
+        if self.weights is not None and self.model not in TORCHVISION_BACKBONES:
+            raise ConfigError(
+                f"--weights loads torchvision's ImageNet weights into {', '.join(TORCHVISION_BACKBONES)}; "
+                f"{self.model} is a Table 1 network trained here (--weights none)"
+            )
+        if self.weights is not None and self.width != 1.0:
+            raise ConfigError(f"--weights needs --width 1 (the network the weights were trained as), got {self.width}")
         if self.small_size is not None and self.small_size > self.size:
             raise ConfigError(f"small_size ({self.small_size}) must not exceed size ({self.size})")
         if not self.spp and self.schedule != "single":
@@ -230,4 +318,28 @@ PRESETS: dict[str, dict[str, Any]] = {
         "workers": 8,
         "cache_images": False,
     },
+}
+
+
+_IMAGENET_FINETUNE: dict[str, Any] = {
+    "weights": "IMAGENET1K_V1",
+    "epochs": 30,
+    "batch_size": 64,
+    "lr": 0.001,
+    "lr_steps": (20,),
+}
+
+#: Per-backbone overrides of a preset, applied after it when the run's model is
+#: one of these: ``MODEL_PRESETS[preset][model]``.
+#:
+#: ``paper`` with a torchvision backbone: fine-tuning its ImageNet weights
+#: (torchvision's ``IMAGENET1K_V1``, downloaded once into ``$TORCH_HOME``; give
+#: ``--weights FILE`` for a local copy or ``--weights none`` for random ones) on
+#: the run's data: every layer trained (``--freeze conv`` for fc6/fc7 only), lr
+#: 0.001 divided by 10 after 20 of 30 epochs, batches of 64 (VGG-16 at 224 px with
+#: AMP: about 20 GB of GPU memory, estimated). fc6 of the four-level pyramid has
+#: no ImageNet counterpart and starts from N(0, 0.01); ``--levels 6`` (alexnet) or
+#: ``--levels 7`` (vgg16) takes torchvision's fc6 / fc7 as they are.
+MODEL_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "paper": {name: dict(_IMAGENET_FINETUNE) for name in ("alexnet", "vgg16", "resnet50")},
 }

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from sppnet.data.images import load_image
-from sppnet.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_side
+from sppnet.data.transforms import resize_side
 from sppnet.engine.classify.config import ClassifyConfig
 from sppnet.engine.classify.data import ViewDataset, list_collate, make_loader
 from sppnet.engine.common import UserError, load_weights, progress
@@ -38,8 +38,8 @@ def inference_meta(cfg: ClassifyConfig, model: nn.Module, classes: Sequence[str]
         "classes": list(classes),
         "size": cfg.size,
         "resize": resize_side(cfg.size),
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
+        "mean": list(cfg.mean),
+        "std": list(cfg.std),
         "epoch": epoch,
         "config": cfg.to_dict(),
     }
@@ -85,12 +85,13 @@ def evaluate_counts(
 ) -> tuple[float, float, float, float]:
     """``(top-1 correct, top-5 correct, images, views)`` summed over all ranks (each rank scores its share)."""
     ctx = ctx or DistContext(device=next(model.parameters()).device)
+    cfg = cfg.resolved()  # mean / std filled in
     check_views(views, model)
     check_size(model, cfg.size)
     was_training = model.training
     model.eval()
     indices = range(ctx.rank, len(dataset), ctx.world_size)
-    data = ViewDataset(dataset, views, cfg.size, IMAGENET_MEAN, IMAGENET_STD, indices, cache)
+    data = ViewDataset(dataset, views, cfg.size, cfg.mean, cfg.std, indices, cache)
     per_batch = {"center": cfg.batch_size, "ten": max(1, cfg.batch_size // 10)}.get(views, 4)
     workers = 0 if cache is not None else cfg.workers
     loader = make_loader(data, per_batch, workers, 0, collate=list_collate, cuda=ctx.device.type == "cuda")
@@ -142,9 +143,11 @@ def evaluate(
 
 
 def _default_cfg(model: nn.Module) -> ClassifyConfig:
+    """The ``small`` preset's settings with the model's input size and normalisation."""
+    norm = {"mean": tuple(model.mean), "std": tuple(model.std)} if hasattr(model, "mean") else {}
     if getattr(model, "spp", True):
-        return ClassifyConfig()
-    return ClassifyConfig(size=model.input_size, small_size=model.input_size)
+        return ClassifyConfig(**norm).resolved()
+    return ClassifyConfig(size=model.input_size, small_size=model.input_size, **norm).resolved()
 
 
 @torch.no_grad()
@@ -171,7 +174,7 @@ def predict(
         One ``{"image": path or index, "top": [{"class", "index", "prob"}, ...]}``
         per image, most probable first.
     """
-    cfg = cfg or _default_cfg(model)
+    cfg = (cfg or _default_cfg(model)).resolved()
     check_views(views, model)
     check_size(model, cfg.size)
     if len(classes) != model.num_classes:
@@ -184,7 +187,8 @@ def predict(
             img, name = item, i
         else:
             img, name = load_image(item), str(item)
-        probs = score_views(model, prepare_views(img, views, cfg.size, IMAGENET_MEAN, IMAGENET_STD), cfg.size).mean(0)
+        prepared = prepare_views(img, views, cfg.size, cfg.mean, cfg.std)
+        probs = score_views(model, prepared, cfg.size).mean(0)
         p, idx = probs.topk(k)
         top = [
             {"class": classes[j], "index": int(j), "prob": float(q)}

@@ -65,6 +65,7 @@ from sppnet.engine.distributed import (
 )
 from sppnet.engine.views import check_size
 from sppnet.models import get_model
+from sppnet.models.freeze import freeze
 from sppnet.utils import capture_rng_state, load_json, restore_rng_state, save_json
 
 __all__ = ["TrainingInterrupted", "build_model", "train"]
@@ -74,14 +75,23 @@ class TrainingInterrupted(KeyboardInterrupt):
     """Raised by :func:`train` after Ctrl-C, once the checkpoint is written."""
 
 
-def build_model(cfg: ClassifyConfig, num_classes: int) -> nn.Module:
-    """The network of ``cfg`` (random init), checked against ``cfg.size`` / ``small_size``."""
+def build_model(cfg: ClassifyConfig, num_classes: int, pretrained: bool = True) -> nn.Module:
+    """The network of ``cfg``, checked against ``cfg.size`` / ``small_size``, its ``cfg.freeze`` stages frozen.
+
+    ``pretrained``: load ``cfg.weights`` (a new run); ``False`` when the weights
+    come from a checkpoint next (a resumed run), so nothing is read twice.
+    """
     cfg = cfg.resolved()
-    model = get_model(cfg.model, **cfg.model_kwargs(num_classes))
-    if cfg.init == "he":
+    weights = {"weights": cfg.weights} if pretrained and cfg.weights is not None else {}
+    model = get_model(cfg.model, **cfg.model_kwargs(num_classes), **weights)
+    fc_loaded = bool((getattr(model, "weights_report", None) or {}).get("fc_loaded"))
+    if cfg.init == "he" and not fc_loaded:
         for layer in model.fc:
             if isinstance(layer, nn.Linear):  # fc6, fc7; the classifier keeps N(0, 0.01)
                 nn.init.kaiming_normal_(layer.weight, mode="fan_in", nonlinearity="relu")
+    if hasattr(model, "mean"):
+        model.mean, model.std = cfg.mean, cfg.std  # saved in model.config()
+    freeze(model, cfg.freeze)
     check_size(model, cfg.size, "size")
     if cfg.schedule != "single":
         check_size(model, cfg.small_size, "small_size")
@@ -214,10 +224,11 @@ def _train(
 
     # ---- model, optimiser, schedule
     seed_everything(cfg.seed)
-    model = build_model(cfg, len(classes)).to(ctx.device)  # same initial weights on every rank
+    model = build_model(cfg, len(classes), pretrained=not resume).to(ctx.device)  # same initial weights on every rank
     if ctx.rank:
         torch.manual_seed(derive_seed(cfg.seed, ctx.rank))  # own dropout masks per rank
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # --freeze: frozen layers stay out
+    optimizer = torch.optim.SGD(trainable, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     schedule = SizeSchedule(cfg.schedule, cfg.size, cfg.small_size, cfg.seed)
     metrics = MetricsLog(out / "metrics.csv")
     start_epoch, start_step, totals, elapsed = 0, 0, EpochTotals(), 0.0
@@ -267,7 +278,7 @@ def _train(
             lr = cfg.lr_at(epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            transform = TrainTransform(cfg.size, epoch_size, alphastd=cfg.alphastd)
+            transform = TrainTransform(cfg.size, epoch_size, alphastd=cfg.alphastd, mean=cfg.mean, std=cfg.std)
             data = AugmentedDataset(train_set, transform, cfg.seed, epoch, train_cache)
             sampler = ShardedEpochSampler(
                 len(data), cfg.seed, epoch, ctx.rank, ctx.world_size, start=start_step * local_batch

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 from torch.utils.data import Dataset
 
 from sppnet.data.images import load_image
@@ -30,7 +31,6 @@ from sppnet.data.transforms import resize_side
 from sppnet.engine.common import UserError
 from sppnet.engine.detect.config import DetectConfig
 from sppnet.engine.detect.features import WindowSet
-from sppnet.models.sppnet import SPPNet
 
 __all__ = [
     "BACKGROUND",
@@ -113,8 +113,8 @@ def window_crops(
 
 def pretrain_config(cfg: DetectConfig):
     """The :class:`~sppnet.engine.classify.ClassifyConfig` of the backbone pretraining:
-    the detector's architecture, multi-size training of window crops, lr / 10 at 5/6
-    and 11/12 of the epochs."""
+    the detector's architecture (from ``--weights``, ``--freeze`` stages fixed), multi-size
+    training of window crops, lr / 10 at 5/6 and 11/12 of the epochs."""
     from sppnet.engine.classify import ClassifyConfig
 
     b = cfg.backbone
@@ -125,6 +125,10 @@ def pretrain_config(cfg: DetectConfig):
         width=b.width,
         fc_dim=b.fc_dim,
         dropout=b.dropout,
+        weights=b.weights,
+        freeze=b.freeze,
+        mean=b.mean,
+        std=b.std,
         size=cfg.crop_size,
         small_size=None,
         schedule="multi",
@@ -151,26 +155,24 @@ def pretrain_backbone(crops: WindowCrops, classify_cfg, out: str | os.PathLike, 
     )
 
 
-def load_backbone(path: str | os.PathLike) -> tuple[SPPNet, list[str], tuple[float, ...], tuple[float, ...]]:
+def load_backbone(path: str | os.PathLike) -> tuple[nn.Module, list[str], tuple[float, ...], tuple[float, ...]]:
     """A classifier from ``sppnet classify train``: ``(model, classes, mean, std)``.
+
+    Any SPP classifier of the registry (a Table 1 network or a torchvision
+    backbone); ``mean`` / ``std`` are the normalisation it was trained with.
 
     Args:
         path: the run directory or its ``model.safetensors``.
     """
     from sppnet.engine.classify import load_classifier
-    from sppnet.engine.common import load_weights
 
-    p = Path(path)
-    model, classes, _ = load_classifier(p, "cpu")
-    if not isinstance(model, SPPNet) or not model.spp:
-        raise UserError(f"{path}: the detector needs an SPP classifier (spp=True)")
-    _, meta = load_weights(p / "model.safetensors" if p.is_dir() else p)
-    mean = tuple(meta.get("mean", (0.485, 0.456, 0.406)))
-    std = tuple(meta.get("std", (0.229, 0.224, 0.225)))
-    return model.train(), classes, mean, std
+    model, classes, cfg = load_classifier(Path(path), "cpu")
+    if not getattr(model, "spp", False):
+        raise UserError(f"{path}: the detector needs an SPP classifier (spp=True), got the no-SPP {model.name}")
+    return model.train(), classes, tuple(cfg.mean), tuple(cfg.std)
 
 
-def init_fc8_from_classifier(detector, model: SPPNet, model_classes: Sequence[str], classes: Sequence[str]) -> bool:
+def init_fc8_from_classifier(detector, model: nn.Module, model_classes: Sequence[str], classes: Sequence[str]) -> bool:
     """Copies the pretraining classifier into fc8 when it classified the same classes + background.
 
     fc8's row 0 is the background, rows ``1..K`` the classes. Returns whether it copied.

@@ -25,18 +25,21 @@ load through :func:`from_flat`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar
 
 from sppnet.data.proposals import SelectiveSearchParams
-from sppnet.engine.config import Config, ConfigError, option
+from sppnet.engine.classify.config import check_freeze, normalisation_for
+from sppnet.engine.config import Config, ConfigError, merge_overrides, option
 from sppnet.engine.detect.bbox_regression import BoxRegressionConfig
 from sppnet.engine.detect.finetune import FinetuneConfig
 from sppnet.engine.detect.svm import SVMConfig
 from sppnet.models import list_models
 from sppnet.models.detector import METHODS, SCORERS
+from sppnet.models.torchvision_backbones import TORCHVISION_BACKBONES
 
 __all__ = [
+    "MODEL_PRESETS",
     "PRESETS",
     "BackboneConfig",
     "DetectConfig",
@@ -89,6 +92,27 @@ class BackboneConfig(Config):
         help="classification run (sppnet classify train) or its model.safetensors; none: pretrain one on the "
         "training windows",
     )
+    # ImageNet weights of a torchvision backbone (models/weights.py): read once, by
+    # the pretraining (which then starts from them); the run's files hold the rest.
+    weights: str | None = option(
+        None,
+        flag="--weights",
+        metavar="NAME|FILE",
+        help="start from ImageNet weights (alexnet, vgg16, resnet50): a torchvision name such as IMAGENET1K_V1 "
+        "(downloaded once into $TORCH_HOME) or a torchvision state dict (.pth / .safetensors); none: random",
+    )
+    freeze: str = option(
+        "none",
+        flag="--freeze",
+        metavar="STAGE",
+        help="conv layers kept fixed in pretraining and --finetune all: none, conv, or up to a stage (conv2, layer3)",
+    )
+    mean: tuple[float, ...] | None = option(
+        None, flag="--mean", length=3, metavar="M", help="input mean per RGB channel; none: what --weights expect"
+    )
+    std: tuple[float, ...] | None = option(
+        None, flag="--std", length=3, min=0, min_open=True, metavar="S", help="input std per RGB channel"
+    )
     epochs: int = option(12, min=1, help="epochs of backbone pretraining")
     batch_size: int = option(16, flag="--pretrain-batch", min=1, help="pretraining batch size")
     lr: float = option(0.003, min=0, min_open=True, help="pretraining learning rate")
@@ -98,6 +122,28 @@ class BackboneConfig(Config):
     background_per_image: int = option(
         1, flag="--background-per-image", min=0, help="background windows per image among the pretraining crops"
     )
+
+    def complete(self) -> BackboneConfig:
+        """``mean`` / ``std`` from the weights when unset (a ``--backbone`` run brings its own)."""
+        if self.checkpoint is not None or (self.mean is not None and self.std is not None):
+            return self
+        mean, std = normalisation_for(self.model, self.weights)
+        return replace(self, mean=tuple(self.mean or mean), std=tuple(self.std or std))
+
+    def check(self) -> None:
+        check_freeze(self.model, self.freeze)
+        if self.weights is not None and self.checkpoint is not None:
+            raise ConfigError(
+                f"--weights {self.weights} and --backbone {self.checkpoint}: the backbone run already holds its "
+                f"weights; give one of them"
+            )
+        if self.weights is not None and self.model not in TORCHVISION_BACKBONES:
+            raise ConfigError(
+                f"--weights loads torchvision's ImageNet weights into {', '.join(TORCHVISION_BACKBONES)}; "
+                f"{self.model} is a Table 1 network trained here (--weights none)"
+            )
+        if self.weights is not None and self.width != 1.0:
+            raise ConfigError(f"--weights needs --width 1 (the network the weights were trained as), got {self.width}")
 
 
 @dataclass
@@ -172,13 +218,25 @@ class DetectConfig(Config):
 
     @classmethod
     def from_preset(cls, preset: str = "small", overrides: dict[str, Any] | None = None, /, **more: Any):
-        """The preset's values, then ``overrides`` (nested partial dicts or dotted keys), resolved.
+        """The preset's values (and :data:`MODEL_PRESETS` of its model), then ``overrides``
+        (nested partial dicts or dotted keys), resolved.
 
         ``DetectConfig.from_preset("paper", {"finetune": {"lr": 1e-3}}, workers=0)``.
         """
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-        return cls().with_overrides(PRESETS[preset]).with_overrides(overrides, **more, preset=preset).resolved()
+        given = merge_overrides(overrides, more)
+        model = given.get("backbone", {}).get("model") or PRESETS[preset].get("backbone", {}).get("model")
+        per_model = MODEL_PRESETS.get(preset, {}).get(model or BackboneConfig.model, {})
+        if given.get("backbone", {}).get("checkpoint") is not None:  # --backbone RUN holds the weights
+            per_model = merge_overrides(per_model, {"backbone": {"weights": None}})
+        return (
+            cls()
+            .with_overrides(PRESETS[preset])
+            .with_overrides(per_model)
+            .with_overrides(given, preset=preset)
+            .resolved()
+        )
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "") -> DetectConfig:
@@ -235,6 +293,55 @@ PRESETS: dict[str, dict[str, Any]] = {
         "features": {"size_factor": 1.0},
         "finetune": {"iterations": 300000, "lr": 1e-4, "lr_steps": (250000,)},
         "workers": 8,
+    },
+}
+
+#: Per-backbone overrides of a preset, applied after it when ``--model`` names
+#: one of these: ``MODEL_PRESETS[preset][model]``. ``paper`` with a torchvision
+#: backbone is SPP-net's detection recipe (Sec. 4.1) on ImageNet weights, the
+#: setting of Fast R-CNN's SPPnet baseline as far as that paper gives it (VGG-16:
+#: 63.1 mAP on VOC 2007 test, Table 1; its fine-tuning cannot update the conv
+#: layers, Sec. 1.1; SVMs and box regression):
+#:
+#: * ``weights`` torchvision's ``IMAGENET1K_V1`` (downloaded once into
+#:   ``$TORCH_HOME``; ``--weights FILE`` for a local copy), ``freeze="conv"``: the
+#:   window pretraining trains fc6 / fc7 / fc8 only, 3 epochs at lr 0.001 (from
+#:   ImageNet fc layers, not from scratch);
+#: * ``levels``: one level of 6 x 6 (alexnet) / 7 x 7 (vgg16) bins. On a window of
+#:   224 px these are torchvision's own pool5 windows, so fc6 / fc7 start from
+#:   ImageNet as SPP-net's do (its fc layers were pretrained on ImageNet with the
+#:   pyramid, which no torchvision file holds). ``--levels 1 2 3 6`` gives the
+#:   four-level pyramid, whose fc6 is then learnt on the VOC windows alone.
+#:   ResNet-50 has no fc6 / fc7 to load: it keeps the pyramid, with fc 1024;
+#: * one scale, 688 (Sec. 4.2's single-scale setting). Fast R-CNN's SPPnet ran at
+#:   the five scales of SPP-net (its Table 4 compares times at five scales;
+#:   ``--scales 480 576 688 864 1200``); the conv5 cache of VOC 2007 trainval, flipped
+#:   too, is about 50 GB for VGG-16 at 688 (float32, 512 x 43 x 57 per image and
+#:   flip) and five times that at the five scales, more than a usual disk holds.
+#:   ResNet-50's C4 has 1024 channels: its cache would be 100 GB, so it caches
+#:   no flipped copies (``finetune.flip`` off, 50 GB);
+#: * fine-tuning, SVMs and box regression as the ``paper`` preset (Sec. 4.1).
+MODEL_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "paper": {
+        "alexnet": {
+            "backbone": {"model": "alexnet", "weights": "IMAGENET1K_V1", "freeze": "conv", "epochs": 3, "lr": 0.001},
+            "features": {"levels": (6,)},
+        },
+        "vgg16": {
+            "backbone": {"model": "vgg16", "weights": "IMAGENET1K_V1", "freeze": "conv", "epochs": 3, "lr": 0.001},
+            "features": {"levels": (7,)},
+        },
+        "resnet50": {
+            "backbone": {
+                "model": "resnet50",
+                "weights": "IMAGENET1K_V1",
+                "freeze": "conv",
+                "fc_dim": 1024,
+                "epochs": 3,
+                "lr": 0.001,
+            },
+            "finetune": {"flip": False},
+        },
     },
 }
 

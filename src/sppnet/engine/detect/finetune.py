@@ -249,6 +249,7 @@ def finetune(
     params = list(detector.backbone.fc.parameters()) + list(detector.cls_score.parameters())
     if cfg.mode == "all":
         params = list(detector.backbone.features.parameters()) + params
+    params = [p for p in params if p.requires_grad]  # --freeze: fixed stages stay out
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     rng = np.random.Generator(np.random.PCG64(seed))
     torch.manual_seed(seed)

@@ -54,7 +54,12 @@ def build_detector(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
 ) -> SPPDetector:
-    """The detector of ``cfg`` around ``backbone`` (default: a fresh ``cfg.backbone.model``)."""
+    """The detector of ``cfg`` around ``backbone`` (default: a fresh, randomly initialised ``cfg.backbone.model``).
+
+    ``mean`` / ``std``: the normalisation ``backbone`` was trained with; default:
+    the model's own (``backbone.mean``, what its ImageNet weights expect), else
+    ``cfg.backbone.mean`` / ``std``, else the ImageNet statistics.
+    """
     b, f = cfg.backbone, cfg.features
     if backbone is None:
         backbone = get_model(
@@ -66,6 +71,8 @@ def build_detector(
             fc_dim=b.fc_dim,
             dropout=b.dropout,
         )
+    mean = mean or getattr(backbone, "mean", None) or b.mean or IMAGENET_MEAN
+    std = std or getattr(backbone, "std", None) or b.std or IMAGENET_STD
     return SPPDetector(
         backbone,
         num_classes,
@@ -74,8 +81,8 @@ def build_detector(
         target_size=cfg.window_target,
         method=cfg.method,
         chunk_size=f.chunk_size,
-        pixel_mean=mean or IMAGENET_MEAN,
-        pixel_std=std or IMAGENET_STD,
+        pixel_mean=mean,
+        pixel_std=std,
     )
 
 

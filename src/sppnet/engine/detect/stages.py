@@ -56,6 +56,7 @@ from sppnet.engine.detect.inference import calibration_overlap, default_threshol
 from sppnet.engine.detect.model import build_detector, load_detector_file, mark_trained, save_detector, stage_file
 from sppnet.engine.detect.svm import feature_scale, train_window_svms
 from sppnet.models.detector import SPPDetector
+from sppnet.models.freeze import freeze
 from sppnet.utils import load_json, save_json
 
 __all__ = ["TrainingInterrupted", "feature_cache", "stage_order", "train"]
@@ -135,6 +136,7 @@ def stage_features(ctx: StageContext, detector: SPPDetector) -> SPPDetector:
 
 
 def stage_finetune(ctx: StageContext, detector: SPPDetector) -> SPPDetector:
+    freeze(detector.backbone, ctx.cfg.backbone.freeze)  # --finetune all: these stages stay fixed
     cache = feature_cache(ctx.cfg, ctx.out, detector, ctx.records, ctx.windows)
     finetune(detector, cache, ctx.records, ctx.windows, ctx.cfg.finetune, ctx.out, ctx.verbose, seed=ctx.cfg.seed)
     return detector

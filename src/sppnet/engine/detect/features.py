@@ -18,7 +18,7 @@
 
   One safetensors file per image (``sppnet.utils.save_cache``, atomic, with a
   checksum). The key mixes the image file's SHA-256, the conv weights, the
-  normalisation, the scales / warp size and a layout version: a stale or
+  normalisation, the scales / warp size (and R-CNN's warp context) and a layout version: a stale or
   corrupt entry is rebuilt, never trusted. Loaded entries stay in RAM up to
   ``max_bytes`` (least recently used out first).
 """
@@ -54,8 +54,9 @@ class WindowSet:
         boxes (Tensor[N, 4]): inclusive pixel boxes; rows ``0..G-1`` are the ground truth.
         overlaps (Tensor[N, K]): IoU of each window with the best ground truth of
             each class (0 where the image has none); difficult objects count.
-        max_overlap (Tensor[N]): IoU with the best ground truth of any class.
-        gt_index (Tensor[N]): index of that ground truth (-1 without ground truth).
+        max_overlap (Tensor[N]): IoU with the best ground truth of any class (1 on ground-truth rows).
+        gt_index (Tensor[N]): index of that ground truth (-1 without ground truth); a
+            ground-truth row's is its own object, even where another box is identical.
         label (Tensor[N]): its class (-1 without ground truth).
         is_gt (Tensor[N] bool): the row is a ground-truth box.
         difficult (Tensor[N] bool): the row is a difficult ground-truth box.
@@ -96,6 +97,10 @@ def build_windows(proposals: np.ndarray | Tensor, record: dict, num_classes: int
     if g:
         iou = box_iou(boxes, gt, inclusive=True)  # [N, G]
         max_overlap, gt_index = iou.max(dim=1)
+        # Ground-truth rows keep their own object (roidb_from_voc.m: rec.class = gt_classes):
+        # argmax would hand the second of two identical boxes the first one's label.
+        gt_index[:g] = torch.arange(g)
+        max_overlap[:g] = 1.0
         label = labels[gt_index]
         for c in labels.unique().tolist():
             overlaps[:, c] = iou[:, labels == c].max(dim=1).values
@@ -185,6 +190,7 @@ class FeatureCache:
                 "scales": list(d.scales),
                 "warp": d.warp_size,
                 "levels": list(d.levels),
+                **({"warp_context": d.warp_context} if d.method == "rcnn" else {}),
                 "flips": self.flips,
                 "version": self.VERSION,
             },

@@ -96,6 +96,22 @@ def test_windows_hold_ground_truth_first_and_brute_force_overlaps(tiny_root):
         assert float(w.max_overlap[n]) == pytest.approx(max(best.values()), abs=1e-6)
 
 
+def test_identical_ground_truth_boxes_of_two_classes_keep_both_labels():
+    # argmax over the IoUs returns the first of two identical boxes: both rows would be labelled 0.
+    box = [4.0, 6.0, 40.0, 30.0]
+    record = {
+        "boxes": torch.tensor([box, box, [50.0, 2.0, 70.0, 20.0]]),
+        "labels": torch.tensor([0, 1, 0]),
+        "difficult": torch.tensor([False, False, False]),
+        "width": 80,
+        "height": 40,
+    }
+    w = build_windows([[5.0, 6.0, 41.0, 31.0]], record, 2)
+    assert w.label[:3].tolist() == [0, 1, 0] and w.gt_index[:3].tolist() == [0, 1, 2]
+    assert w.max_overlap[:3].tolist() == [1.0, 1.0, 1.0] and w.overlaps[:2].tolist() == [[1.0, 1.0]] * 2
+    assert int(w.label[3]) == 0 and int(w.gt_index[3]) == 0  # a proposal takes its best object, the first on ties
+
+
 def test_flip_boxes_is_an_involution():
     b = torch.tensor([[0.0, 1.0, 9.0, 5.0], [3.0, 3.0, 3.0, 3.0]])
     torch.testing.assert_close(flip_boxes(b, 20), torch.tensor([[10.0, 1.0, 19.0, 5.0], [16.0, 3.0, 16.0, 3.0]]))
@@ -153,6 +169,69 @@ def test_feature_cache_matches_direct_features_and_rebuilds_stale_entries(tiny_r
         det.backbone.features[0].weight.add_(0.01)
     cache.refresh()
     assert cache.path(1) != old and not cache.complete()
+
+
+def test_rcnn_feature_cache_key_holds_the_warp_context(tiny_root, tmp_path):
+    ds = VOCDetection(tiny_root, "train")
+    records = ds.records[:1]
+    windows = [build_windows(sliding_window_proposals(r["width"], r["height"], (40,)), r, 8) for r in records]
+    paths = {}
+    for method in ("rcnn", "spp"):
+        for context in (0.0, 0.1):
+            cfg = tiny_cfg(tiny_root, method=method, **{"features.warp_context": context})
+            torch.manual_seed(0)
+            det = build_detector(cfg, 8)
+            assert det.warp_context == context
+            paths[method, context] = FeatureCache(det, records, windows, tmp_path).path(0)
+    assert paths["rcnn", 0.0] != paths["rcnn", 0.1]  # other crops, other pool5
+    assert paths["spp", 0.0] == paths["spp", 0.1]  # SPP's conv5 maps do not depend on it
+
+
+# ------------------------------------------------------------ fine-tuning batches
+
+
+def _batch_foreground(rows) -> list[int]:
+    return [int((r[:, 2] > 0).sum()) for r in rows]
+
+
+def test_a_batch_takes_its_foreground_quota_over_all_its_images():
+    # image 0 has 1 foreground window, image 1 has 50; both have plenty of background
+    fg = torch.cat([torch.tensor([[0, 0, 3]]), torch.stack([torch.ones(50), torch.arange(1, 51), torch.full((50,), 2)], 1)])
+    fg = fg.long()
+    bg = torch.stack([torch.arange(400) % 2, 100 + torch.arange(400)], 1)
+    cfg = det_finetune.FinetuneConfig(images_per_batch=2).resolved()
+    rng = det_finetune.np.random.Generator(det_finetune.np.random.PCG64(0))
+    seen_both = 0
+    for _ in range(20):
+        rows = det_finetune._sample_rows(rng, fg, bg, cfg)
+        images = [int(r[0, 0]) for r in rows]
+        assert [len(r) for r in rows] == [64, 64]
+        counts = _batch_foreground(rows)
+        # brute force: each image offers at most its distinct foreground windows (and its rows)
+        capacity = sum(min(64, int((fg[:, 0] == i).sum())) for i in images)
+        assert sum(counts) == min(32, capacity)
+        if sorted(images) == [0, 1]:
+            seen_both += 1
+            assert counts[images.index(0)] == 1 and counts[images.index(1)] == 31  # exactly 25 %
+    assert seen_both > 0
+
+
+def test_fine_tuning_batches_of_the_toy_set_reach_the_quota_when_their_images_can(tiny_root):
+    ds = VOCDetection(tiny_root, "train")
+    windows = [build_windows(sliding_window_proposals(r["width"], r["height"], (24, 48)), r, 8) for r in ds.records]
+    cfg = det_finetune.FinetuneConfig().resolved()  # 128 windows from 8 images, 25 % foreground
+    fg, bg = det_finetune._window_pools(windows, cfg)
+    per_image = torch.bincount(fg[:, 0], minlength=len(windows))
+    assert int((per_image[per_image > 0] < 4).sum()) > 0  # some images have fewer than their share of 4
+    rng = det_finetune.np.random.Generator(det_finetune.np.random.PCG64(1))
+    above_per_image_rule = 0
+    for _ in range(10):
+        rows = det_finetune._sample_rows(rng, fg, bg, cfg)
+        have = [int(per_image[int(r[0, 0])]) for r in rows]
+        got = sum(_batch_foreground(rows))
+        assert got == min(32, sum(min(len(r), h) for r, h in zip(rows, have)))
+        above_per_image_rule += got > sum(min(4, h) for h in have)  # 4 per image, each alone: below 32
+    assert above_per_image_rule > 0
 
 
 # ------------------------------------------------------------ whole pipeline

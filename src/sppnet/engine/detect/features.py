@@ -314,14 +314,14 @@ class FeatureCache:
             entry = self.get(i)
             scales = self.scales(i)
             suffix = "_flip" if flip else ""
-            maps = [entry[f"s{k}{suffix}"].to(dev, torch.float32) for k in range(len(scales))]  # [C5, h_s, w_s]
+            maps = [entry[f"s{k}{suffix}"] for k in range(len(scales))]  # [C5, h_s, w_s], moved when used
             boxes = self.windows[i].boxes[index]
             if flip:
                 boxes = flip_boxes(boxes, self.windows[i].width)
             if scale_index is None:
                 scale_index = d.assign_scales(boxes, scales)
             rois = d.map_windows(boxes, scales, [m.shape[-2:] for m in maps], scale_index)  # [n, 5]
-            parts.append(d.pool_windows(maps, rois.to(dev)))  # [n, D]
+            parts.append(d.pool_windows(maps, rois))  # [n, D], only the maps some window uses moved to dev
         return torch.cat(parts) if parts else torch.empty((0, d.pooled_dim), device=dev)
 
 

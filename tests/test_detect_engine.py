@@ -255,6 +255,13 @@ def test_pipeline_writes_every_stage_and_evaluates(trained_run, tiny_root, tmp_p
     result = evaluate(det, ds.records, classes, props, verbose=False)
     assert 0.0 <= result["mAP"] <= 1.0 and result["images"] == 4 and result["seconds_per_image"] > 0
     assert all(int((p["labels"][:, None] == torch.arange(len(classes))).sum(0).max()) <= 100 for p in result["predictions"])
+    # the run's test settings reach detect(): with them, evaluate gives what detect gives
+    options = {"max_per_class": 2, "max_per_image": 5, "nms_boxes": "regressed"}
+    capped = evaluate(det, ds.records, classes, props, verbose=False, detect_options=options)["predictions"]
+    for r, p, got in zip(ds.records, props, capped):
+        (want,) = det.detect([load_record_image(r)], [torch.as_tensor(p)], **options)
+        assert len(got["labels"]) <= 5 and int(torch.bincount(got["labels"]).max()) <= 2
+        torch.testing.assert_close(got, want)
     # precision-recall curves of those detections, drawn
     from PIL import Image
 
@@ -396,9 +403,10 @@ def test_a_flat_config_of_an_older_run_loads_as_the_nested_config():
         "small",
         {
             "backbone": {"width": 0.125, "fc_dim": 32, "epochs": 2},
-            "features": {"size_factor": 0.25},
+            "features": {"size_factor": 0.25, "warp_context": 0.0},
             "finetune": {"iterations": 40},
             "proposals": {"max_proposals": 80},
+            "test": {"max_per_class": None, "max_per_image": 100, "nms_boxes": "regressed"},
         },
         data="/data/voc",
         seed=3,
@@ -416,6 +424,56 @@ def test_a_flat_config_of_an_older_run_loads_as_the_nested_config():
         DetectConfig.from_dict({**FLAT_CONFIG, "ft_typo": 1})
     with pytest.raises(UserError, match=r"unknown DetectConfig settings \['typo'\]"):
         DetectConfig.from_dict({**cfg.to_dict(), "typo": 1})
+
+
+def test_new_runs_test_as_the_release_and_older_configs_as_they_did():
+    import inspect
+
+    from sppnet.models.detector import RCNN_CONTEXT_PADDING, SPPDetector
+
+    new = DetectConfig.from_preset("small")
+    assert new.features.warp_context == RCNN_CONTEXT_PADDING and new.features.scale_rule == "area"
+    assert new.test.detect_options() == {"max_per_class": 100, "max_per_image": None, "nms_boxes": "proposals"}
+    assert set(new.test.detect_options()) <= set(inspect.signature(SPPDetector.detect).parameters)
+    assert DetectConfig.from_dict(new.to_dict()) == new  # a run saved now loads as saved
+    # a config.json saved before these settings existed: R-CNN's bare warp, 100 over all classes, NMS after regression
+    old = new.to_dict()
+    for section, keys in (("features", ("warp_context", "scale_rule")), ("test", ("max_per_class", "max_per_image", "nms_boxes"))):
+        for key in keys:
+            del old[section][key]
+    loaded = DetectConfig.from_dict(old)
+    assert loaded.features.warp_context == 0.0 and loaded.features.scale_rule == "area"
+    assert loaded.test.detect_options() == {"max_per_class": None, "max_per_image": 100, "nms_boxes": "regressed"}
+    del old["test"]
+    assert DetectConfig.from_dict(old).test == loaded.test
+    released = DetectConfig.from_preset("small", {"features": {"scale_rule": "released", "target_size": 208}})
+    det = build_detector(released, 3)
+    assert det.scale_rule == "released" and det.target_size == 104
+
+
+def test_a_detector_saved_before_the_warp_context_keeps_the_bare_warp(tmp_path):
+    from sppnet.engine.common import save_weights
+    from sppnet.engine.detect.model import load_detector_file, save_detector
+
+    cfg = DetectConfig.from_preset("small", TINY, method="rcnn")
+    torch.manual_seed(0)
+    det = build_detector(cfg, 3).eval()
+    save_detector(tmp_path / "new.safetensors", det, ["a", "b", "c"], cfg, "final")
+    assert load_detector_file(tmp_path / "new.safetensors")[0].warp_context == det.warp_context > 0
+    state, meta = load_weights(tmp_path / "new.safetensors")
+    del meta["detector_config"]["warp_context"]
+    save_weights(tmp_path / "old.safetensors", det, meta)
+    old, _ = load_detector_file(tmp_path / "old.safetensors")
+    assert old.warp_context == 0.0
+    # it pools the bare windows, as it was trained: equal to a detector built with no context, unlike the new one
+    image = torch.rand(3, 60, 80, generator=torch.Generator().manual_seed(0))
+    boxes = torch.tensor([[10.0, 8.0, 50.0, 40.0], [0.0, 0.0, 79.0, 59.0]])
+    bare = build_detector(cfg.with_overrides({"features.warp_context": 0.0}), 3).eval()
+    bare.load_state_dict(det.state_dict())
+    with torch.no_grad():
+        pooled = [d.window_pool5(d.normalize(image), boxes) for d in (old, bare, det)]
+    torch.testing.assert_close(pooled[0], pooled[1])
+    assert not torch.allclose(pooled[0], pooled[2])
 
 
 @pytest.mark.parametrize(

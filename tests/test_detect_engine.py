@@ -196,7 +196,9 @@ def _batch_foreground(rows) -> list[int]:
 
 def test_a_batch_takes_its_foreground_quota_over_all_its_images():
     # image 0 has 1 foreground window, image 1 has 50; both have plenty of background
-    fg = torch.cat([torch.tensor([[0, 0, 3]]), torch.stack([torch.ones(50), torch.arange(1, 51), torch.full((50,), 2)], 1)])
+    fg = torch.cat(
+        [torch.tensor([[0, 0, 3]]), torch.stack([torch.ones(50), torch.arange(1, 51), torch.full((50,), 2)], 1)]
+    )
     fg = fg.long()
     bg = torch.stack([torch.arange(400) % 2, 100 + torch.arange(400)], 1)
     cfg = det_finetune.FinetuneConfig(images_per_batch=2).resolved()
@@ -254,7 +256,9 @@ def test_pipeline_writes_every_stage_and_evaluates(trained_run, tiny_root, tmp_p
     props = [sliding_window_proposals(r["width"], r["height"], (24, 48, 96)) for r in ds.records]
     result = evaluate(det, ds.records, classes, props, verbose=False)
     assert 0.0 <= result["mAP"] <= 1.0 and result["images"] == 4 and result["seconds_per_image"] > 0
-    assert all(int((p["labels"][:, None] == torch.arange(len(classes))).sum(0).max()) <= 100 for p in result["predictions"])
+    assert all(
+        int((p["labels"][:, None] == torch.arange(len(classes))).sum(0).max()) <= 100 for p in result["predictions"]
+    )
     # the run's test settings reach detect(): with them, evaluate gives what detect gives
     options = {"max_per_class": 2, "max_per_image": 5, "nms_boxes": "regressed"}
     capped = evaluate(det, ds.records, classes, props, verbose=False, detect_options=options)["predictions"]
@@ -438,7 +442,10 @@ def test_new_runs_test_as_the_release_and_older_configs_as_they_did():
     assert DetectConfig.from_dict(new.to_dict()) == new  # a run saved now loads as saved
     # a config.json saved before these settings existed: R-CNN's bare warp, 100 over all classes, NMS after regression
     old = new.to_dict()
-    for section, keys in (("features", ("warp_context", "scale_rule")), ("test", ("max_per_class", "max_per_image", "nms_boxes"))):
+    for section, keys in (
+        ("features", ("warp_context", "scale_rule")),
+        ("test", ("max_per_class", "max_per_image", "nms_boxes")),
+    ):
         for key in keys:
             del old[section][key]
     loaded = DetectConfig.from_dict(old)
@@ -460,7 +467,7 @@ def test_a_detector_saved_before_the_warp_context_keeps_the_bare_warp(tmp_path):
     det = build_detector(cfg, 3).eval()
     save_detector(tmp_path / "new.safetensors", det, ["a", "b", "c"], cfg, "final")
     assert load_detector_file(tmp_path / "new.safetensors")[0].warp_context == det.warp_context > 0
-    state, meta = load_weights(tmp_path / "new.safetensors")
+    _, meta = load_weights(tmp_path / "new.safetensors")
     del meta["detector_config"]["warp_context"]
     save_weights(tmp_path / "old.safetensors", det, meta)
     old, _ = load_detector_file(tmp_path / "old.safetensors")

@@ -301,7 +301,8 @@ _FLAT: dict[str, str] = {
 
 #: Settings added after runs were saved without them, with the values that reproduce
 #: what those runs did: R-CNN's bare warp (the windows they were trained on), 100
-#: detections per image over all classes and NMS on the regressed boxes.
+#: detections per image over all classes and NMS on the regressed boxes. A saved
+#: detector's own ``warp_context`` (model.py) is what it tests with.
 _ADDED_LATER: dict[str, dict[str, Any]] = {
     "features": {"scale_rule": "area", "warp_context": 0.0},
     "test": {"max_per_class": None, "max_per_image": 100, "nms_boxes": "regressed"},

@@ -99,3 +99,26 @@ def test_regression_samples_are_the_windows_near_a_ground_truth_brute_force():
             torch.testing.assert_close(x[c], torch.stack(want_x))
             torch.testing.assert_close(y[c], torch.stack(want_y))
     assert sum(len(v) for v in x) > 0 and x[1].shape[1] == 5
+
+
+def test_identical_ground_truth_boxes_of_two_classes_each_train_their_regressor():
+    from sppnet.engine.detect.bbox_regression import regression_samples
+    from sppnet.engine.detect.features import build_windows
+
+    box = [10.0, 10.0, 49.0, 39.0]
+    record = {
+        "boxes": torch.tensor([box, box]),
+        "labels": torch.tensor([2, 0]),
+        "difficult": torch.tensor([False, False]),
+        "width": 64,
+        "height": 48,
+    }
+    props = [[12.0, 11.0, 50.0, 40.0], [0.0, 0.0, 8.0, 8.0]]  # one near the pair, one far from it
+    w = build_windows(props, record, 3)
+    assert w.label[:2].tolist() == [2, 0] and w.gt_index[:2].tolist() == [0, 1]
+    feats = torch.arange(len(w), dtype=torch.float32)[:, None].expand(-1, 3)  # row j -> [j, j, j]
+    x, y = regression_samples([w], lambda i, idx: feats[idx], 3, 3)
+    # class 2: its ground truth (row 0) and the proposal whose best object is the first of the pair (row 2);
+    # class 0: its own ground truth (row 1), with zero deltas
+    assert x[2][:, 0].tolist() == [0.0, 2.0] and x[0][:, 0].tolist() == [1.0] and len(x[1]) == 0
+    torch.testing.assert_close(y[0], torch.zeros(1, 4))

@@ -89,6 +89,22 @@ def test_windows_hold_ground_truth_first_and_brute_force_overlaps(tiny_root):
         assert float(w.max_overlap[n]) == pytest.approx(max(best.values()), abs=1e-6)
 
 
+def test_identical_ground_truth_boxes_of_two_classes_keep_both_labels():
+    # argmax over the IoUs returns the first of two identical boxes: both rows would be labelled 0.
+    box = [4.0, 6.0, 40.0, 30.0]
+    record = {
+        "boxes": torch.tensor([box, box, [50.0, 2.0, 70.0, 20.0]]),
+        "labels": torch.tensor([0, 1, 0]),
+        "difficult": torch.tensor([False, False, False]),
+        "width": 80,
+        "height": 40,
+    }
+    w = build_windows([[5.0, 6.0, 41.0, 31.0]], record, 2)
+    assert w.label[:3].tolist() == [0, 1, 0] and w.gt_index[:3].tolist() == [0, 1, 2]
+    assert w.max_overlap[:3].tolist() == [1.0, 1.0, 1.0] and w.overlaps[:2].tolist() == [[1.0, 1.0]] * 2
+    assert int(w.label[3]) == 0 and int(w.gt_index[3]) == 0  # a proposal takes its best object, the first on ties
+
+
 def test_flip_boxes_is_an_involution():
     b = torch.tensor([[0.0, 1.0, 9.0, 5.0], [3.0, 3.0, 3.0, 3.0]])
     torch.testing.assert_close(flip_boxes(b, 20), torch.tensor([[10.0, 1.0, 19.0, 5.0], [16.0, 3.0, 16.0, 3.0]]))
@@ -148,6 +164,71 @@ def test_feature_cache_matches_direct_features_and_rebuilds_stale_entries(tiny_r
     assert cache.path(1) != old and not cache.complete()
 
 
+def test_rcnn_feature_cache_key_holds_the_warp_context(tiny_root, tmp_path):
+    ds = VOCDetection(tiny_root, "train")
+    records = ds.records[:1]
+    windows = [build_windows(sliding_window_proposals(r["width"], r["height"], (40,)), r, 8) for r in records]
+    paths = {}
+    for method in ("rcnn", "spp"):
+        for context in (0.0, 0.1):
+            cfg = tiny_cfg(tiny_root, method=method, **{"features.warp_context": context})
+            torch.manual_seed(0)
+            det = build_detector(cfg, 8)
+            assert det.warp_context == context
+            paths[method, context] = FeatureCache(det, records, windows, tmp_path).path(0)
+    assert paths["rcnn", 0.0] != paths["rcnn", 0.1]  # other crops, other pool5
+    assert paths["spp", 0.0] == paths["spp", 0.1]  # SPP's conv5 maps do not depend on it
+
+
+# ------------------------------------------------------------ fine-tuning batches
+
+
+def _batch_foreground(rows) -> list[int]:
+    return [int((r[:, 2] > 0).sum()) for r in rows]
+
+
+def test_a_batch_takes_its_foreground_quota_over_all_its_images():
+    # image 0 has 1 foreground window, image 1 has 50; both have plenty of background
+    fg = torch.cat(
+        [torch.tensor([[0, 0, 3]]), torch.stack([torch.ones(50), torch.arange(1, 51), torch.full((50,), 2)], 1)]
+    )
+    fg = fg.long()
+    bg = torch.stack([torch.arange(400) % 2, 100 + torch.arange(400)], 1)
+    cfg = det_finetune.FinetuneConfig(images_per_batch=2).resolved()
+    rng = det_finetune.np.random.Generator(det_finetune.np.random.PCG64(0))
+    seen_both = 0
+    for _ in range(20):
+        rows = det_finetune._sample_rows(rng, fg, bg, cfg)
+        images = [int(r[0, 0]) for r in rows]
+        assert [len(r) for r in rows] == [64, 64]
+        counts = _batch_foreground(rows)
+        # brute force: each image offers at most its distinct foreground windows (and its rows)
+        capacity = sum(min(64, int((fg[:, 0] == i).sum())) for i in images)
+        assert sum(counts) == min(32, capacity)
+        if sorted(images) == [0, 1]:
+            seen_both += 1
+            assert counts[images.index(0)] == 1 and counts[images.index(1)] == 31  # exactly 25 %
+    assert seen_both > 0
+
+
+def test_fine_tuning_batches_of_the_toy_set_reach_the_quota_when_their_images_can(tiny_root):
+    ds = VOCDetection(tiny_root, "train")
+    windows = [build_windows(sliding_window_proposals(r["width"], r["height"], (24, 48)), r, 8) for r in ds.records]
+    cfg = det_finetune.FinetuneConfig().resolved()  # 128 windows from 8 images, 25 % foreground
+    fg, bg = det_finetune._window_pools(windows, cfg)
+    per_image = torch.bincount(fg[:, 0], minlength=len(windows))
+    assert int((per_image[per_image > 0] < 4).sum()) > 0  # some images have fewer than their share of 4
+    rng = det_finetune.np.random.Generator(det_finetune.np.random.PCG64(1))
+    above_per_image_rule = 0
+    for _ in range(10):
+        rows = det_finetune._sample_rows(rng, fg, bg, cfg)
+        have = [int(per_image[int(r[0, 0])]) for r in rows]
+        got = sum(_batch_foreground(rows))
+        assert got == min(32, sum(min(len(r), h) for r, h in zip(rows, have)))
+        above_per_image_rule += got > sum(min(4, h) for h in have)  # 4 per image, each alone: below 32
+    assert above_per_image_rule > 0
+
+
 # ------------------------------------------------------------ whole pipeline
 
 
@@ -168,7 +249,16 @@ def test_pipeline_writes_every_stage_and_evaluates(trained_run, tiny_root, tmp_p
     props = [sliding_window_proposals(r["width"], r["height"], (24, 48, 96)) for r in ds.records]
     result = evaluate(det, ds.records, classes, props, verbose=False)
     assert 0.0 <= result["mAP"] <= 1.0 and result["images"] == 4 and result["seconds_per_image"] > 0
-    assert all(int((p["labels"][:, None] == torch.arange(len(classes))).sum(0).max()) <= 100 for p in result["predictions"])
+    assert all(
+        int((p["labels"][:, None] == torch.arange(len(classes))).sum(0).max()) <= 100 for p in result["predictions"]
+    )
+    # the run's test settings reach detect(): with them, evaluate gives what detect gives
+    options = {"max_per_class": 2, "max_per_image": 5, "nms_boxes": "regressed"}
+    capped = evaluate(det, ds.records, classes, props, verbose=False, detect_options=options)["predictions"]
+    for r, p, got in zip(ds.records, props, capped):
+        (want,) = det.detect([load_record_image(r)], [torch.as_tensor(p)], **options)
+        assert len(got["labels"]) <= 5 and int(torch.bincount(got["labels"]).max()) <= 2
+        torch.testing.assert_close(got, want)
     # precision-recall curves of those detections, drawn
     from PIL import Image
 
@@ -310,9 +400,10 @@ def test_a_flat_config_of_an_older_run_loads_as_the_nested_config():
         "small",
         {
             "backbone": {"width": 0.125, "fc_dim": 32, "epochs": 2},
-            "features": {"size_factor": 0.25},
+            "features": {"size_factor": 0.25, "warp_context": 0.0},
             "finetune": {"iterations": 40},
             "proposals": {"max_proposals": 80},
+            "test": {"max_per_class": None, "max_per_image": 100, "nms_boxes": "regressed"},
         },
         data="/data/voc",
         seed=3,
@@ -330,6 +421,59 @@ def test_a_flat_config_of_an_older_run_loads_as_the_nested_config():
         DetectConfig.from_dict({**FLAT_CONFIG, "ft_typo": 1})
     with pytest.raises(UserError, match=r"unknown DetectConfig settings \['typo'\]"):
         DetectConfig.from_dict({**cfg.to_dict(), "typo": 1})
+
+
+def test_new_runs_test_as_the_release_and_older_configs_as_they_did():
+    import inspect
+
+    from sppnet.models.detector import RCNN_CONTEXT_PADDING, SPPDetector
+
+    new = DetectConfig.from_preset("small")
+    assert new.features.warp_context == RCNN_CONTEXT_PADDING and new.features.scale_rule == "area"
+    assert new.test.detect_options() == {"max_per_class": 100, "max_per_image": None, "nms_boxes": "proposals"}
+    assert set(new.test.detect_options()) <= set(inspect.signature(SPPDetector.detect).parameters)
+    assert DetectConfig.from_dict(new.to_dict()) == new  # a run saved now loads as saved
+    # a config.json saved before these settings existed: R-CNN's bare warp, 100 over all classes, NMS after regression
+    old = new.to_dict()
+    for section, keys in (
+        ("features", ("warp_context", "scale_rule")),
+        ("test", ("max_per_class", "max_per_image", "nms_boxes")),
+    ):
+        for key in keys:
+            del old[section][key]
+    loaded = DetectConfig.from_dict(old)
+    assert loaded.features.warp_context == 0.0 and loaded.features.scale_rule == "area"
+    assert loaded.test.detect_options() == {"max_per_class": None, "max_per_image": 100, "nms_boxes": "regressed"}
+    del old["test"]
+    assert DetectConfig.from_dict(old).test == loaded.test
+    released = DetectConfig.from_preset("small", {"features": {"scale_rule": "released", "target_size": 208}})
+    det = build_detector(released, 3)
+    assert det.scale_rule == "released" and det.target_size == 104
+
+
+def test_a_detector_saved_before_the_warp_context_keeps_the_bare_warp(tmp_path):
+    from sppnet.engine.common import save_weights
+    from sppnet.engine.detect.model import load_detector_file, save_detector
+
+    cfg = DetectConfig.from_preset("small", TINY, method="rcnn")
+    torch.manual_seed(0)
+    det = build_detector(cfg, 3).eval()
+    save_detector(tmp_path / "new.safetensors", det, ["a", "b", "c"], cfg, "final")
+    assert load_detector_file(tmp_path / "new.safetensors")[0].warp_context == det.warp_context > 0
+    _, meta = load_weights(tmp_path / "new.safetensors")
+    del meta["detector_config"]["warp_context"]
+    save_weights(tmp_path / "old.safetensors", det, meta)
+    old, _ = load_detector_file(tmp_path / "old.safetensors")
+    assert old.warp_context == 0.0
+    # it pools the bare windows, as it was trained: equal to a detector built with no context, unlike the new one
+    image = torch.rand(3, 60, 80, generator=torch.Generator().manual_seed(0))
+    boxes = torch.tensor([[10.0, 8.0, 50.0, 40.0], [0.0, 0.0, 79.0, 59.0]])
+    bare = build_detector(cfg.with_overrides({"features.warp_context": 0.0}), 3).eval()
+    bare.load_state_dict(det.state_dict())
+    with torch.no_grad():
+        pooled = [d.window_pool5(d.normalize(image), boxes) for d in (old, bare, det)]
+    torch.testing.assert_close(pooled[0], pooled[1])
+    assert not torch.allclose(pooled[0], pooled[2])
 
 
 @pytest.mark.parametrize(

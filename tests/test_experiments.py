@@ -51,9 +51,10 @@ def test_detection_table_quick_fills_every_cell_and_resumes(tmp_path, capsys):
     for column in dt.COLUMNS:
         r = results[column]
         assert r["images"] == dt.QUICK_DATA["num_test"] and r["feature_seconds_per_image"] > 0
-        for row in dt.ROWS:
+        for row in (*dt.ROWS, dt.OTHER_ORDER):
             assert 0.0 <= r[row]["mAP"] <= 1.0
             assert r[row]["seconds_per_image"] >= r["feature_seconds_per_image"]
+        assert r[dt.OTHER_ORDER]["nms_boxes"] == "regressed"  # the runs test as spp_test.m: NMS on the proposals
         # every column started from the first column's pretrained backbone
         cfg = json.loads((out / "runs" / column.lower().replace(" ", "-") / "config.json").read_text())
         assert (cfg["backbone"]["checkpoint"] is None) == (column == "SPP 1-scale")
@@ -69,6 +70,8 @@ def test_detection_table_quick_fills_every_cell_and_resumes(tmp_path, capsys):
             assert m, cell
             assert float(m.group(1)) == pytest.approx(100 * results[column][row]["mAP"], abs=0.051)
     assert "vs R-CNN" in text
+    other = rows["ftfc7 + bb, NMS on the regressed boxes"]
+    assert other == [f"{100 * results[c][dt.OTHER_ORDER]['mAP']:.1f}" for c in dt.COLUMNS]
     with Image.open(out / "table.png") as png:
         assert png.size[0] > 400
     # A second run finds every column done: nothing is retrained, same table.
@@ -112,3 +115,32 @@ def test_detection_table_runs_spp_at_the_paper_image_scales_by_default(tmp_path)
     assert rcnn.method == "rcnn" and rcnn.window_target == spp1.window_target == spp5.window_target == 112
     with pytest.raises(SystemExit):
         dt.parse_args(["--out", str(tmp_path), "--spp-scale-multiplier", "0"])
+
+
+@pytest.mark.parametrize("nms_boxes", ["proposals", "regressed"])
+def test_detection_table_selects_detections_as_the_detector_does(nms_boxes):
+    from sppnet.engine.detect import DetectConfig
+    from sppnet.models import get_model
+    from sppnet.models.detector import SPPDetector
+
+    dt = load("detection_table")
+    torch.manual_seed(0)
+    backbone = get_model("zf5", num_classes=4, width=0.125, fc_dim=32).eval()
+    det = SPPDetector(backbone, 3, scales=(96,), target_size=48).eval()
+    det.svm_weight.normal_()
+    det.bbox_weight.normal_(0, 5e-3)  # regressed boxes far enough from the proposals to change the NMS
+    det.bbox_bias.normal_(0, 0.2)
+    det.trained_heads[:] = True
+    g = torch.Generator().manual_seed(1)
+    image = torch.rand(3, 90, 120, generator=g)
+    xy = torch.rand(300, 2, generator=g) * torch.tensor([80.0, 60.0])
+    boxes = torch.cat([xy, xy + 8 + torch.rand(300, 2, generator=g) * 30], 1).round()
+    boxes[:, 2:] = torch.minimum(boxes[:, 2:], torch.tensor([119.0, 89.0]))
+    test = DetectConfig().test.with_overrides(max_per_class=4, nms_boxes=nms_boxes)
+    (want,) = det.detect([image], [boxes], **test.detect_options())
+    scores, per_class = det.score_windows(image, boxes)
+    got = dt.select(boxes, scores, per_class, test, nms_boxes)
+    for key in ("boxes", "scores", "labels"):
+        torch.testing.assert_close(got[key], want[key])
+    other = dt.select(boxes, scores, per_class, test, "regressed" if nms_boxes == "proposals" else "proposals")
+    assert not torch.equal(other["scores"], got["scores"])  # the two orders keep different windows here

@@ -98,7 +98,8 @@ def test_fit_linear_svm_weights_positives_and_handles_one_class():
     assert float(w0.abs().sum()) == 0.0 and b0 == 1.0
 
 
-def test_svm_positives_are_the_non_difficult_ground_truth_boxes():
+def test_svm_positives_are_every_ground_truth_box_difficult_included():
+    # The release (imdb/roidb_from_voc.m, with_hard_samples = false) keeps difficult objects as ground truth.
     from sppnet.engine.detect.features import build_windows
     from sppnet.engine.detect.svm import svm_positives
 
@@ -111,5 +112,46 @@ def test_svm_positives_are_the_non_difficult_ground_truth_boxes():
     }
     w = build_windows([[0.0, 0.0, 9.0, 9.0], [1.0, 2.0, 30.0, 20.0]], record, 3)
     (pos,) = svm_positives([w])
-    expected = [2 if k == 0 else 1 if k == 2 else -1 for k in range(len(w))]  # gt rows first; row 1 is difficult
+    expected = [2, 0, 1] + [-1] * (len(w) - 3)  # the ground-truth rows come first, the difficult one included
     assert pos.tolist() == expected
+
+
+def _features_of(windows, dim=4):
+    """fc7 stand-ins: window j of image i is the unit vector e_(j mod dim), scaled by its image."""
+    return lambda i: torch.eye(dim)[torch.arange(len(windows[i])) % dim] * (i + 1)
+
+
+def test_an_image_whose_only_object_is_difficult_gives_its_class_a_positive():
+    from sppnet.engine.detect.features import build_windows
+    from sppnet.engine.detect.svm import train_window_svms
+
+    record = {
+        "boxes": torch.tensor([[4.0, 4.0, 20.0, 24.0]]),
+        "labels": torch.tensor([1]),
+        "difficult": torch.tensor([True]),
+        "width": 40,
+        "height": 40,
+    }
+    windows = [build_windows([[25.0, 25.0, 39.0, 39.0], [0.0, 30.0, 10.0, 39.0]], record, 2)]
+    res = train_window_svms(_features_of(windows), windows, 2, SVMConfig(retrain_limit=10))
+    assert res.positives == [0, 1]
+
+
+def test_identical_ground_truth_boxes_of_two_classes_give_both_a_positive():
+    # argmax over the IoUs would label both rows with the first object's class; each keeps its own.
+    from sppnet.engine.detect.features import build_windows
+    from sppnet.engine.detect.svm import svm_positives, train_window_svms
+
+    box = [6.0, 8.0, 30.0, 28.0]
+    record = {
+        "boxes": torch.tensor([box, box]),
+        "labels": torch.tensor([0, 1]),
+        "difficult": torch.tensor([False, False]),
+        "width": 48,
+        "height": 40,
+    }
+    windows = [build_windows([[0.0, 0.0, 12.0, 12.0], [30.0, 20.0, 47.0, 39.0]], record, 3)]
+    (pos,) = svm_positives(windows)
+    assert pos[:2].tolist() == [0, 1]
+    res = train_window_svms(_features_of(windows), windows, 3, SVMConfig(retrain_limit=10))
+    assert res.positives == [1, 1, 0]

@@ -251,7 +251,8 @@ def _detection(cfg: DemoConfig, sizes: dict, data_root: Path, out: Path, figs: P
     props = D.proposals(test.records, saved, run / "cache" / "proposals", verbose=True)
     scorer = D.usable_scorer(saved.scorer, detector)
     _say(f"detection: evaluating on {len(test.records)} test images ({scorer} scores)")
-    result = D.evaluate(detector, test.records, classes, props, scorer, saved.bbox.enabled, verbose=True)
+    options = saved.test.detect_options()
+    result = D.evaluate(detector, test.records, classes, props, scorer, saved.bbox.enabled, True, options)
     gts = [{"boxes": r["boxes"], "labels": r["labels"], "difficult": r["difficult"]} for r in test.records]
     curves = precision_recall(result["predictions"], gts, classes)
     pr_png = plot_pr_curves(curves, figs / "pr_curves.png", result["ap"], title=f"VOC07 mAP {result['mAP']:.3f}")

@@ -14,13 +14,14 @@ nested like the classes::
       finetune    FinetuneConfig              (finetune.py)
       svm         SVMConfig                   (svm.py)
       bbox        BoxRegressionConfig         (bbox_regression.py)
-      test        TestConfig                  calibration split
+      test        TestConfig                  NMS order, detections kept, calibration split
       seed, workers, device, preset
 
 The defaults ARE the ``small`` preset; :data:`PRESETS` holds each preset as a
 partial override of them. ``config.json`` files of runs written before the
 nesting (flat fields with ``ss_`` / ``ft_`` / ``svm_`` / ``bbox_`` prefixes)
-load through :func:`from_flat`.
+load through :func:`from_flat`. Settings added since a run was saved take the
+values that reproduce what it did (:data:`_ADDED_LATER`), not today's defaults.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from sppnet.engine.detect.bbox_regression import BoxRegressionConfig
 from sppnet.engine.detect.finetune import FinetuneConfig
 from sppnet.engine.detect.svm import SVMConfig
 from sppnet.models import list_models
-from sppnet.models.detector import METHODS, SCORERS
+from sppnet.models.detector import METHODS, NMS_BOXES, RCNN_CONTEXT_PADDING, SCALE_RULES, SCORERS
 from sppnet.models.torchvision_backbones import TORCHVISION_BACKBONES
 
 __all__ = [
@@ -166,11 +167,25 @@ class FeaturesConfig(Config):
     target_size: int = option(224, min=1, help="window side each window's scale is chosen for (Sec. 4.2: 224)")
     levels: tuple[int, ...] = option((1, 2, 3, 6), min=1, help="pyramid levels (released code: 1 2 3 6)")
     chunk_size: int = option(1024, flag="--chunk-size", min=1, help="windows pooled / scored at a time")
+    scale_rule: str = option(
+        "area",
+        choices=SCALE_RULES,
+        help="a window's scale: area (Sec. 4.2: area closest to the target squared) or released "
+        "(spm_expected_scale.m: short side nearest 208 * min side / sqrt(area); use with --target-size 208)",
+    )
+    warp_context: float = option(
+        RCNN_CONTEXT_PADDING,
+        min=0,
+        max=0.5,
+        max_open=True,
+        help="R-CNN: context on each side of a warped window, a fraction of the warp side "
+        "(R-CNN Appendix A: 16 px of 227); 0: the bare box",
+    )
 
 
 @dataclass
 class TestConfig(Config):
-    """Testing: the held-out split of the per-class score thresholds."""
+    """Testing: per-class NMS and caps (``spp_test.m``), the held-out split of the score thresholds."""
 
     calibrate_split: str | None = option(
         "val",
@@ -179,6 +194,21 @@ class TestConfig(Config):
         help="held-out VOC split for the per-class score thresholds predict uses (skipped when missing or "
         "overlapping --split; none: skip)",
     )
+    max_per_class: int | None = option(
+        100, min=1, help="detections kept per class and image (spp_test.m: 100); none: no per-class cap"
+    )
+    max_per_image: int | None = option(
+        None, min=1, help="detections kept per image over all classes, after the per-class cap; none: no cap"
+    )
+    nms_boxes: str = option(
+        "proposals",
+        choices=NMS_BOXES,
+        help="NMS on the proposals, then regress the survivors (spp_test.m), or on the regressed boxes",
+    )
+
+    def detect_options(self) -> dict[str, Any]:
+        """The keyword arguments of :meth:`~sppnet.models.detector.SPPDetector.detect` these settings give."""
+        return {"max_per_class": self.max_per_class, "max_per_image": self.max_per_image, "nms_boxes": self.nms_boxes}
 
 
 TestConfig.__test__ = False  # not a pytest test class
@@ -243,7 +273,7 @@ class DetectConfig(Config):
         """A saved ``config.json`` (nested; or flat, as written before the nesting), resolved."""
         if _is_flat(d):
             d = from_flat(d)
-        return super().from_dict(d, where).resolved()
+        return super().from_dict(_with_settings_added_later(d), where).resolved()
 
     def check(self) -> None:
         if self.backbone.model not in list_models():
@@ -374,6 +404,26 @@ _FLAT: dict[str, str] = {
     "bbox_lambda": "bbox.lam",
     "calibrate_split": "test.calibrate_split",
 }
+
+
+#: Settings added after runs were saved without them, with the values that reproduce
+#: what those runs did: R-CNN's bare warp (the windows they were trained on), 100
+#: detections per image over all classes and NMS on the regressed boxes. A saved
+#: detector's own ``warp_context`` (model.py) is what it tests with.
+_ADDED_LATER: dict[str, dict[str, Any]] = {
+    "features": {"scale_rule": "area", "warp_context": 0.0},
+    "test": {"max_per_class": None, "max_per_image": 100, "nms_boxes": "regressed"},
+}
+
+
+def _with_settings_added_later(d: dict[str, Any]) -> dict[str, Any]:
+    """A saved config with :data:`_ADDED_LATER`'s values for the settings it lacks."""
+    d = dict(d)
+    for section, values in _ADDED_LATER.items():
+        saved = d.get(section)
+        if saved is None or isinstance(saved, dict):
+            d[section] = {**values, **(saved or {})}
+    return d
 
 
 def _is_flat(d: dict[str, Any]) -> bool:

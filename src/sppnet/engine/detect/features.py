@@ -18,7 +18,7 @@
 
   One safetensors file per image (``sppnet.utils.save_cache``, atomic, with a
   checksum). The key mixes the image file's SHA-256, the conv weights, the
-  normalisation, the scales / warp size and a layout version: a stale or
+  normalisation, the scales / warp size (and R-CNN's warp context) and a layout version: a stale or
   corrupt entry is rebuilt, never trusted. Loaded entries stay in RAM up to
   ``max_bytes`` (least recently used out first).
 """
@@ -54,8 +54,9 @@ class WindowSet:
         boxes (Tensor[N, 4]): inclusive pixel boxes; rows ``0..G-1`` are the ground truth.
         overlaps (Tensor[N, K]): IoU of each window with the best ground truth of
             each class (0 where the image has none); difficult objects count.
-        max_overlap (Tensor[N]): IoU with the best ground truth of any class.
-        gt_index (Tensor[N]): index of that ground truth (-1 without ground truth).
+        max_overlap (Tensor[N]): IoU with the best ground truth of any class (1 on ground-truth rows).
+        gt_index (Tensor[N]): index of that ground truth (-1 without ground truth); a
+            ground-truth row's is its own object, even where another box is identical.
         label (Tensor[N]): its class (-1 without ground truth).
         is_gt (Tensor[N] bool): the row is a ground-truth box.
         difficult (Tensor[N] bool): the row is a difficult ground-truth box.
@@ -96,6 +97,10 @@ def build_windows(proposals: np.ndarray | Tensor, record: dict, num_classes: int
     if g:
         iou = box_iou(boxes, gt, inclusive=True)  # [N, G]
         max_overlap, gt_index = iou.max(dim=1)
+        # Ground-truth rows keep their own object (roidb_from_voc.m: rec.class = gt_classes):
+        # argmax would hand the second of two identical boxes the first one's label.
+        gt_index[:g] = torch.arange(g)
+        max_overlap[:g] = 1.0
         label = labels[gt_index]
         for c in labels.unique().tolist():
             overlaps[:, c] = iou[:, labels == c].max(dim=1).values
@@ -185,6 +190,7 @@ class FeatureCache:
                 "scales": list(d.scales),
                 "warp": d.warp_size,
                 "levels": list(d.levels),
+                **({"warp_context": d.warp_context} if d.method == "rcnn" else {}),
                 "flips": self.flips,
                 "version": self.VERSION,
             },
@@ -308,14 +314,14 @@ class FeatureCache:
             entry = self.get(i)
             scales = self.scales(i)
             suffix = "_flip" if flip else ""
-            maps = [entry[f"s{k}{suffix}"].to(dev, torch.float32) for k in range(len(scales))]  # [C5, h_s, w_s]
+            maps = [entry[f"s{k}{suffix}"] for k in range(len(scales))]  # [C5, h_s, w_s], moved when used
             boxes = self.windows[i].boxes[index]
             if flip:
                 boxes = flip_boxes(boxes, self.windows[i].width)
             if scale_index is None:
                 scale_index = d.assign_scales(boxes, scales)
             rois = d.map_windows(boxes, scales, [m.shape[-2:] for m in maps], scale_index)  # [n, 5]
-            parts.append(d.pool_windows(maps, rois.to(dev)))  # [n, D]
+            parts.append(d.pool_windows(maps, rois))  # [n, D], only the maps some window uses moved to dev
         return torch.cat(parts) if parts else torch.empty((0, d.pooled_dim), device=dev)
 
 

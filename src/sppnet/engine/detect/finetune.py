@@ -4,8 +4,10 @@ Mini-batches of 128 windows, 25% foreground (IoU >= 0.5 with a ground truth,
 labelled with its class) and 75% background (max IoU in [0.1, 0.5), label 0).
 A batch draws ``images_per_batch`` images (uniformly among those with
 foreground windows) and ``128 / images_per_batch`` windows from each (Fast
-R-CNN's hierarchical sampling; an image short of background windows gives
-more foreground). With cached features 8 images x 16 windows keeps the batch
+R-CNN's hierarchical sampling). The foreground quota is the batch's: an image
+with fewer foreground windows than its share gives what it has and the others
+make up the difference from their spare foreground windows (an image without
+background windows gives only foreground). With cached features 8 images x 16 windows keeps the batch
 varied while pooling from 8 maps instead of ~110 -- the per-map overhead, not
 the arithmetic, dominates a batch on a CPU.
 
@@ -152,26 +154,55 @@ def _window_pools(windows: Sequence[WindowSet], cfg: FinetuneConfig) -> tuple[Te
     return fg_t, bg_t
 
 
-def _image_rows(rng: np.random.Generator, f: Tensor, b: Tensor, n: int, fg_fraction: float) -> Tensor:
-    """``[n, 3]`` (image, window, label) rows of one image: ``fg_fraction`` foreground, the rest background."""
-    n_fg = min(round(n * fg_fraction), len(f)) if len(b) else n
+def _image_rows(rng: np.random.Generator, f: Tensor, b: Tensor, n: int, n_fg: int) -> Tensor:
+    """``[n, 3]`` (image, window, label) rows of one image: ``n_fg`` foreground, the rest background."""
     pick_f = f[torch.from_numpy(rng.integers(0, len(f), n_fg))]
     pick_b = b[torch.from_numpy(rng.integers(0, max(len(b), 1), n - n_fg))]
     return torch.cat([pick_f, torch.cat([pick_b, torch.zeros((len(pick_b), 1), dtype=torch.long)], 1)])
 
 
+def _foreground_counts(sizes: Sequence[int], fg_available: Sequence[int], bg_available: Sequence[int], quota: int):
+    """Foreground windows per image of a batch: ``quota`` over the whole batch.
+
+    Each image first gives its share of the quota (in proportion to its rows,
+    rounded down) or all the foreground windows it has; the shortfall is then taken, one
+    window at a time in turn, from the images with foreground to spare. An
+    image without background windows gives only foreground.
+    """
+    forced = [m == 0 for m in bg_available]
+    cap = [n if no_bg else min(n, a) for n, a, no_bg in zip(sizes, fg_available, forced)]
+    total = max(sum(sizes), 1)
+    counts = [n if no_bg else min(c, quota * n // total) for n, c, no_bg in zip(sizes, cap, forced)]
+    short = quota - sum(counts)
+    while short > 0:
+        spare = [k for k in range(len(sizes)) if counts[k] < cap[k]]
+        if not spare:
+            break
+        for k in spare[:short]:
+            counts[k] += 1
+        short -= min(short, len(spare))
+    return counts
+
+
 def _sample_rows(rng: np.random.Generator, fg: Tensor, bg: Tensor, cfg: FinetuneConfig) -> list[Tensor]:
-    """Per sampled image its ``[n, 3]`` rows; ``images_per_batch`` images, ``batch_size`` rows in all."""
+    """Per sampled image its ``[n, 3]`` rows; ``images_per_batch`` images, ``batch_size`` rows in all.
+
+    ``round(batch_size * fg_fraction)`` of the rows are foreground whenever the
+    chosen images hold that many foreground windows between them
+    (:func:`_foreground_counts`): an image with one foreground window does not
+    pull the batch below the quota.
+    """
     images = torch.unique(fg[:, 0])
-    chosen = images[torch.from_numpy(rng.integers(0, len(images), cfg.images_per_batch))]
+    chosen = images[torch.from_numpy(rng.integers(0, len(images), cfg.images_per_batch))].tolist()
     sizes = [
         cfg.batch_size // cfg.images_per_batch + (k < cfg.batch_size % cfg.images_per_batch)
         for k in range(cfg.images_per_batch)
     ]
-    return [
-        _image_rows(rng, fg[fg[:, 0] == i], bg[bg[:, 0] == i][:, :2], n, cfg.fg_fraction)
-        for i, n in zip(chosen.tolist(), sizes)
-    ]
+    f = [fg[fg[:, 0] == i] for i in chosen]
+    b = [bg[bg[:, 0] == i][:, :2] for i in chosen]
+    quota = round(cfg.batch_size * cfg.fg_fraction)
+    counts = _foreground_counts(sizes, [len(x) for x in f], [len(x) for x in b], quota)
+    return [_image_rows(rng, fk, bk, n, c) for fk, bk, n, c in zip(f, b, sizes, counts)]
 
 
 def _cached_batch(

@@ -59,8 +59,12 @@ def evaluate(
     scorer: str = "svm",
     bbox_regression: bool = True,
     verbose: bool = True,
+    detect_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Scores every window, NMS 0.3, <= 100 per image; VOC07 mAP and seconds per image.
+    """Scores every window, NMS 0.3, <= 100 per class and image; VOC07 mAP and seconds per image.
+
+    ``detect_options``: more arguments of :meth:`SPPDetector.detect` (a run's
+    ``cfg.test.detect_options()``: NMS order and caps); default: its defaults.
 
     ``seconds_per_image`` times :meth:`SPPDetector.detect` (features, scoring,
     regression, NMS), not the proposals or the image decoding, as in Table 9.
@@ -72,7 +76,9 @@ def evaluate(
     for r, p in progress(list(zip(records, proposals)), desc="detect", total=len(records), enabled=verbose):
         image = load_record_image(r)
         with Timer() as t:
-            det = detector.detect([image], [torch.as_tensor(p)], scorer=scorer, bbox_regression=bbox_regression)[0]
+            det = detector.detect(
+                [image], [torch.as_tensor(p)], scorer=scorer, bbox_regression=bbox_regression, **(detect_options or {})
+            )[0]
         seconds += t.seconds
         predictions.append(det)
     result = evaluate_detections(predictions, _ground_truth(records), class_names, 0.5, "voc07")
@@ -126,7 +132,8 @@ def run_calibration(
     verbose: bool = True,
 ) -> dict[str, Any]:
     """Scores ``records``, writes the best-F1 thresholds to ``run/thresholds.json`` and returns them."""
-    result = evaluate(detector, records, classes, proposals, scorer, cfg.bbox.enabled, verbose)
+    options = cfg.test.detect_options()
+    result = evaluate(detector, records, classes, proposals, scorer, cfg.bbox.enabled, verbose, options)
     points = best_f1_thresholds(precision_recall(result["predictions"], _ground_truth(records), classes))
     default = default_threshold(scorer)
     payload = {
@@ -223,7 +230,7 @@ def val(
     if workers is not None:
         cfg = cfg.with_overrides(workers=workers)
     records, props = split_proposals(cfg, run, split, classes, data, fmt, ann, verbose)
-    result = evaluate(detector, records, classes, props, scorer, cfg.bbox.enabled, verbose)
+    result = evaluate(detector, records, classes, props, scorer, cfg.bbox.enabled, verbose, cfg.test.detect_options())
     result.pop("predictions")
     result["scorer"] = scorer
     return result
@@ -280,9 +287,13 @@ def predict(
     results = []
     for path, boxes in zip(paths, props):
         img = load_image(path)
-        det = detector.detect([pil_to_tensor(img)], [torch.as_tensor(boxes)], scorer=scorer, score_threshold=threshold)[
-            0
-        ]
+        det = detector.detect(
+            [pil_to_tensor(img)],
+            [torch.as_tensor(boxes)],
+            scorer=scorer,
+            score_threshold=threshold,
+            **cfg.test.detect_options(),
+        )[0]
         entry = {
             "image": str(path),
             "width": img.width,

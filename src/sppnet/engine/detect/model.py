@@ -81,6 +81,8 @@ def build_detector(
         target_size=cfg.window_target,
         method=cfg.method,
         chunk_size=f.chunk_size,
+        scale_rule=f.scale_rule,
+        warp_context=f.warp_context,
         pixel_mean=mean,
         pixel_std=std,
     )
@@ -108,7 +110,8 @@ def load_detector_file(path: str | os.PathLike, device: str | torch.device = "cp
     if meta.get("task") != "detect":
         raise UserError(f"{path} is not a detector (task={meta.get('task')!r})")
     backbone = get_model(meta["model"], **meta["model_config"])
-    detector = SPPDetector(backbone, **meta["detector_config"])
+    # Detectors saved before R-CNN's warp had context were trained on the bare box.
+    detector = SPPDetector(backbone, **{"warp_context": 0.0, **meta["detector_config"]})
     detector.load_state_dict(state)
     return detector.to(torch.device(device)).eval(), meta
 

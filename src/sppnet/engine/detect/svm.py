@@ -2,10 +2,12 @@
 
 As in R-CNN's ``rcnn_train.m`` (which SPP-net's release reuses):
 
-* positives: the ground-truth boxes of the class (difficult ones left out,
-  :func:`svm_positives`);
+* positives: the ground-truth boxes of the class, difficult ones included
+  (:func:`svm_positives`): the release's ``imdb/roidb_from_voc.m``, with the
+  ``with_hard_samples = false`` its scripts pass (the flag's meaning is
+  inverted there), keeps every object as ground truth;
 * negatives: windows whose IoU with every ground truth of the class is < 0.3
-  (difficult objects count as ground truth here, so they are never negatives);
+  (difficult objects included, so they are never negatives);
 * features scaled so that their mean L2 norm is 20;
 * liblinear, L2-regularised L1-loss (hinge) SVM, ``C = 1e-3``, positive loss
   weight 2, bias term with multiplier 10 (scikit-learn's ``LinearSVC`` runs
@@ -139,7 +141,7 @@ def train_svms(
         overlaps: per image ``Tensor[N_i, K]``, IoU of each window with the best
             ground truth of each class (difficult objects included).
         positives: per image ``LongTensor[N_i]``: the class of the window when it
-            is a positive (a non-difficult ground-truth box), else -1.
+            is a positive (a ground-truth box, :func:`svm_positives`), else -1.
         num_classes: ``K``.
         cfg: :class:`SVMConfig`.
         progress: ``progress(iterable, desc=, total=)`` wrapper (e.g. a tqdm bar).
@@ -233,9 +235,10 @@ def train_svms(
 def svm_positives(windows: Sequence[WindowSet]) -> list[Tensor]:
     """Per image ``LongTensor[N_i]``: the class of each window that is a positive, else -1.
 
-    The positives are the non-difficult ground-truth boxes (``rcnn_train.m``).
+    The positives are the ground-truth boxes, difficult objects included, as
+    in the release (``imdb/roidb_from_voc.m`` with ``with_hard_samples = false``).
     """
-    return [torch.where(w.is_gt & ~w.difficult, w.label, torch.full_like(w.label, -1)) for w in windows]
+    return [torch.where(w.is_gt, w.label, torch.full_like(w.label, -1)) for w in windows]
 
 
 def train_window_svms(

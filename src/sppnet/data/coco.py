@@ -41,8 +41,8 @@ import torch
 from torch.utils.data import Dataset
 
 from sppnet.data.images import SkipCounter
+from sppnet.data.records import Target, describe_records, load_sample, make_record
 from sppnet.data.safety import resolve_inside
-from sppnet.data.voc import Target, describe_records, load_sample, make_record
 
 __all__ = ["BOX_TOLERANCE", "COCODetection"]
 

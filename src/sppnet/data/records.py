@@ -15,10 +15,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+from torch.utils.data import Dataset
 
 from sppnet.data.images import SkipCounter, load_image, pil_to_tensor
 
-__all__ = ["Target", "describe_records", "load_sample", "make_record"]
+__all__ = ["DetectionRecords", "Target", "describe_records", "load_sample", "make_record"]
 
 Target = dict[str, Any]
 
@@ -101,3 +102,43 @@ def describe_records(
         "  " + skipped_objects.summary(seen_objects),
     ]
     return "\n".join(lines)
+
+
+class DetectionRecords(Dataset):
+    """What the VOC and COCO readers share once their records are built.
+
+    A subclass fills ``records``, ``transforms``, ``class_names``, the skip
+    counters ``skipped_images`` / ``skipped_objects`` and the counts
+    ``_seen_images`` / ``_seen_objects``; its ``summary()`` names it and calls
+    :meth:`_describe`.
+    """
+
+    records: list[dict[str, Any]]
+    transforms: Callable[[torch.Tensor, Target], tuple[torch.Tensor, Target]] | None
+    class_names: Sequence[str]
+    skipped_images: SkipCounter
+    skipped_objects: SkipCounter
+    _seen_images: int
+    _seen_objects: int
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
+        return load_sample(self.records[index], self.transforms)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of object classes (background not included)."""
+        return len(self.class_names)
+
+    def _describe(self, title: str) -> str:
+        return describe_records(
+            title,
+            self.records,
+            self.class_names,
+            self.skipped_images,
+            self.skipped_objects,
+            self._seen_images,
+            self._seen_objects,
+        )

@@ -48,10 +48,9 @@ from typing import Any
 import defusedxml
 import defusedxml.ElementTree as SafeET
 import torch
-from torch.utils.data import Dataset
 
 from sppnet.data.images import SkipCounter
-from sppnet.data.records import Target, describe_records, load_sample, make_record
+from sppnet.data.records import DetectionRecords, Target, make_record
 from sppnet.data.safety import resolve_inside, validate_class_names
 
 __all__ = ["VOCDetection", "parse_voc_xml", "write_voc_annotation"]
@@ -263,7 +262,7 @@ def box_problem(box: Sequence[float], width: int, height: int) -> tuple[str, str
     return None
 
 
-class VOCDetection(Dataset):
+class VOCDetection(DetectionRecords):
     """Pascal VOC-style detection data set (VOC 2007/2012 or :mod:`sppnet.data.synthetic`).
 
     All annotations of the split are parsed and checked at construction; images
@@ -426,30 +425,9 @@ class VOCDetection(Dataset):
             objects.append({**obj, "xml": xml_path})
         return image_id, image_path, width, height, objects
 
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
-        record = self.records[index]
-        image, target = load_sample(record, self.transforms)
-        return image, target
-
-    @property
-    def num_classes(self) -> int:
-        """Number of object classes (background not included)."""
-        return len(self.class_names)
-
     def summary(self) -> str:
         """Images, objects, difficult objects, per-class counts and what was skipped."""
-        return describe_records(
-            f"VOCDetection({self.root}, split={self.split!r})",
-            self.records,
-            self.class_names,
-            self.skipped_images,
-            self.skipped_objects,
-            self._seen_images,
-            self._seen_objects,
-        )
+        return self._describe(f"VOCDetection({self.root}, split={self.split!r})")
 
     def __repr__(self) -> str:
         return (

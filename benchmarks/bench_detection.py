@@ -70,7 +70,9 @@ def time_image(det: SPPDetector, image: torch.Tensor, boxes: torch.Tensor, rcnn_
         maps, scales = det.feature_maps(img)
         t1 = time.perf_counter()
         rois = det.map_windows(boxes, scales, [m.shape[-2:] for m in maps], det.assign_scales(boxes, scales))
-        pool5 = torch.cat([det.pool_windows(maps, rois[s : s + det.chunk_size]) for s in range(0, len(boxes), det.chunk_size)])
+        pool5 = torch.cat(
+            [det.pool_windows(maps, rois[s : s + det.chunk_size]) for s in range(0, len(boxes), det.chunk_size)]
+        )
         t2 = time.perf_counter()
         t["conv"], t["pool"] = t1 - t0, t2 - t1
     else:
@@ -141,16 +143,21 @@ def main() -> None:
         print(f"{name:22s} " + "  ".join(f"{k} {v:8.3f}s" for k, v in results[name].items()), flush=True)
 
     print()
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"{len(images)} images, short side {args.image_side}px, {args.windows} windows each; "
-          f"R-CNN conv timed on {args.rcnn_windows} windows per image and scaled x{args.windows / args.rcnn_windows:.2f}")
+    machine = platform.processor() or platform.machine()
+    print(f"machine: {machine}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(
+        f"{len(images)} images, short side {args.image_side}px, {args.windows} windows each; "
+        f"R-CNN conv timed on {args.rcnn_windows} windows per image and scaled x{args.windows / args.rcnn_windows:.2f}"
+    )
     header = f"| {'method':22s} | conv s | pool s | fc s | total s | conv speed-up vs R-CNN | total speed-up vs R-CNN |"
     print(header)
     print("|" + "---|" * 7)
     for name, r in results.items():
         ref = results["R-CNN, SVD fc" if "SVD" in name else "R-CNN"]
-        print(f"| {name:22s} | {r['conv']:.3f} | {r['pool']:.3f} | {r['fc']:.3f} | {r['total']:.3f} | "
-              f"{ref['conv'] / r['conv']:.0f}x | {ref['total'] / r['total']:.1f}x |")
+        print(
+            f"| {name:22s} | {r['conv']:.3f} | {r['pool']:.3f} | {r['fc']:.3f} | {r['total']:.3f} | "
+            f"{ref['conv'] / r['conv']:.0f}x | {ref['total'] / r['total']:.1f}x |"
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

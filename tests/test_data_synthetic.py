@@ -11,11 +11,12 @@ from sppnet.data import (
     CLASSES,
     ImageFolderDataset,
     VOCDetection,
+    _shapes,
     load_image,
     make_classification_dataset,
     make_detection_dataset,
+    synthetic,
 )
-from sppnet.data import synthetic
 from sppnet.data.synthetic import (
     STAMP_NAME,
     render_classification_image,
@@ -28,18 +29,17 @@ TINY_DET = dict(num_train=4, num_val=2, num_test=2, min_short_side=100, max_shor
 
 
 def _files(root):
-    return {str(p.relative_to(root)): p.read_bytes()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_shapes_are_distinct_masks():
     masks = {}
     for name in CLASSES:
         polygons = shape_polygons(name, 32, 32, 40, 40)
-        masks[name] = synthetic._rasterize(polygons, 64, 64)
-        assert synthetic._tight_box(masks[name])[0] in range(11, 15)  # left edge near 32 - 20
+        masks[name] = _shapes._rasterize(polygons, 64, 64)
+        assert _shapes._tight_box(masks[name])[0] in range(11, 15)  # left edge near 32 - 20
         area = masks[name].sum()
-        assert abs(area - synthetic._shape_area(polygons)) < 0.1 * area + 40
+        assert abs(area - _shapes._shape_area(polygons)) < 0.1 * area + 40
     assert masks["circle"][32, 32] and not masks["ring"][32, 32]  # the ring has a hole
     assert masks["square"][13, 13] and not masks["diamond"][13, 13]  # corners differ
     assert masks["cross"][32, 13] and not masks["cross"][14, 14]
@@ -134,6 +134,7 @@ def test_detection_set_is_deterministic(tmp_path):
     files_a = _files(a)
     assert files_a == _files(b)
     assert files_a["Annotations/000001.xml"] != _files(c)["Annotations/000001.xml"]
+
     def split(name):
         return (a / "ImageSets" / "Main" / f"{name}.txt").read_text().split()
 
@@ -182,7 +183,7 @@ def test_detection_statistics_over_many_images():
                 assert o["difficult"]
             objects.append(o)
         for i, a in enumerate(objs):  # objects overlap little
-            assert all(synthetic._iou(a["box"], b["box"]) <= 0.3 for b in objs[i + 1:])
+            assert all(_shapes._iou(a["box"], b["box"]) <= 0.3 for b in objs[i + 1 :])
     sides = [max(o["box"][2] - o["box"][0], o["box"][3] - o["box"][1]) + 1 for o in objects]
     assert min(sides) < 30 and max(sides) > 250  # from tiny to most of the image
     aspect = [(o["box"][2] - o["box"][0] + 1) / (o["box"][3] - o["box"][1] + 1) for o in objects]
@@ -215,7 +216,7 @@ def test_generated_images_are_not_blank(tmp_path):
             inside = pixels[o["mask"]].mean(axis=0)
             ring = np.zeros_like(o["mask"])
             x1, y1, x2, y2 = o["box"]
-            ring[max(0, y1 - 3):y2 + 4, max(0, x1 - 3):x2 + 4] = True
+            ring[max(0, y1 - 3) : y2 + 4, max(0, x1 - 3) : x2 + 4] = True
             ring &= ~o["mask"]
             if ring.sum() > 50:
                 outside = pixels[ring].mean(axis=0)

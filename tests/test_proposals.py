@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
 from sppnet.data import limits as limits_module
-from sppnet.data import proposals
 from sppnet.data.images import DataWarning, ImageError, SkipCounter
 from sppnet.data.limits import ImageLimits
 from sppnet.data.proposals import (
@@ -21,6 +21,7 @@ from sppnet.data.proposals import (
     selective_search,
     sliding_window_proposals,
 )
+from sppnet.data.proposals import cache as proposal_cache
 
 # Filled rectangles, inclusive corners (PIL's rectangle() fills both ends).
 RECTS = [(12, 15, 70, 85), (110, 30, 200, 75), (80, 100, 140, 165)]
@@ -186,13 +187,13 @@ def image_files(tmp_path):
 def counted(monkeypatch):
     """Counts calls of selective_search made by in-process computation."""
     calls = []
-    original = proposals.selective_search
+    original = proposal_cache.selective_search
 
     def counting(image, **kwargs):
         calls.append(kwargs)
         return original(image, **kwargs)
 
-    monkeypatch.setattr(proposals, "selective_search", counting)
+    monkeypatch.setattr(proposal_cache, "selective_search", counting)
     return calls
 
 
@@ -332,7 +333,7 @@ def _no_search(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("selective search ran on an image that should have been refused up front")
 
-    monkeypatch.setattr(proposals.cv2.ximgproc.segmentation, "createSelectiveSearchSegmentation", refuse)
+    monkeypatch.setattr(cv2.ximgproc.segmentation, "createSelectiveSearchSegmentation", refuse)
 
 
 def test_thin_strip_is_refused_up_front_naming_the_file_and_flag(tmp_path, monkeypatch, image_files):

@@ -38,11 +38,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
 
 from sppnet.data.images import SkipCounter
+from sppnet.data.records import DetectionRecords, Target, make_record
 from sppnet.data.safety import resolve_inside
-from sppnet.data.voc import Target, describe_records, load_sample, make_record
 
 __all__ = ["BOX_TOLERANCE", "COCODetection"]
 
@@ -123,7 +122,7 @@ def _convert_box(bbox: Any, width: int, height: int) -> tuple[float, float, floa
     return x0, y0, max(x0, x1 - 1.0), max(y0, y1 - 1.0)
 
 
-class COCODetection(Dataset):
+class COCODetection(DetectionRecords):
     """COCO-format detection data set, records as in :class:`~sppnet.data.voc.VOCDetection`.
 
     Args:
@@ -237,28 +236,9 @@ class COCODetection(Dataset):
             raise _Skip("missing image", f"image file {path} not found")
         return image_id, {"image_path": path, "width": width, "height": height}
 
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
-        return load_sample(self.records[index], self.transforms)
-
-    @property
-    def num_classes(self) -> int:
-        """Number of object classes (background not included)."""
-        return len(self.class_names)
-
     def summary(self) -> str:
         """Images, objects, crowd (difficult) objects, per-class counts, skips."""
-        return describe_records(
-            f"COCODetection({self.annotation_json})",
-            self.records,
-            self.class_names,
-            self.skipped_images,
-            self.skipped_objects,
-            self._seen_images,
-            self._seen_objects,
-        )
+        return self._describe(f"COCODetection({self.annotation_json})")
 
     def __repr__(self) -> str:
         return (

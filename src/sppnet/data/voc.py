@@ -16,7 +16,8 @@ areas follow the VOC devkit: ``w = x2 - x1 + 1``, ``h = y2 - y1 + 1`` (the "+1"
 in SPP-net's and R-CNN's evaluation code). :func:`write_voc_annotation` takes
 0-based boxes and adds the 1 back.
 
-Record format (``VOCDetection.records[i]``, also the target of ``dataset[i]``):
+Record format (``VOCDetection.records[i]``, also the target of ``dataset[i]``; built,
+loaded and summarised by :mod:`sppnet.data.records`, which COCO shares):
 
 * ``id`` (str): the image id from the split file;
 * ``image_path`` (str), ``width`` (int), ``height`` (int) as the XML states them;
@@ -40,7 +41,6 @@ from __future__ import annotations
 import math
 import os
 import xml.etree.ElementTree as ET
-from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,14 +48,12 @@ from typing import Any
 import defusedxml
 import defusedxml.ElementTree as SafeET
 import torch
-from torch.utils.data import Dataset
 
-from sppnet.data.images import SkipCounter, load_image, pil_to_tensor
+from sppnet.data.images import SkipCounter
+from sppnet.data.records import DetectionRecords, Target, make_record
 from sppnet.data.safety import resolve_inside, validate_class_names
 
 __all__ = ["VOCDetection", "parse_voc_xml", "write_voc_annotation"]
-
-Target = dict[str, Any]
 
 
 class _Skip(Exception):
@@ -252,44 +250,6 @@ def write_voc_annotation(
     tree.write(path, encoding="utf-8")
 
 
-def _empty_record_tensors() -> dict[str, torch.Tensor]:
-    return {
-        "boxes": torch.zeros((0, 4), dtype=torch.float32),
-        "labels": torch.zeros((0,), dtype=torch.int64),
-        "difficult": torch.zeros((0,), dtype=torch.bool),
-        "truncated": torch.zeros((0,), dtype=torch.bool),
-    }
-
-
-def make_record(
-    image_id: Any,
-    image_path: str | os.PathLike,
-    width: int,
-    height: int,
-    objects: Sequence[Mapping[str, Any]],
-) -> dict[str, Any]:
-    """Builds one record (format in the module docstring) from checked objects.
-
-    Args:
-        objects: mappings with ``box`` (0-based inclusive), ``label`` (int),
-            ``difficult`` and ``truncated`` (bool).
-    """
-    record: dict[str, Any] = {
-        "id": image_id,
-        "image_path": str(image_path),
-        "width": int(width),
-        "height": int(height),
-    }
-    if not objects:
-        record.update(_empty_record_tensors())
-        return record
-    record["boxes"] = torch.tensor([list(o["box"]) for o in objects], dtype=torch.float32)  # [G, 4]
-    record["labels"] = torch.tensor([o["label"] for o in objects], dtype=torch.int64)
-    record["difficult"] = torch.tensor([bool(o["difficult"]) for o in objects], dtype=torch.bool)
-    record["truncated"] = torch.tensor([bool(o["truncated"]) for o in objects], dtype=torch.bool)
-    return record
-
-
 def box_problem(box: Sequence[float], width: int, height: int) -> tuple[str, str] | None:
     """Returns ``(reason, detail)`` if a 0-based inclusive box is unusable, else None."""
     x1, y1, x2, y2 = box
@@ -302,49 +262,7 @@ def box_problem(box: Sequence[float], width: int, height: int) -> tuple[str, str
     return None
 
 
-def load_sample(
-    record: Mapping[str, Any],
-    transforms: Callable[[torch.Tensor, Target], tuple[torch.Tensor, Target]] | None,
-) -> tuple[torch.Tensor, Target]:
-    """Loads the image of a record and builds its target (a copy of the record)."""
-    img = load_image(record["image_path"])
-    if img.size != (record["width"], record["height"]):
-        raise ValueError(
-            f"{record['image_path']}: image is {img.size[0]}x{img.size[1]} pixels but its "
-            f"annotation says {record['width']}x{record['height']}"
-        )
-    image = pil_to_tensor(img)  # [3, H, W]
-    target = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in record.items()}
-    if transforms is not None:
-        image, target = transforms(image, target)
-    return image, target
-
-
-def describe_records(
-    name: str,
-    records: Sequence[Mapping[str, Any]],
-    class_names: Sequence[str],
-    skipped_images: SkipCounter,
-    skipped_objects: SkipCounter,
-    seen_images: int,
-    seen_objects: int,
-) -> str:
-    """Multi-line summary shared by the detection data sets."""
-    num_objects = sum(len(r["labels"]) for r in records)
-    num_difficult = sum(int(r["difficult"].sum()) for r in records)
-    per_class = Counter()
-    for r in records:
-        per_class.update(r["labels"].tolist())
-    lines = [
-        f"{name}: {len(records)} images, {num_objects} objects ({num_difficult} difficult), {len(class_names)} classes",
-        "  per class: " + ", ".join(f"{c} {per_class[i]}" for i, c in enumerate(class_names)),
-        "  " + skipped_images.summary(seen_images),
-        "  " + skipped_objects.summary(seen_objects),
-    ]
-    return "\n".join(lines)
-
-
-class VOCDetection(Dataset):
+class VOCDetection(DetectionRecords):
     """Pascal VOC-style detection data set (VOC 2007/2012 or :mod:`sppnet.data.synthetic`).
 
     All annotations of the split are parsed and checked at construction; images
@@ -507,30 +425,9 @@ class VOCDetection(Dataset):
             objects.append({**obj, "xml": xml_path})
         return image_id, image_path, width, height, objects
 
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
-        record = self.records[index]
-        image, target = load_sample(record, self.transforms)
-        return image, target
-
-    @property
-    def num_classes(self) -> int:
-        """Number of object classes (background not included)."""
-        return len(self.class_names)
-
     def summary(self) -> str:
         """Images, objects, difficult objects, per-class counts and what was skipped."""
-        return describe_records(
-            f"VOCDetection({self.root}, split={self.split!r})",
-            self.records,
-            self.class_names,
-            self.skipped_images,
-            self.skipped_objects,
-            self._seen_images,
-            self._seen_objects,
-        )
+        return self._describe(f"VOCDetection({self.root}, split={self.split!r})")
 
     def __repr__(self) -> str:
         return (

@@ -16,6 +16,10 @@ Functions that mirror torchvision (``box_area``, ``box_iou``, ``nms``,
 ``batched_nms``, ``clip_boxes``, ``remove_small_boxes``) default to the
 continuous convention; the SPP-net pipeline functions (``select_detections``,
 ``encode_boxes``, ``decode_boxes``) default to the released code's ``+1``.
+
+One module, like ``torchvision/ops/boxes.py``: every function here is a short
+tensor op on ``[K, 4]`` rows sharing the two conventions and the checks above;
+the length (a little over 500 lines) is docstrings, not a second job.
 """
 
 import math

@@ -104,8 +104,8 @@ def plot_pyramid_bins(
     axes[0].imshow(img)
     colours = plt.cm.viridis(np.linspace(0.1, 0.9, len(levels)))
     for n, col in zip(levels, colours):
-        for i, (lo, hi) in enumerate(adaptive_bins(fh, n)):
-            for j, (clo, chi) in enumerate(adaptive_bins(fw, n)):
+        for lo, hi in adaptive_bins(fh, n):
+            for clo, chi in adaptive_bins(fw, n):
                 # the cells of the bin, as pixels: centres offset + stride*cell, +-stride/2
                 px0, px1 = offset + stride * (clo - 0.5), offset + stride * (chi - 0.5)
                 py0, py1 = offset + stride * (lo - 0.5), offset + stride * (hi - 0.5)
@@ -114,7 +114,9 @@ def plot_pyramid_bins(
                 axes[0].add_patch(Rectangle((px0, py0), px1 - px0, py1 - py0, fill=False, ec=col, lw=1.0))
     wx1, wy1, wx2, wy2 = (float(v) for v in window)
     axes[0].add_patch(Rectangle((wx1, wy1), wx2 - wx1, wy2 - wy1, fill=False, ec="cyan", lw=2))
-    axes[0].set_title(f"whole image {iw}x{ih} -> conv5 {fh}x{fw}\nbins of levels {list(levels)}; window in cyan", fontsize=9)
+    axes[0].set_title(
+        f"whole image {iw}x{ih} -> conv5 {fh}x{fw}\nbins of levels {list(levels)}; window in cyan", fontsize=9
+    )
     axes[0].axis("off")
     # (b) the window on the feature map (one channel) with the finest level's bins
     fm = maps[c].detach().float().cpu().numpy()
@@ -126,7 +128,9 @@ def plot_pyramid_bins(
             axes[1].add_patch(
                 Rectangle((x1 + clo - 0.5, y1 + lo - 0.5), chi - clo, hi - lo, fill=False, ec="white", lw=0.6)
             )
-    axes[1].set_title(f"window {[round(v) for v in window]} -> cells {cells}\n{n}x{n} bins on conv5 filter #{c}", fontsize=9)
+    axes[1].set_title(
+        f"window {[round(v) for v in window]} -> cells {cells}\n{n}x{n} bins on conv5 filter #{c}", fontsize=9
+    )
     # (c) pooled values of that channel, level by level, and the output length
     start, text = 0, []
     for lv in levels:
@@ -150,7 +154,9 @@ def plot_time_bars(seconds: Mapping[str, float], png: str | os.PathLike, title: 
     fig, ax = plt.subplots(figsize=(7, 0.6 * len(names) + 1.2))
     bars = ax.barh(names, vals, color=["tab:blue" if "rcnn" not in n.lower() else "tab:red" for n in names])
     for b, v in zip(bars, vals):
-        ax.text(b.get_width(), b.get_y() + b.get_height() / 2, f" {v:.3f}s ({slowest / max(v, 1e-12):.0f}x)", va="center")
+        ax.text(
+            b.get_width(), b.get_y() + b.get_height() / 2, f" {v:.3f}s ({slowest / max(v, 1e-12):.0f}x)", va="center"
+        )
     ax.set_xlabel("seconds per image")
     ax.set_title(title)
     ax.set_xlim(0, slowest * 1.35)

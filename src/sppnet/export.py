@@ -3,8 +3,7 @@
 The point of SPP-net is that one network takes images of any size; an exported
 model should too. PyTorch's ONNX export of adaptive pooling only works where the
 output size divides the input size, so a pyramid written with
-``F.adaptive_max_pool2d`` exports for one size at best (SPEC Sec. 1, "known
-ecosystem gap"). :func:`sppnet.ops.spatial_pyramid_pool` switches to a
+``F.adaptive_max_pool2d`` exports for one size at best. :func:`sppnet.ops.spatial_pyramid_pool` switches to a
 mask-based formulation whenever it is traced or exported (``_is_exporting`` in
 ``ops/spp.py``), which exports with symbolic ``H`` and ``W``:
 

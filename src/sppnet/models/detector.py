@@ -2,7 +2,7 @@
 
 The detector reads like the algorithm; every step is a named function:
 
-    proposals (selective search, ``data/proposals.py``)
+    proposals (selective search, ``data/proposals/``)
       -> feature_maps      conv1-conv5 ONCE per image and scale   [C, h_s, w_s] per scale
       -> assign_scales     per window, the scale whose scaled window area is closest to 224^2
                            (Sec. 4.2; or the released code's rule, :func:`assign_scales_released`)

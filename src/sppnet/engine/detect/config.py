@@ -8,7 +8,7 @@ nested like the classes::
     DetectConfig
       data, format, ann, split, strict        the training data
       method, scorer                          spp | rcnn, svm | softmax
-      proposals   ProposalConfig              selective search (data/proposals.py)
+      proposals   ProposalConfig              selective search (data/proposals/)
       backbone    BackboneConfig              the network, its pretraining or --backbone
       features    FeaturesConfig              scales, size factor, pyramid levels
       finetune    FinetuneConfig              (finetune.py)

@@ -19,7 +19,8 @@ _EPILOG = """examples:
   sppnet detect val --run runs/det --split test --json
   sppnet detect val --run runs/det --svd-rank 128            # fc6/fc7 by truncated SVD (faster fc)
   sppnet detect calibrate --run runs/det --split val          # per-class score thresholds for predict
-  sppnet detect predict --run runs/det image1.jpg image2.png --out runs/det/pred
+  sppnet detect predict --run runs/det image1.jpg photos/ 'more/*.png' clip.mp4 --out runs/det/pred
+  sppnet detect predict --run runs/det photos/ --recursive --save-json dets.json --save-txt labels/
 """
 
 
@@ -88,8 +89,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_common(c)
     c.set_defaults(func=_calibrate)
 
-    r = sub.add_parser("predict", help="detect objects in image files; writes a PNG and a JSON per image")
-    r.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    r = sub.add_parser(
+        "predict",
+        help="detect objects in images, folders, glob patterns and videos",
+        description="Detects objects in every picture the SOURCEs name, in batches: a JSON and an annotated "
+        "PNG per image, a JSON (one entry per frame) and an annotated MP4 per video. Bad sources are skipped "
+        "with a warning naming them; the exit status is non-zero only when nothing could be read (or with "
+        "--strict).",
+    )
+    r.add_argument(
+        "sources",
+        nargs="+",
+        metavar="SOURCE",
+        help="image files, folders (their images), glob patterns ('photos/*.jpg', 'data/**/*.png') or video files",
+    )
     r.add_argument("--run", required=True, help="run directory written by 'detect train'")
     r.add_argument("--out", help="output folder (default RUN/predict)")
     r.add_argument(
@@ -109,9 +122,43 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="truncated SVD of fc6 and fc7 at rank R (or R6 R7): fewer multiply-adds "
         "(Fast R-CNN Sec. 3.1); compare mAP with and without",
     )
+    r.add_argument("--batch-size", type=_positive, default=4, help="pictures detected together (default 4)")
+    r.add_argument("--recursive", action="store_true", help="folders: also their sub-folders")
+    r.add_argument("--strict", action="store_true", help="stop at the first bad source instead of skipping it")
+    r.add_argument(
+        "--video-stride", type=_positive, default=1, metavar="N", help="every N-th frame of a video (default 1)"
+    )
+    r.add_argument("--save-json", metavar="FILE", help="also write every result into this one JSON file")
+    r.add_argument(
+        "--save-txt", metavar="DIR", help="also write 'class_index score x1 y1 x2 y2' lines per picture into DIR"
+    )
+    r.add_argument("--no-images", action="store_true", help="no annotated PNGs or videos (JSON only)")
+    _add_amp(r)
     r.add_argument("--json", action="store_true", help="print the detections as JSON")
     add_common(r)
     r.set_defaults(func=_predict)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _add_amp(p: argparse.ArgumentParser) -> None:
+    from sppnet.engine.amp import AMP_CHOICES
+
+    p.add_argument(
+        "--amp",
+        choices=AMP_CHOICES,
+        default="none",
+        help="mixed precision on CUDA: bf16 or fp16 autocast for conv and fc (the pyramid stays exact in its "
+        "input dtype); a no-op on the CPU (default none)",
+    )
 
 
 def _add_test_data(p: argparse.ArgumentParser, split: str, split_help: str, ann_help: str) -> None:
@@ -222,25 +269,40 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    import sys
+
+    from sppnet.data.sources import SourceReport
     from sppnet.engine.detect import predict
 
     threshold = args.score_threshold
     if threshold is not None and len(threshold) == 1:
         threshold = threshold[0]
+    report = SourceReport()
     results = predict(
         args.run,
-        args.images,
+        args.sources,
         out=args.out,
         score_threshold=threshold,
         scorer=args.scorer,
         device=args.device,
         verbose=not args.json,
         svd_rank=_svd_rank(args),
+        batch_size=args.batch_size,
+        recursive=args.recursive,
+        strict=args.strict,
+        video_stride=args.video_stride,
+        save_images=not args.no_images,
+        save_json=args.save_json,
+        save_txt=args.save_txt,
+        amp=args.amp,
+        report=report,
     )
     if args.json:
         print(json.dumps(results))
+        print(report.summary(), file=sys.stderr)
         return 0
     for r in results:
         found = ", ".join(f"{d['label']} {d['score']:.2f}" for d in r["detections"][:10]) or "nothing"
-        print(f"{r['image']}: {len(r['detections'])} detections ({found}) -> {r['png']}, {r['json']}")
+        written = ", ".join(r[k] for k in ("png", "video", "json", "txt") if k in r)
+        print(f"{r['name']}: {len(r['detections'])} detections ({found}) -> {written}")
     return 0

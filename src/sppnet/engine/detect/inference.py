@@ -3,10 +3,10 @@
 * :func:`evaluate`: detections of records with proposals, VOC07 mAP and time per image.
 * :func:`val`: :func:`evaluate` on a split of a run's (or other) data.
 * :func:`calibrate`: per-class score thresholds at the best F1 on a held-out
-  split, saved as ``thresholds.json``; :func:`predict` keeps the detections
+  split, saved as ``thresholds.json``; ``predict`` keeps the detections
   above them. SVM scores have no natural cut-off (with SVMs trained from
   scratch most true detections score below 0); mAP does not depend on it.
-* :func:`predict`: image files -> detections, a PNG and a JSON per image.
+* prediction on images, folders and videos: :mod:`.predict`.
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from sppnet.data.images import load_image, pil_to_tensor
-from sppnet.data.proposals import compute_proposals
 from sppnet.engine.common import Timer, UserError, progress, resolve_device
 from sppnet.engine.detect.config import DetectConfig
 from sppnet.engine.detect.data import data_to_test, split_proposals
@@ -39,7 +37,6 @@ __all__ = [
     "default_threshold",
     "evaluate",
     "json_safe",
-    "predict",
     "run_calibration",
     "run_thresholds",
     "usable_scorer",
@@ -162,7 +159,7 @@ def calibrate(
 ) -> dict[str, Any]:
     """Per-class score thresholds at the best F1 on a held-out split; writes ``run/thresholds.json``.
 
-    :func:`predict` keeps, per class, the detections scoring above these
+    :func:`~sppnet.engine.detect.predict.predict` keeps, per class, the detections scoring above these
     thresholds (unless given ``score_threshold``). Use images the detector was
     not trained on: on training images the SVM scores are optimistic.
 
@@ -227,78 +224,6 @@ def val(
     result.pop("predictions")
     result["scorer"] = scorer
     return result
-
-
-def predict(
-    run: str | os.PathLike,
-    images: Sequence[str | os.PathLike],
-    out: str | os.PathLike | None = None,
-    score_threshold: float | Sequence[float] | None = None,
-    scorer: str | None = None,
-    device: str = "auto",
-    verbose: bool = True,
-    svd_rank: int | Sequence[int] | None = None,
-) -> list[dict[str, Any]]:
-    """Detects objects in image files; writes ``<name>.png`` (boxes drawn) and ``<name>.json`` per image.
-
-    ``score_threshold``: one value for every class, or one per class; default:
-    the run's calibrated per-class thresholds (``thresholds.json``, see
-    :func:`calibrate`) when they exist for the scorer, else 0 for SVM scores (the
-    SVM's decision boundary) and 0.5 for softmax probabilities. ``svd_rank``:
-    as in :func:`val`.
-    """
-    from sppnet.viz.detections import draw_detections
-
-    detector, classes, cfg, scorer = _load_for_testing(run, device, scorer, svd_rank)
-    if score_threshold is not None:
-        threshold = score_threshold
-    else:
-        calibrated = run_thresholds(run, classes, scorer)
-        threshold = calibrated if calibrated is not None else default_threshold(scorer)
-    if isinstance(threshold, (int, float)):
-        described: float | dict[str, float] = float(threshold)
-    else:
-        values = torch.as_tensor(threshold, dtype=torch.float32).reshape(-1)
-        if len(values) != len(classes):
-            raise UserError(
-                f"score_threshold needs one value per class ({len(classes)}: {', '.join(classes)}), got {len(values)}"
-            )
-        described = {c: float(v) for c, v in zip(classes, values.tolist())}
-    out = Path(out) if out is not None else Path(run) / "predict"
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [Path(p) for p in images]
-    for p in paths:
-        if not p.is_file():
-            raise UserError(f"image {p} does not exist")
-    props = compute_proposals(
-        paths,
-        Path(run) / "cache" / "proposals",
-        cfg.selective_search(),
-        workers=min(cfg.workers, len(paths)),
-        progress=verbose,
-    )
-    results = []
-    for path, boxes in zip(paths, props):
-        img = load_image(path)
-        det = detector.detect([pil_to_tensor(img)], [torch.as_tensor(boxes)], scorer=scorer, score_threshold=threshold)[
-            0
-        ]
-        entry = {
-            "image": str(path),
-            "width": img.width,
-            "height": img.height,
-            "scorer": scorer,
-            "score_threshold": described,
-            "detections": [
-                {"box": [float(v) for v in b], "label": classes[int(c)], "label_index": int(c), "score": float(s)}
-                for b, c, s in zip(det["boxes"].tolist(), det["labels"].tolist(), det["scores"].tolist())
-            ],
-        }
-        draw_detections(img, det["boxes"], det["labels"], det["scores"], classes, out / f"{path.stem}.png")
-        save_json(out / f"{path.stem}.json", entry)
-        entry["png"], entry["json"] = str(out / f"{path.stem}.png"), str(out / f"{path.stem}.json")
-        results.append(entry)
-    return results
 
 
 def json_safe(result: dict[str, Any]) -> dict[str, Any]:

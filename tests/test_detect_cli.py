@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import random
@@ -102,6 +104,42 @@ def test_val_with_truncated_svd_fc(cli_run, capsys):
     assert code == 0 and 0.0 <= json.loads(low.out)["mAP"] <= 1.0
     code, bad = val("--svd-rank", "0")
     assert code == 2 and "--svd-rank" in bad.err and "Traceback" not in bad.err
+
+
+def test_val_save_json_is_read_by_pycocotools_with_the_ap_of_metric_coco(cli_run, tmp_path, capsys):
+    pytest.importorskip("pycocotools")
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    results, truth = tmp_path / "dets.json", tmp_path / "gt.json"
+    capsys.readouterr()
+    argv = ["detect", "val", "--run", str(cli_run), "--metric", "coco", "--json", "--device", "cpu"]
+    assert main([*argv, "--save-json", str(results), "--save-coco-gt", str(truth)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["results_json"] == str(results) and 0.0 <= printed["mAP"] <= 1.0
+    saved = json.loads(results.read_text())
+    assert saved and all(set(r) == {"image_id", "category_id", "bbox", "score"} for r in saved)
+    assert all(r["bbox"][2] > 0 and r["bbox"][3] > 0 for r in saved)
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(truth))
+        evaluator = COCOeval(gt, gt.loadRes(str(results)), iouType="bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+    assert len(gt.getImgIds()) == printed["images"]
+    precision = evaluator.eval["precision"][:, :, :, 0, 2]  # [IoU, recall, class] at area "all", 100 detections
+    names = [c["name"] for c in gt.loadCats(gt.getCatIds())]
+    assert names == list(printed["ap"])
+    for k, name in enumerate(names):
+        p = precision[:, :, k]
+        p = p[p > -1]
+        expected = float(p.mean()) if p.size else None
+        if expected is None:
+            assert printed["ap"][name] is None
+        else:
+            assert printed["ap"][name] == pytest.approx(expected, abs=1e-9), name
+    # the VOC07 metric is the default and gives its own number
+    assert main(["detect", "val", "--run", str(cli_run), "--json", "--device", "cpu"]) == 0
+    assert "AP50" not in json.loads(capsys.readouterr().out)
 
 
 def test_predict_writes_a_png_and_a_json_per_image(cli_run, tiny_root, tmp_path, capsys):

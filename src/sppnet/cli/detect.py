@@ -17,6 +17,7 @@ _EPILOG = """examples:
   sppnet detect train --data VOCdevkit/VOC2007 --split trainval --out runs/voc --preset paper
   sppnet detect train --out runs/det --resume                # continue an interrupted run
   sppnet detect val --run runs/det --split test --json
+  sppnet detect val --run runs/det --metric coco --save-json dets.json --save-coco-gt gt.json
   sppnet detect val --run runs/det --svd-rank 128            # fc6/fc7 by truncated SVD (faster fc)
   sppnet detect calibrate --run runs/det --split val          # per-class score thresholds for predict
   sppnet detect predict --run runs/det image1.jpg photos/ 'more/*.png' clip.mp4 --out runs/det/pred
@@ -66,6 +67,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="truncated SVD of fc6 and fc7 at rank R (or R6 R7): fewer multiply-adds "
         "(Fast R-CNN Sec. 3.1); compare mAP with and without",
     )
+    v.add_argument(
+        "--metric",
+        choices=("voc07", "voc12", "coco"),
+        default="voc07",
+        help="voc07 (11-point AP, the paper's tables), voc12 (area under the curve) or coco (AP@[.5:.95] by "
+        "pycocotools, with AP50 and AP75); default voc07",
+    )
+    v.add_argument(
+        "--save-json",
+        metavar="FILE",
+        help="write the detections as COCO results ([{image_id, category_id, bbox: [x, y, w, h], score}], "
+        "what pycocotools' loadRes reads)",
+    )
+    v.add_argument(
+        "--save-coco-gt",
+        metavar="FILE",
+        help="write the split's ground truth as a COCO annotation file with the ids of --save-json (for VOC data)",
+    )
+    _add_amp(v)
     v.add_argument(
         "--json", action="store_true", help='print {"mAP", "ap": {class: AP}, "images", "seconds_per_image"} as JSON'
     )
@@ -222,19 +242,30 @@ def _val(args: argparse.Namespace) -> int:
         workers=args.workers,
         verbose=not args.json,
         svd_rank=_svd_rank(args),
+        metric=args.metric,
+        save_json=args.save_json,
+        save_coco_gt=args.save_coco_gt,
+        amp=args.amp,
     )
     result = json_safe(result)
     if args.json:
-        print(json.dumps({k: result[k] for k in ("mAP", "ap", "images", "seconds_per_image")}))
+        keys = ("mAP", "ap", "AP50", "AP75", "images", "seconds_per_image", "results_json", "coco_gt_json")
+        print(json.dumps({k: result[k] for k in keys if k in result}))
         return 0
     print(f"{'class':<16} AP")
     for name, ap in result["ap"].items():
         print(f"{name:<16} {'-' if ap is None else f'{ap:.4f}'}")
     mean = result["mAP"]
     print(
-        f"{'mAP (VOC07)':<16} {'-' if mean is None else f'{mean:.4f}'}   on {result['images']} images, "
+        f"{f'mAP ({args.metric})':<16} {'-' if mean is None else f'{mean:.4f}'}   on {result['images']} images, "
         f"{result['seconds_per_image']:.3f} s per image ({result['scorer']} scores)"
     )
+    for key in ("AP50", "AP75"):
+        if key in result:
+            print(f"{key:<16} {'-' if result[key] is None else f'{result[key]:.4f}'}")
+    for key in ("results_json", "coco_gt_json"):
+        if key in result:
+            print(f"wrote {result[key]}")
     return 0
 
 

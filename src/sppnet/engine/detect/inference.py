@@ -22,18 +22,29 @@ from typing import Any
 import numpy as np
 import torch
 
+from sppnet.engine.amp import autocast_context
 from sppnet.engine.common import Timer, UserError, progress, resolve_device
 from sppnet.engine.detect.config import DetectConfig
-from sppnet.engine.detect.data import data_to_test, split_proposals
+from sppnet.engine.detect.data import data_to_test, drop_unreadable, open_detection_data, proposals, split_proposals
 from sppnet.engine.detect.features import load_record_image
 from sppnet.engine.detect.model import heads_trained, load_detector
-from sppnet.evaluation import best_f1_thresholds, evaluate_detections, precision_recall
+from sppnet.engine.distributed import DistContext, all_reduce_sum, gather_shards, init_distributed, shard
+from sppnet.evaluation import (
+    best_f1_thresholds,
+    coco_ground_truth,
+    coco_image_ids,
+    coco_results,
+    evaluate_detections,
+    precision_recall,
+    save_coco_results,
+)
 from sppnet.models.detector import SPPDetector
 from sppnet.utils import load_json, save_json
 
 __all__ = [
     "calibrate",
     "calibration_overlap",
+    "coco_files",
     "default_threshold",
     "evaluate",
     "json_safe",
@@ -56,30 +67,75 @@ def evaluate(
     scorer: str = "svm",
     bbox_regression: bool = True,
     verbose: bool = True,
+    metric: str = "voc07",
+    amp: str | None = None,
+    dist: DistContext | None = None,
 ) -> dict[str, Any]:
-    """Scores every window, NMS 0.3, <= 100 per image; VOC07 mAP and seconds per image.
+    """Scores every window, NMS 0.3, <= 100 per image; the mAP and seconds per image.
 
     ``seconds_per_image`` times :meth:`SPPDetector.detect` (features, scoring,
     regression, NMS), not the proposals or the image decoding, as in Table 9.
+    Under ``torchrun`` (``dist``) each process detects its contiguous share of
+    the images (:func:`~sppnet.engine.distributed.shard`) and every process gets
+    all the predictions back in image order, so the result is the one of a single
+    process.
+
+    Args:
+        metric: ``voc07`` (SPP-net's tables), ``voc12`` or ``coco`` (AP@[.5:.95],
+            pycocotools; also ``AP50`` and ``AP75``).
+        amp: ``bf16`` / ``fp16`` autocast on CUDA (a no-op on the CPU).
+        dist: this process under ``torchrun`` (``None``: one process).
 
     Returns:
-        ``{"mAP", "ap": {class: AP}, "images", "seconds_per_image", "predictions"}``.
+        ``{"mAP", "ap": {class: AP}, "images", "seconds_per_image", "predictions"}``
+        (``predictions``: one ``{"boxes", "labels", "scores"}`` per record, on the CPU).
     """
-    predictions, seconds = [], 0.0
-    for r, p in progress(list(zip(records, proposals)), desc="detect", total=len(records), enabled=verbose):
-        image = load_record_image(r)
-        with Timer() as t:
-            det = detector.detect([image], [torch.as_tensor(p)], scorer=scorer, bbox_regression=bbox_regression)[0]
+    dist = dist or DistContext(device=detector.pixel_mean.device)
+    mine = shard(len(records), dist)
+    local, seconds = [], 0.0
+    for i in progress(mine, desc="detect", total=len(mine), enabled=verbose and dist.is_main):
+        image = load_record_image(records[i]).to(detector.pixel_mean.device)
+        with Timer() as t, torch.no_grad(), autocast_context(image.device, amp):
+            det = detector.detect(
+                [image], [torch.as_tensor(proposals[i])], scorer=scorer, bbox_regression=bbox_regression
+            )[0]
         seconds += t.seconds
-        predictions.append(det)
-    result = evaluate_detections(predictions, _ground_truth(records), class_names, 0.5, "voc07")
+        local.append({k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in det.items()})
+    predictions = gather_shards(local, len(records), dist)
+    seconds = all_reduce_sum([seconds], dist)[0]
+    result = evaluate_detections(predictions, _ground_truth(records), class_names, 0.5, metric)
+    extra = {k: result[k] for k in ("AP50", "AP75") if k in result}
     return {
         "mAP": result["mAP"],
         "ap": result["ap"],
+        **extra,
+        "metric": metric,
         "images": len(records),
         "seconds_per_image": seconds / max(len(records), 1),
         "predictions": predictions,
     }
+
+
+def coco_files(
+    predictions: Sequence[dict],
+    records: Sequence[dict],
+    classes: Sequence[str],
+    category_ids: Sequence[int] | None,
+) -> tuple[list[dict], dict]:
+    """``(results, ground truth)`` in the COCO formats pycocotools reads (``loadRes`` / ``COCO``).
+
+    Image ids: the records' ``id`` through :func:`~sppnet.evaluation.coco_image_ids`
+    (a COCO data set's own ids; VOC stems by their digits); categories: the
+    data set's ``category_ids`` (COCO), else ``1..K`` in label order.
+    """
+    image_ids = coco_image_ids([r["id"] for r in records])
+    category_ids = list(category_ids) if category_ids is not None else list(range(1, len(classes) + 1))
+    results = coco_results(predictions, image_ids, category_ids)
+    images = [
+        {"file_name": Path(r["image_path"]).name, "width": int(r["width"]), "height": int(r["height"])} for r in records
+    ]
+    truth = coco_ground_truth(_ground_truth(records), image_ids, classes, category_ids, images=images)
+    return results, truth
 
 
 def default_threshold(scorer: str) -> float:
@@ -209,20 +265,53 @@ def val(
     workers: int | None = None,
     verbose: bool = True,
     svd_rank: int | Sequence[int] | None = None,
+    metric: str = "voc07",
+    save_json: str | os.PathLike | None = None,
+    save_coco_gt: str | os.PathLike | None = None,
+    amp: str | None = None,
 ) -> dict[str, Any]:
     """Evaluates a trained run on a split (default: the training data's ``test`` split).
 
-    ``svd_rank``: test with fc6 / fc7 replaced by their truncated SVD
-    (:meth:`SPPDetector.compress_fc`; an int for both or ``(r6, r7)``).
+    Args:
+        svd_rank: test with fc6 / fc7 replaced by their truncated SVD
+            (:meth:`SPPDetector.compress_fc`; an int for both or ``(r6, r7)``).
+        metric: ``voc07``, ``voc12`` or ``coco`` (see :func:`evaluate`).
+        save_json: write the detections here as COCO results (``image_id``,
+            ``category_id``, ``bbox = [x, y, w, h]``, ``score``; see :func:`coco_files`).
+        save_coco_gt: write the split's ground truth here as a COCO annotation file
+            with the same ids (VOC data has none of its own).
+        amp: ``bf16`` / ``fp16`` autocast on CUDA.
+
+    Under ``torchrun`` the images are shared among the processes; rank 0 writes the files.
     """
-    detector, classes, cfg, scorer = _load_for_testing(run, device, scorer, svd_rank)
+    dist = init_distributed(device)
+    detector, classes, cfg, scorer = _load_for_testing(run, str(dist.device), scorer, svd_rank)
     data, fmt, ann = data_to_test(cfg, data, fmt, ann)
     if workers is not None:
         cfg = cfg.with_overrides(workers=workers)
-    records, props = split_proposals(cfg, run, split, classes, data, fmt, ann, verbose)
-    result = evaluate(detector, records, classes, props, scorer, cfg.bbox.enabled, verbose)
-    result.pop("predictions")
+    if data is None and ann is None:
+        data, fmt, ann = cfg.data, cfg.format, cfg.ann
+    ds = open_detection_data(data, fmt, ann, split, classes, cfg.strict)
+    props = proposals(ds.records, cfg, Path(run) / "cache" / "proposals", verbose and dist.is_main, dist=dist)
+    records, props = drop_unreadable(list(ds.records), props, verbose and dist.is_main)
+    result = evaluate(
+        detector, records, classes, props, scorer, cfg.bbox.enabled, verbose, metric=metric, amp=amp, dist=dist
+    )
+    predictions = result.pop("predictions")
     result["scorer"] = scorer
+    if dist.is_main and (save_json is not None or save_coco_gt is not None):
+        results, truth = coco_files(predictions, records, classes, getattr(ds, "category_ids", None))
+        if save_json is not None:
+            if not results:
+                print(
+                    f"warning: no detections: {save_json} holds [] (pycocotools' loadRes cannot read it)",
+                    file=sys.stderr,
+                )
+            save_coco_results(save_json, results)
+            result["results_json"] = str(save_json)
+        if save_coco_gt is not None:
+            save_coco_results(save_coco_gt, truth)
+            result["coco_gt_json"] = str(save_coco_gt)
     return result
 
 

@@ -338,3 +338,50 @@ def test_sigkill_at_random_moments_then_resume_gives_the_same_detector(tiny_root
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+# ------------------------------------------------------------ feature cache
+
+
+def test_feature_cache_modes_and_float16_storage(cli_run):
+    from sppnet.engine.detect import DetectConfig, load_detector, training_set
+    from sppnet.engine.detect.features import FeatureCache
+
+    detector, _, cfg = load_detector(cli_run, "cpu")
+    records, windows, _ = training_set(cfg, cli_run, verbose=False)
+    index = [torch.arange(min(len(w), 25)) for w in windows]
+
+    def cache(mode, dtype="float32", root=None):
+        return FeatureCache(detector, records, windows, root or cli_run / "cache" / "features", mode=mode, dtype=dtype)
+
+    disk = cache("disk")
+    assert disk.complete()  # filled by the run
+    reference = [disk.pool5(i, index[i], flip=True) for i in range(len(records))]
+    for mode in ("memory", "none"):
+        c = cache(mode)
+        assert c.ensure() == (len(records) if mode == "memory" else 0) and c.complete()
+        for i in range(len(records)):  # the same conv5, stored elsewhere or recomputed: the same numbers
+            torch.testing.assert_close(c.pool5(i, index[i], flip=True), reference[i], rtol=0, atol=0)
+    # the size estimate (nothing run) is the size of the entries, float16 half of float32
+    entries = [disk.compute(i) for i in range(len(records))]
+    actual = sum(t.numel() * t.element_size() for e in entries for t in e.values())
+    assert disk.estimate_bytes() == actual
+    half = cache("memory", "float16")
+    assert half.estimate_bytes() * 2 == actual
+    half.ensure()
+    assert sum(t.numel() * t.element_size() for e in half._lru.values() for t in e.values()) * 2 == actual
+    for i in range(len(records)):
+        torch.testing.assert_close(half.pool5(i, index[i], flip=True), reference[i], rtol=1e-2, atol=1e-2)
+    assert half.key(0) != disk.key(0)  # float16 entries never stand in for float32 ones
+    assert isinstance(DetectConfig().features.cache, str)
+
+
+def test_train_without_a_feature_cache_gives_the_same_detector(cli_run, tiny_root, tmp_path):
+    out = tmp_path / "nocache"
+    argv = ["detect", "train", "--data", str(tiny_root), "--out", str(out), *TINY_FLAGS, "--feature-cache", "none"]
+    assert main(argv) == 0
+    assert not list((out / "cache" / "features").rglob("*.safetensors"))  # nothing stored
+    a, _ = load_weights(cli_run / "detector.safetensors")
+    b, _ = load_weights(out / "detector.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)

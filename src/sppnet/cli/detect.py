@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from sppnet.cli._common import add_common, add_preset
@@ -16,8 +17,11 @@ _EPILOG = """examples:
   sppnet detect train --out runs/det-rcnn --method rcnn      # the R-CNN baseline, same everything else
   sppnet detect train --data VOCdevkit/VOC2007 --split trainval --out runs/voc --preset paper
   sppnet detect train --out runs/det --resume                # continue an interrupted run
+  torchrun --nproc_per_node 2 -m sppnet detect train --out runs/det   # N processes (gloo on CPU, NCCL on GPUs)
+  sppnet detect train --out runs/det --feature-cache none --cache-dtype float16   # data too large to cache
   sppnet detect val --run runs/det --split test --json
   sppnet detect val --run runs/det --metric coco --save-json dets.json --save-coco-gt gt.json
+  torchrun --nproc_per_node 2 -m sppnet detect val --run-dir runs/det --json   # images shared by 2 processes
   sppnet detect val --run runs/det --svd-rank 128            # fc6/fc7 by truncated SVD (faster fc)
   sppnet detect calibrate --run runs/det --split val          # per-class score thresholds for predict
   sppnet detect predict --run runs/det image1.jpg photos/ 'more/*.png' clip.mp4 --out runs/det/pred
@@ -159,6 +163,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     r.set_defaults(func=_predict)
 
 
+def _is_main() -> bool:
+    """Not a ``torchrun`` worker other than rank 0 (which prints for all)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -183,7 +192,14 @@ def _add_amp(p: argparse.ArgumentParser) -> None:
 
 def _add_test_data(p: argparse.ArgumentParser, split: str, split_help: str, ann_help: str) -> None:
     """The run and the data to score, shared by ``val`` and ``calibrate``."""
-    p.add_argument("--run", required=True, help="run directory written by 'detect train'")
+    p.add_argument(
+        "--run",
+        "--run-dir",
+        dest="run",
+        required=True,
+        help="run directory written by 'detect train' (spell it --run-dir after torchrun, whose --run-path "
+        "takes a bare --run)",
+    )
     p.add_argument("--data", help="data root (default: the run's data)")
     p.add_argument("--format", choices=("voc", "coco"), help="layout of --data (default voc)")
     p.add_argument("--ann", help=ann_help)
@@ -215,6 +231,8 @@ def _train(args: argparse.Namespace) -> int:
         train(cfg, out=out, resume=args.resume, verbose=not args.quiet)
     except TrainingInterrupted:
         return 130
+    if not _is_main():
+        return 0
     print(f"done: {out / 'detector.safetensors'}  (fine-tuning {out / 'finetune.csv'}, {out / 'finetune.png'})")
     return 0
 
@@ -248,6 +266,8 @@ def _val(args: argparse.Namespace) -> int:
         amp=args.amp,
     )
     result = json_safe(result)
+    if not _is_main():  # under torchrun rank 0 reports
+        return 0
     if args.json:
         keys = ("mAP", "ap", "AP50", "AP75", "images", "seconds_per_image", "results_json", "coco_gt_json")
         print(json.dumps({k: result[k] for k in keys if k in result}))

@@ -52,8 +52,8 @@ from sppnet.engine.detect.inference import (
     usable_scorer,
     val,
 )
-from sppnet.engine.detect.predict import predict
 from sppnet.engine.detect.model import build_detector, heads_trained, load_detector, stage_detector
+from sppnet.engine.detect.predict import predict
 from sppnet.engine.detect.stages import TrainingInterrupted, feature_cache, train
 from sppnet.engine.detect.svm import SVMConfig
 

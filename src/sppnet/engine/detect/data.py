@@ -152,11 +152,12 @@ def split_proposals(
     fmt: str = "voc",
     ann: str | None = None,
     verbose: bool = True,
+    dist: DistContext | None = None,
 ) -> tuple[list[dict], list[np.ndarray]]:
     """``(records, proposals)`` of a split (default data: the run's) for testing,
     unreadable images dropped; proposals cached in ``run/cache/proposals``."""
     if data is None and ann is None:
         data, fmt, ann = cfg.data, cfg.format, cfg.ann
     ds = open_detection_data(data, fmt, ann, split, classes, cfg.strict)
-    props = proposals(ds.records, cfg, Path(run) / "cache" / "proposals", verbose)
+    props = proposals(ds.records, cfg, Path(run) / "cache" / "proposals", verbose, dist)
     return drop_unreadable(list(ds.records), props, verbose)

@@ -177,9 +177,14 @@ def run_calibration(
     scorer: str,
     split: str,
     verbose: bool = True,
+    dist: DistContext | None = None,
 ) -> dict[str, Any]:
-    """Scores ``records``, writes the best-F1 thresholds to ``run/thresholds.json`` and returns them."""
-    result = evaluate(detector, records, classes, proposals, scorer, cfg.bbox.enabled, verbose)
+    """Scores ``records``, writes the best-F1 thresholds to ``run/thresholds.json`` and returns them.
+
+    Under ``torchrun`` (``dist``) the processes share the images and rank 0 writes the file.
+    """
+    dist = dist or DistContext(device=detector.pixel_mean.device)
+    result = evaluate(detector, records, classes, proposals, scorer, cfg.bbox.enabled, verbose, dist=dist)
     points = best_f1_thresholds(precision_recall(result["predictions"], _ground_truth(records), classes))
     default = default_threshold(scorer)
     payload = {
@@ -191,8 +196,9 @@ def run_calibration(
         "operating_points": points,
         "mAP": result["mAP"],
     }
-    save_json(Path(run) / "thresholds.json", json_safe(payload))
-    if verbose:
+    if dist.is_main:
+        save_json(Path(run) / "thresholds.json", json_safe(payload))
+    if verbose and dist.is_main:
         f1 = [p["f1"] for p in points.values() if p["f1"] is not None]
         print(
             f"calibrated score thresholds on {len(records)} {split!r} images "

@@ -385,3 +385,46 @@ def test_train_without_a_feature_cache_gives_the_same_detector(cli_run, tiny_roo
     b, _ = load_weights(out / "detector.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+# ------------------------------------------------------------ mixed precision
+
+
+def test_amp_is_a_no_op_on_the_cpu(cli_run, capsys):
+    def val(*extra):
+        capsys.readouterr()
+        assert main(["detect", "val", "--run", str(cli_run), "--json", "--device", "cpu", *extra]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    plain, bf16 = val(), val("--amp", "bf16")
+    assert plain["mAP"] == bf16["mAP"] and plain["ap"] == bf16["ap"]
+    with pytest.raises(SystemExit):
+        main(["detect", "val", "--run", str(cli_run), "--amp", "fp8"])
+    assert "invalid choice: 'fp8'" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_on_cuda_trains_and_detects_like_full_precision(amp, tiny_root, tmp_path, capsys):
+    from sppnet.engine.amp import autocast_context
+    from sppnet.ops import spatial_pyramid_pool
+
+    # the pyramid runs in its input's dtype under autocast, and max pooling is exact there
+    x = torch.randn(2, 8, 13, 17, device="cuda")
+    with autocast_context("cuda", amp):
+        pooled = spatial_pyramid_pool(x.to(torch.bfloat16 if amp == "bf16" else torch.float16), (1, 2, 3, 6))
+    assert pooled.dtype == (torch.bfloat16 if amp == "bf16" else torch.float16)
+    torch.testing.assert_close(pooled.float(), spatial_pyramid_pool(x, (1, 2, 3, 6)), rtol=1e-2, atol=1e-2)
+
+    flags = [f if f != "cpu" else "cuda" for f in TINY_FLAGS]
+    runs = {}
+    for mode in ("none", amp):
+        out = tmp_path / mode
+        assert main(["detect", "train", "--data", str(tiny_root), "--out", str(out), *flags, "--amp", mode]) == 0
+        capsys.readouterr()
+        assert main(["detect", "val", "--run", str(out), "--json", "--device", "cuda", "--amp", mode]) == 0
+        runs[mode] = json.loads(capsys.readouterr().out)
+    weights, _ = load_weights(tmp_path / amp / "detector.safetensors")
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+    assert abs(runs[amp]["mAP"] - runs["none"]["mAP"]) < 0.1

@@ -8,7 +8,9 @@ Layering: ``data`` may import ``ops`` and ``models``, never ``engine`` or ``cli`
 * :mod:`~sppnet.data.imagefolder` - ``root/<split>/<class>/*`` classification;
 * :mod:`~sppnet.data.voc`, :mod:`~sppnet.data.coco` - detection records with
   boxes ``(x1, y1, x2, y2)`` in 0-based inclusive pixels (see ``voc``);
-* :mod:`~sppnet.data.safety` - refusal of names that escape their folder.
+* :mod:`~sppnet.data.safety` - refusal of names that escape their folder;
+* :mod:`~sppnet.data.sources` - what ``predict`` reads: files, folders, globs and
+  videos (:mod:`~sppnet.data.video`) as one stream of named pictures.
 """
 
 from sppnet.data.coco import COCODetection
@@ -24,6 +26,16 @@ from sppnet.data.images import (
     to_rgb,
 )
 from sppnet.data.safety import resolve_inside, validate_class_names
+from sppnet.data.sources import (
+    VIDEO_EXTENSIONS,
+    SourceEntry,
+    SourceError,
+    SourceItem,
+    SourceReport,
+    batched,
+    iter_sources,
+    resolve_sources,
+)
 from sppnet.data.synthetic import (
     CLASSES,
     default_data_root,
@@ -34,21 +46,29 @@ from sppnet.data.voc import VOCDetection, parse_voc_xml, write_voc_annotation
 
 __all__ = [
     "CLASSES",
+    "IMAGE_EXTENSIONS",
+    "VIDEO_EXTENSIONS",
     "COCODetection",
     "DataWarning",
-    "IMAGE_EXTENSIONS",
     "ImageError",
     "ImageFolderDataset",
     "SkipCounter",
+    "SourceEntry",
+    "SourceError",
+    "SourceItem",
+    "SourceReport",
     "VOCDetection",
+    "batched",
     "default_data_root",
     "find_images",
+    "iter_sources",
     "load_image",
     "make_classification_dataset",
     "make_detection_dataset",
     "parse_voc_xml",
     "pil_to_tensor",
     "resolve_inside",
+    "resolve_sources",
     "set_max_image_pixels",
     "to_rgb",
     "validate_class_names",

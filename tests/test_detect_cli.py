@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import random
@@ -97,6 +99,42 @@ def test_val_with_truncated_svd_fc(cli_run, capsys):
     assert code == 0 and 0.0 <= json.loads(low.out)["mAP"] <= 1.0
     code, bad = val("--svd-rank", "0")
     assert code == 2 and "--svd-rank" in bad.err and "Traceback" not in bad.err
+
+
+def test_val_save_json_is_read_by_pycocotools_with_the_ap_of_metric_coco(cli_run, tmp_path, capsys):
+    pytest.importorskip("pycocotools")
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    results, truth = tmp_path / "dets.json", tmp_path / "gt.json"
+    capsys.readouterr()
+    argv = ["detect", "val", "--run", str(cli_run), "--metric", "coco", "--json", "--device", "cpu"]
+    assert main([*argv, "--save-json", str(results), "--save-coco-gt", str(truth)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["results_json"] == str(results) and 0.0 <= printed["mAP"] <= 1.0
+    saved = json.loads(results.read_text())
+    assert saved and all(set(r) == {"image_id", "category_id", "bbox", "score"} for r in saved)
+    assert all(r["bbox"][2] > 0 and r["bbox"][3] > 0 for r in saved)
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(truth))
+        evaluator = COCOeval(gt, gt.loadRes(str(results)), iouType="bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+    assert len(gt.getImgIds()) == printed["images"]
+    precision = evaluator.eval["precision"][:, :, :, 0, 2]  # [IoU, recall, class] at area "all", 100 detections
+    names = [c["name"] for c in gt.loadCats(gt.getCatIds())]
+    assert names == list(printed["ap"])
+    for k, name in enumerate(names):
+        p = precision[:, :, k]
+        p = p[p > -1]
+        expected = float(p.mean()) if p.size else None
+        if expected is None:
+            assert printed["ap"][name] is None
+        else:
+            assert printed["ap"][name] == pytest.approx(expected, abs=1e-9), name
+    # the VOC07 metric is the default and gives its own number
+    assert main(["detect", "val", "--run", str(cli_run), "--json", "--device", "cpu"]) == 0
+    assert "AP50" not in json.loads(capsys.readouterr().out)
 
 
 def test_predict_writes_a_png_and_a_json_per_image(cli_run, tiny_root, tmp_path, capsys):
@@ -295,3 +333,93 @@ def test_sigkill_at_random_moments_then_resume_gives_the_same_detector(tiny_root
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+# ------------------------------------------------------------ feature cache
+
+
+def test_feature_cache_modes_and_float16_storage(cli_run):
+    from sppnet.engine.detect import DetectConfig, load_detector, training_set
+    from sppnet.engine.detect.features import FeatureCache
+
+    detector, _, cfg = load_detector(cli_run, "cpu")
+    records, windows, _ = training_set(cfg, cli_run, verbose=False)
+    index = [torch.arange(min(len(w), 25)) for w in windows]
+
+    def cache(mode, dtype="float32", root=None):
+        return FeatureCache(detector, records, windows, root or cli_run / "cache" / "features", mode=mode, dtype=dtype)
+
+    disk = cache("disk")
+    assert disk.complete()  # filled by the run
+    reference = [disk.pool5(i, index[i], flip=True) for i in range(len(records))]
+    for mode in ("memory", "none"):
+        c = cache(mode)
+        assert c.ensure() == (len(records) if mode == "memory" else 0) and c.complete()
+        for i in range(len(records)):  # the same conv5, stored elsewhere or recomputed: the same numbers
+            torch.testing.assert_close(c.pool5(i, index[i], flip=True), reference[i], rtol=0, atol=0)
+    # the size estimate (nothing run) is the size of the entries, float16 half of float32
+    entries = [disk.compute(i) for i in range(len(records))]
+    actual = sum(t.numel() * t.element_size() for e in entries for t in e.values())
+    assert disk.estimate_bytes() == actual
+    half = cache("memory", "float16")
+    assert half.estimate_bytes() * 2 == actual
+    half.ensure()
+    assert sum(t.numel() * t.element_size() for e in half._lru.values() for t in e.values()) * 2 == actual
+    for i in range(len(records)):
+        torch.testing.assert_close(half.pool5(i, index[i], flip=True), reference[i], rtol=1e-2, atol=1e-2)
+    assert half.key(0) != disk.key(0)  # float16 entries never stand in for float32 ones
+    assert isinstance(DetectConfig().features.cache, str)
+
+
+def test_train_without_a_feature_cache_gives_the_same_detector(cli_run, tiny_root, tmp_path):
+    out = tmp_path / "nocache"
+    argv = ["detect", "train", "--data", str(tiny_root), "--out", str(out), *TINY_FLAGS, "--feature-cache", "none"]
+    assert main(argv) == 0
+    assert not list((out / "cache" / "features").rglob("*.safetensors"))  # nothing stored
+    a, _ = load_weights(cli_run / "detector.safetensors")
+    b, _ = load_weights(out / "detector.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+# ------------------------------------------------------------ mixed precision
+
+
+def test_amp_is_a_no_op_on_the_cpu(cli_run, capsys):
+    def val(*extra):
+        capsys.readouterr()
+        assert main(["detect", "val", "--run", str(cli_run), "--json", "--device", "cpu", *extra]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    plain, bf16 = val(), val("--amp", "bf16")
+    assert plain["mAP"] == bf16["mAP"] and plain["ap"] == bf16["ap"]
+    with pytest.raises(SystemExit):
+        main(["detect", "val", "--run", str(cli_run), "--amp", "fp8"])
+    assert "invalid choice: 'fp8'" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_on_cuda_trains_and_detects_like_full_precision(amp, tiny_root, tmp_path, capsys):
+    from sppnet.engine.amp import autocast_context
+    from sppnet.ops import spatial_pyramid_pool
+
+    # the pyramid runs in its input's dtype under autocast, and max pooling is exact there
+    x = torch.randn(2, 8, 13, 17, device="cuda")
+    with autocast_context("cuda", amp):
+        pooled = spatial_pyramid_pool(x.to(torch.bfloat16 if amp == "bf16" else torch.float16), (1, 2, 3, 6))
+    assert pooled.dtype == (torch.bfloat16 if amp == "bf16" else torch.float16)
+    torch.testing.assert_close(pooled.float(), spatial_pyramid_pool(x, (1, 2, 3, 6)), rtol=1e-2, atol=1e-2)
+
+    flags = [f if f != "cpu" else "cuda" for f in TINY_FLAGS]
+    runs = {}
+    for mode in ("none", amp):
+        out = tmp_path / mode
+        assert main(["detect", "train", "--data", str(tiny_root), "--out", str(out), *flags, "--amp", mode]) == 0
+        capsys.readouterr()
+        assert main(["detect", "val", "--run", str(out), "--json", "--device", "cuda", "--amp", mode]) == 0
+        runs[mode] = json.loads(capsys.readouterr().out)
+    weights, _ = load_weights(tmp_path / amp / "detector.safetensors")
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+    assert abs(runs[amp]["mAP"] - runs["none"]["mAP"]) < 0.1

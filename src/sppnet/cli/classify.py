@@ -19,7 +19,7 @@ _EPILOG = """examples:
   sppnet classify train --out runs/cls --resume              # continue an interrupted run
   torchrun --nproc_per_node 2 -m sppnet classify train --out runs/cls   # data parallel
   sppnet classify val --run runs/cls --split test --views full --json
-  sppnet classify predict --run runs/cls image1.jpg image2.png --views multi
+  sppnet classify predict --run runs/cls image1.jpg photos/ 'more/*.png' --views multi
 """
 
 
@@ -64,8 +64,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_common(v)
     v.set_defaults(func=_val)
 
-    r = sub.add_parser("predict", help="classify image files of any size")
-    r.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    r = sub.add_parser(
+        "predict",
+        help="classify images of any size: files, folders, glob patterns, videos",
+        description="Classifies every picture the SOURCEs name; bad sources are skipped with a warning naming "
+        "them, and the exit status is non-zero only when nothing could be read (or with --strict).",
+    )
+    r.add_argument(
+        "sources",
+        nargs="+",
+        metavar="SOURCE",
+        help="image files, folders (their images), glob patterns ('photos/*.jpg') or video files",
+    )
+    r.add_argument("--recursive", action="store_true", help="folders: also their sub-folders")
+    r.add_argument("--strict", action="store_true", help="stop at the first bad source instead of skipping it")
+    r.add_argument("--video-stride", type=int, default=1, metavar="N", help="every N-th frame of a video (default 1)")
     r.add_argument("--run", required=True, help="run directory written by 'classify train'")
     _add_views(r)
     r.add_argument("--topk", type=int, default=5, help="classes to print per image (default 5)")
@@ -145,16 +158,30 @@ def _val(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from sppnet.engine.classify import load_classifier, predict
+    from sppnet.data.sources import SourceReport, resolve_sources
+    from sppnet.engine.classify.inference import load_classifier, predict_sources
     from sppnet.engine.common import resolve_device
 
+    report = SourceReport()
+    entries = resolve_sources(args.sources, recursive=args.recursive, strict=args.strict, report=report)
     model, classes, cfg = load_classifier(args.run, resolve_device(args.device))
-    results = predict(model, args.images, classes, args.views, args.topk, cfg)
+    results = predict_sources(
+        model,
+        entries,
+        classes,
+        args.views,
+        args.topk,
+        cfg,
+        strict=args.strict,
+        video_stride=args.video_stride,
+        report=report,
+    )
     if args.json:
         print(json.dumps(results))
-        return 0
-    for r in results:
-        tops = ", ".join(f"{t['class']} {t['prob']:.3f}" for t in r["top"])
-        print(f"{r['image']}: {tops}")
+    else:
+        for r in results:
+            tops = ", ".join(f"{t['class']} {t['prob']:.3f}" for t in r["top"])
+            print(f"{r['name'] if 'frame' in r else r['image']}: {tops}")
     sys.stdout.flush()
+    print(report.summary(), file=sys.stderr)
     return 0

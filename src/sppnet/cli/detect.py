@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from sppnet.cli._common import add_common, add_preset
@@ -16,10 +17,15 @@ _EPILOG = """examples:
   sppnet detect train --out runs/det-rcnn --method rcnn      # the R-CNN baseline, same everything else
   sppnet detect train --data VOCdevkit/VOC2007 --split trainval --out runs/voc --preset paper
   sppnet detect train --out runs/det --resume                # continue an interrupted run
+  torchrun --nproc_per_node 2 -m sppnet detect train --out runs/det   # N processes (gloo on CPU, NCCL on GPUs)
+  sppnet detect train --out runs/det --feature-cache none --cache-dtype float16   # data too large to cache
   sppnet detect val --run runs/det --split test --json
+  sppnet detect val --run runs/det --metric coco --save-json dets.json --save-coco-gt gt.json
+  torchrun --nproc_per_node 2 -m sppnet detect val --run-dir runs/det --json   # images shared by 2 processes
   sppnet detect val --run runs/det --svd-rank 128            # fc6/fc7 by truncated SVD (faster fc)
   sppnet detect calibrate --run runs/det --split val          # per-class score thresholds for predict
-  sppnet detect predict --run runs/det image1.jpg image2.png --out runs/det/pred
+  sppnet detect predict --run runs/det image1.jpg photos/ 'more/*.png' clip.mp4 --out runs/det/pred
+  sppnet detect predict --run runs/det photos/ --recursive --save-json dets.json --save-txt labels/
 """
 
 
@@ -66,6 +72,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "(Fast R-CNN Sec. 3.1); compare mAP with and without",
     )
     v.add_argument(
+        "--metric",
+        choices=("voc07", "voc12", "coco"),
+        default="voc07",
+        help="voc07 (11-point AP, the paper's tables), voc12 (area under the curve) or coco (AP@[.5:.95] by "
+        "pycocotools, with AP50 and AP75); default voc07",
+    )
+    v.add_argument(
+        "--save-json",
+        metavar="FILE",
+        help="write the detections as COCO results ([{image_id, category_id, bbox: [x, y, w, h], score}], "
+        "what pycocotools' loadRes reads)",
+    )
+    v.add_argument(
+        "--save-coco-gt",
+        metavar="FILE",
+        help="write the split's ground truth as a COCO annotation file with the ids of --save-json (for VOC data)",
+    )
+    _add_amp(v)
+    v.add_argument(
         "--json", action="store_true", help='print {"mAP", "ap": {class: AP}, "images", "seconds_per_image"} as JSON'
     )
     add_common(v)
@@ -88,8 +113,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_common(c)
     c.set_defaults(func=_calibrate)
 
-    r = sub.add_parser("predict", help="detect objects in image files; writes a PNG and a JSON per image")
-    r.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    r = sub.add_parser(
+        "predict",
+        help="detect objects in images, folders, glob patterns and videos",
+        description="Detects objects in every picture the SOURCEs name, in batches: a JSON and an annotated "
+        "PNG per image, a JSON (one entry per frame) and an annotated MP4 per video. Bad sources are skipped "
+        "with a warning naming them; the exit status is non-zero only when nothing could be read (or with "
+        "--strict).",
+    )
+    r.add_argument(
+        "sources",
+        nargs="+",
+        metavar="SOURCE",
+        help="image files, folders (their images), glob patterns ('photos/*.jpg', 'data/**/*.png') or video files",
+    )
     r.add_argument("--run", required=True, help="run directory written by 'detect train'")
     r.add_argument("--out", help="output folder (default RUN/predict)")
     r.add_argument(
@@ -109,14 +146,60 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="truncated SVD of fc6 and fc7 at rank R (or R6 R7): fewer multiply-adds "
         "(Fast R-CNN Sec. 3.1); compare mAP with and without",
     )
+    r.add_argument("--batch-size", type=_positive, default=4, help="pictures detected together (default 4)")
+    r.add_argument("--recursive", action="store_true", help="folders: also their sub-folders")
+    r.add_argument("--strict", action="store_true", help="stop at the first bad source instead of skipping it")
+    r.add_argument(
+        "--video-stride", type=_positive, default=1, metavar="N", help="every N-th frame of a video (default 1)"
+    )
+    r.add_argument("--save-json", metavar="FILE", help="also write every result into this one JSON file")
+    r.add_argument(
+        "--save-txt", metavar="DIR", help="also write 'class_index score x1 y1 x2 y2' lines per picture into DIR"
+    )
+    r.add_argument("--no-images", action="store_true", help="no annotated PNGs or videos (JSON only)")
+    _add_amp(r)
     r.add_argument("--json", action="store_true", help="print the detections as JSON")
     add_common(r)
     r.set_defaults(func=_predict)
 
 
+def _is_main() -> bool:
+    """Not a ``torchrun`` worker other than rank 0 (which prints for all)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _add_amp(p: argparse.ArgumentParser) -> None:
+    from sppnet.engine.amp import AMP_CHOICES
+
+    p.add_argument(
+        "--amp",
+        choices=AMP_CHOICES,
+        default="none",
+        help="mixed precision on CUDA: bf16 or fp16 autocast for conv and fc (the pyramid stays exact in its "
+        "input dtype); a no-op on the CPU (default none)",
+    )
+
+
 def _add_test_data(p: argparse.ArgumentParser, split: str, split_help: str, ann_help: str) -> None:
     """The run and the data to score, shared by ``val`` and ``calibrate``."""
-    p.add_argument("--run", required=True, help="run directory written by 'detect train'")
+    p.add_argument(
+        "--run",
+        "--run-dir",
+        dest="run",
+        required=True,
+        help="run directory written by 'detect train' (spell it --run-dir after torchrun, whose --run-path "
+        "takes a bare --run)",
+    )
     p.add_argument("--data", help="data root (default: the run's data)")
     p.add_argument("--format", choices=("voc", "coco"), help="layout of --data (default voc)")
     p.add_argument("--ann", help=ann_help)
@@ -148,6 +231,8 @@ def _train(args: argparse.Namespace) -> int:
         train(cfg, out=out, resume=args.resume, verbose=not args.quiet)
     except TrainingInterrupted:
         return 130
+    if not _is_main():
+        return 0
     print(f"done: {out / 'detector.safetensors'}  (fine-tuning {out / 'finetune.csv'}, {out / 'finetune.png'})")
     return 0
 
@@ -175,19 +260,32 @@ def _val(args: argparse.Namespace) -> int:
         workers=args.workers,
         verbose=not args.json,
         svd_rank=_svd_rank(args),
+        metric=args.metric,
+        save_json=args.save_json,
+        save_coco_gt=args.save_coco_gt,
+        amp=args.amp,
     )
     result = json_safe(result)
+    if not _is_main():  # under torchrun rank 0 reports
+        return 0
     if args.json:
-        print(json.dumps({k: result[k] for k in ("mAP", "ap", "images", "seconds_per_image")}))
+        keys = ("mAP", "ap", "AP50", "AP75", "images", "seconds_per_image", "results_json", "coco_gt_json")
+        print(json.dumps({k: result[k] for k in keys if k in result}))
         return 0
     print(f"{'class':<16} AP")
     for name, ap in result["ap"].items():
         print(f"{name:<16} {'-' if ap is None else f'{ap:.4f}'}")
     mean = result["mAP"]
     print(
-        f"{'mAP (VOC07)':<16} {'-' if mean is None else f'{mean:.4f}'}   on {result['images']} images, "
+        f"{f'mAP ({args.metric})':<16} {'-' if mean is None else f'{mean:.4f}'}   on {result['images']} images, "
         f"{result['seconds_per_image']:.3f} s per image ({result['scorer']} scores)"
     )
+    for key in ("AP50", "AP75"):
+        if key in result:
+            print(f"{key:<16} {'-' if result[key] is None else f'{result[key]:.4f}'}")
+    for key in ("results_json", "coco_gt_json"):
+        if key in result:
+            print(f"wrote {result[key]}")
     return 0
 
 
@@ -222,25 +320,40 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    import sys
+
+    from sppnet.data.sources import SourceReport
     from sppnet.engine.detect import predict
 
     threshold = args.score_threshold
     if threshold is not None and len(threshold) == 1:
         threshold = threshold[0]
+    report = SourceReport()
     results = predict(
         args.run,
-        args.images,
+        args.sources,
         out=args.out,
         score_threshold=threshold,
         scorer=args.scorer,
         device=args.device,
         verbose=not args.json,
         svd_rank=_svd_rank(args),
+        batch_size=args.batch_size,
+        recursive=args.recursive,
+        strict=args.strict,
+        video_stride=args.video_stride,
+        save_images=not args.no_images,
+        save_json=args.save_json,
+        save_txt=args.save_txt,
+        amp=args.amp,
+        report=report,
     )
     if args.json:
         print(json.dumps(results))
+        print(report.summary(), file=sys.stderr)
         return 0
     for r in results:
         found = ", ".join(f"{d['label']} {d['score']:.2f}" for d in r["detections"][:10]) or "nothing"
-        print(f"{r['image']}: {len(r['detections'])} detections ({found}) -> {r['png']}, {r['json']}")
+        written = ", ".join(r[k] for k in ("png", "video", "json", "txt") if k in r)
+        print(f"{r['name']}: {len(r['detections'])} detections ({found}) -> {written}")
     return 0

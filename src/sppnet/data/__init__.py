@@ -16,6 +16,8 @@ Layering: ``data`` may import ``ops`` and ``models``, never ``engine`` or ``cli`
 * :mod:`~sppnet.data.checks` - validation before work: ``check_detection_data``,
   ``check_classification_data`` (a ``DataReport`` of what is used and skipped,
   or a ``DataError``).
+* :mod:`~sppnet.data.sources` - what ``predict`` reads: files, folders, globs and
+  videos (:mod:`~sppnet.data.video`) as one stream of named pictures.
 """
 
 from sppnet.data.checks import DataError, DataReport, check_classification_data, check_detection_data
@@ -36,6 +38,16 @@ from sppnet.data.images import (
 from sppnet.data.limits import FLAGS as IMAGE_LIMIT_FLAGS
 from sppnet.data.limits import ImageLimits, get_image_limits, set_image_limits
 from sppnet.data.safety import resolve_inside, validate_class_names
+from sppnet.data.sources import (
+    VIDEO_EXTENSIONS,
+    SourceEntry,
+    SourceError,
+    SourceItem,
+    SourceReport,
+    batched,
+    iter_sources,
+    resolve_sources,
+)
 from sppnet.data.synthetic import (
     CLASSES,
     default_data_root,
@@ -48,6 +60,7 @@ __all__ = [
     "CLASSES",
     "IMAGE_EXTENSIONS",
     "IMAGE_LIMIT_FLAGS",
+    "VIDEO_EXTENSIONS",
     "COCODetection",
     "DataError",
     "DataReport",
@@ -56,13 +69,19 @@ __all__ = [
     "ImageFolderDataset",
     "ImageLimits",
     "SkipCounter",
+    "SourceEntry",
+    "SourceError",
+    "SourceItem",
+    "SourceReport",
     "VOCDetection",
+    "batched",
     "check_classification_data",
     "check_detection_data",
     "check_image_size",
     "default_data_root",
     "find_images",
     "get_image_limits",
+    "iter_sources",
     "load_image",
     "make_classification_dataset",
     "make_detection_dataset",
@@ -70,6 +89,7 @@ __all__ = [
     "pil_to_tensor",
     "read_image_size",
     "resolve_inside",
+    "resolve_sources",
     "set_image_limits",
     "set_max_image_pixels",
     "to_rgb",

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from sppnet.data.transforms import IMAGENET_MEAN, IMAGENET_STD, small_size_for
+from sppnet.engine.amp import AMP_CHOICES
 from sppnet.engine.classify.schedules import SCHEDULES
 from sppnet.engine.config import Config, ConfigError, check_resume, merge_overrides, option
 from sppnet.engine.views import VIEWS
@@ -180,6 +181,12 @@ class ClassifyConfig(Config):
         True, help="keep decoded, resized images in memory across epochs (small data sets; needs --workers 0)"
     )
     device: str = option("auto", flag=False, help="auto | cpu | cuda | cuda:N (the CLI's --device)")
+    amp: str = option(
+        "none",
+        choices=AMP_CHOICES,
+        help="mixed precision on CUDA: bf16 / fp16 autocast for conv and fc (fp16 with loss scaling; the pyramid "
+        "exact in its input dtype); a no-op on the CPU",
+    )
     views: str = option("center", choices=VIEWS, help="test views of the per-epoch validation")
     preset: str = option("small", flag=False, help="the preset the values started from (informational)")
     data: str | None = option(

@@ -8,6 +8,7 @@ with K the number of classes.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 
-from sppnet.data.images import load_image
+from sppnet.data.images import DataWarning, ImageError, load_image
+from sppnet.data.sources import SourceItem, SourceReport, iter_sources
 from sppnet.data.transforms import resize_side
 from sppnet.engine.classify.config import ClassifyConfig
 from sppnet.engine.classify.data import ViewDataset, list_collate, make_loader
@@ -26,7 +28,7 @@ from sppnet.engine.distributed import DistContext, all_reduce_sum
 from sppnet.engine.views import check_size, check_views, prepare_views, score_views
 from sppnet.models import get_model
 
-__all__ = ["inference_meta", "load_classifier", "evaluate", "evaluate_counts", "predict"]
+__all__ = ["evaluate", "evaluate_counts", "inference_meta", "load_classifier", "predict", "predict_sources"]
 
 
 def inference_meta(cfg: ClassifyConfig, model: nn.Module, classes: Sequence[str], epoch: int) -> dict:
@@ -153,7 +155,7 @@ def _default_cfg(model: nn.Module) -> ClassifyConfig:
 @torch.no_grad()
 def predict(
     model: nn.Module,
-    images: Iterable[str | os.PathLike | Image.Image],
+    images: Iterable[str | os.PathLike | Image.Image | SourceItem],
     classes: Sequence[str],
     views: str = "center",
     topk: int = 5,
@@ -164,7 +166,8 @@ def predict(
     Args:
         model: a trained ``SPPNet`` in eval mode.
         images: file paths (read with ``load_image``: EXIF-rotated, grey / RGBA
-            converted) or PIL images.
+            converted; an unreadable one is skipped with a ``DataWarning`` naming
+            it), PIL images, or the items of :func:`~sppnet.data.sources.iter_sources`.
         classes: class names in label order.
         views: ``center``, ``ten``, ``full`` or ``multi``.
         topk: classes per image (at most ``len(classes)``).
@@ -172,7 +175,11 @@ def predict(
 
     Returns:
         One ``{"image": path or index, "top": [{"class", "index", "prob"}, ...]}``
-        per image, most probable first.
+        per image read, most probable first; source items also give ``name``
+        (and ``frame`` for a video frame).
+
+    Raises:
+        UserError: file paths were given and none could be read.
     """
     cfg = (cfg or _default_cfg(model)).resolved()
     check_views(views, model)
@@ -181,18 +188,52 @@ def predict(
         raise ValueError(f"{len(classes)} class names for a model with {model.num_classes} outputs")
     k = max(1, min(int(topk), len(classes)))
     model.eval()
-    results = []
+    results, bad = [], []
     for i, item in enumerate(images):
+        extra: dict = {}
         if isinstance(item, Image.Image):
             img, name = item, i
+        elif isinstance(item, SourceItem):
+            img, name = item.image, str(item.path)
+            extra = {"name": item.name} | ({"frame": item.frame_index} if item.is_frame else {})
         else:
-            img, name = load_image(item), str(item)
-        prepared = prepare_views(img, views, cfg.size, cfg.mean, cfg.std)
-        probs = score_views(model, prepared, cfg.size).mean(0)
+            try:
+                img, name = load_image(item), str(item)
+            except ImageError as e:  # a batch survives its bad members (issue 18)
+                warnings.warn(f"skipping {e.path}: {e.detail}", DataWarning, stacklevel=2)
+                bad.append(e.path)
+                continue
+        probs = score_views(model, prepare_views(img, views, cfg.size, cfg.mean, cfg.std), cfg.size).mean(0)
         p, idx = probs.topk(k)
         top = [
             {"class": classes[j], "index": int(j), "prob": float(q)}
             for q, j in zip(p.tolist(), idx.tolist(), strict=True)
         ]
-        results.append({"image": name, "top": top})
+        results.append({"image": name, **extra, "top": top})
+    if bad and not results:
+        raise UserError(f"none of the {len(bad)} images could be read: {', '.join(bad[:5])}")
     return results
+
+
+def predict_sources(
+    model: nn.Module,
+    sources: str | os.PathLike | Sequence[str | os.PathLike],
+    classes: Sequence[str],
+    views: str = "center",
+    topk: int = 5,
+    cfg: ClassifyConfig | None = None,
+    *,
+    recursive: bool = False,
+    strict: bool = False,
+    video_stride: int = 1,
+    report: SourceReport | None = None,
+) -> list[dict]:
+    """:func:`predict` on image files, folders, glob patterns and videos (:mod:`sppnet.data.sources`).
+
+    Bad sources are skipped with a warning naming them and counted in ``report``.
+
+    Raises:
+        SourceError: nothing could be read, or a bad source with ``strict``.
+    """
+    items = iter_sources(sources, recursive=recursive, strict=strict, video_stride=video_stride, report=report)
+    return predict(model, items, classes, views, topk, cfg)

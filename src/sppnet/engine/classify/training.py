@@ -38,6 +38,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from sppnet.data.transforms import TrainTransform
+from sppnet.engine.amp import autocast_context, grad_scaler
 from sppnet.engine.classify.config import ClassifyConfig
 from sppnet.engine.classify.data import AugmentedDataset, builtin_data_root, make_loader, open_image_folder
 from sppnet.engine.classify.inference import evaluate_counts, inference_meta
@@ -292,6 +293,7 @@ def _train(
                 cuda=ctx.device.type == "cuda",
             )
             t0 = time.perf_counter() - elapsed
+            scaler = grad_scaler(ctx.device, cfg.amp)  # fp16 on CUDA only; else it passes values through
             model.train()
             steps = start_step + len(loader)
             bar = progress(loader, desc=f"epoch {epoch + 1}/{cfg.epochs} @{epoch_size}", total=len(loader), enabled=say)
@@ -299,11 +301,13 @@ def _train(
             for x, y in bar:
                 x = x.to(ctx.device, non_blocking=True)
                 y = y.to(ctx.device, non_blocking=True)
-                logits = ddp_model(x)
-                loss = F.cross_entropy(logits, y)
+                with autocast_context(ctx.device, cfg.amp):
+                    logits = ddp_model(x)
+                    loss = F.cross_entropy(logits.float(), y)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
                 totals.add(loss, logits, y)
                 step += 1
                 if step < steps and _stop_requested(interrupt, ctx):

@@ -17,7 +17,7 @@ Where things are (one idea per module):
 * :mod:`.backbone`, :mod:`.features`, :mod:`.finetune`, :mod:`.svm`,
   :mod:`.bbox_regression`: the algorithm of each stage;
 * :mod:`.model`: building, saving and loading detectors;
-* :mod:`.inference`: evaluation, calibration, prediction.
+* :mod:`.inference`: evaluation, calibration; :mod:`.predict`: images, folders, videos.
 
 Run directory::
 
@@ -48,12 +48,12 @@ from sppnet.engine.detect.inference import (
     default_threshold,
     evaluate,
     json_safe,
-    predict,
     run_thresholds,
     usable_scorer,
     val,
 )
 from sppnet.engine.detect.model import build_detector, heads_trained, load_detector, stage_detector
+from sppnet.engine.detect.predict import predict
 from sppnet.engine.detect.stages import TrainingInterrupted, feature_cache, train
 from sppnet.engine.detect.svm import SVMConfig
 

@@ -15,7 +15,7 @@ nested like the classes::
       svm         SVMConfig                   (svm.py)
       bbox        BoxRegressionConfig         (bbox_regression.py)
       test        TestConfig                  NMS order, detections kept, calibration split
-      seed, workers, device, preset
+      amp, seed, workers, device, preset
 
 The defaults ARE the ``small`` preset; :data:`PRESETS` holds each preset as a
 partial override of them. ``config.json`` files of runs written before the
@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar
 
 from sppnet.data.proposals import SelectiveSearchParams
+from sppnet.engine.amp import AMP_CHOICES
 from sppnet.engine.classify.config import check_freeze, normalisation_for
 from sppnet.engine.config import Config, ConfigError, merge_overrides, option
 from sppnet.engine.detect.bbox_regression import BoxRegressionConfig
@@ -181,6 +182,19 @@ class FeaturesConfig(Config):
         help="R-CNN: context on each side of a warped window, a fraction of the warp side "
         "(R-CNN Appendix A: 16 px of 227); 0: the bare box",
     )
+    cache: str = option(
+        "disk",
+        flag="--feature-cache",
+        choices=("disk", "memory", "none"),
+        help="where the training set's conv5 lives: disk (RUN/cache/features), memory (RAM only) or none "
+        "(recomputed by the frozen conv layers whenever read: data sets too large to store)",
+    )
+    cache_dtype: str = option(
+        "float32",
+        flag="--cache-dtype",
+        choices=("float32", "float16"),
+        help="stored precision of the cached conv5 (float16: half the space; pooled in float32)",
+    )
 
 
 @dataclass
@@ -241,6 +255,12 @@ class DetectConfig(Config):
     svm: SVMConfig = field(default_factory=SVMConfig)
     bbox: BoxRegressionConfig = field(default_factory=BoxRegressionConfig)
     test: TestConfig = field(default_factory=TestConfig)
+    amp: str = option(
+        "none",
+        choices=AMP_CHOICES,
+        help="mixed precision on CUDA: bf16 / fp16 autocast for conv and fc (the pyramid exact in its input "
+        "dtype); a no-op on the CPU",
+    )
     seed: int = option(0, min=0, help="seeds proposals' ranking, the weights, sampling and dropout")
     workers: int = option(2, min=0, help="selective search worker processes")
     device: str = option("auto", flag=False, help="auto | cpu | cuda | cuda:N")

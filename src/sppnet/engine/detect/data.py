@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from sppnet.data.images import ImageError, load_image
-from sppnet.data.proposals import compute_proposals
-from sppnet.engine.common import UserError
+from sppnet.data.proposals import ProposalCache, compute_proposals
+from sppnet.engine.common import UserError, progress
 from sppnet.engine.detect.config import DetectConfig
 from sppnet.engine.detect.features import WindowSet, build_windows
+from sppnet.engine.distributed import DistContext, fill_cache
+from sppnet.utils import file_digest
 
-__all__ = ["data_to_test", "open_detection_data", "proposals", "split_proposals", "training_set"]
+__all__ = ["data_to_test", "drop_unreadable", "open_detection_data", "proposals", "split_proposals", "training_set"]
 
 
 def open_detection_data(
@@ -45,22 +48,58 @@ def open_detection_data(
 
 
 def proposals(
-    records: Sequence[dict], cfg: DetectConfig, cache_dir: str | os.PathLike, verbose: bool = True
+    records: Sequence[dict],
+    cfg: DetectConfig,
+    cache_dir: str | os.PathLike,
+    verbose: bool = True,
+    dist: DistContext | None = None,
 ) -> list[np.ndarray]:
-    """Selective search boxes ``[P, 4]`` per record, cached in ``cache_dir``; unreadable images give empty arrays."""
+    """Selective search boxes ``[P, 4]`` per record, cached in ``cache_dir``; unreadable images give empty arrays.
+
+    Under ``torchrun`` (``dist``) the missing entries are first computed by the
+    processes together, each entry by exactly one of them
+    (:func:`~sppnet.engine.distributed.fill_cache`; the cache writes atomically),
+    then every process reads them all from the cache.
+    """
+    paths = [r["image_path"] for r in records]
+    params = cfg.selective_search()
+    distributed = dist is not None and dist.distributed
+    if distributed:
+        _fill_proposals(paths, Path(cache_dir), params, dist, verbose)
     return compute_proposals(
-        [r["image_path"] for r in records],
+        paths,
         Path(cache_dir),
-        cfg.selective_search(),
-        workers=cfg.workers,
-        progress=verbose,
+        params,
+        workers=0 if distributed else cfg.workers,
+        progress=verbose and not distributed,
         skip_errors=not cfg.strict,
     )
 
 
-def _drop_unreadable(
-    records: list[dict], props: list[np.ndarray], verbose: bool
-) -> tuple[list[dict], list[np.ndarray]]:
+def _fill_proposals(paths: list[str], cache_dir: Path, params, dist: DistContext, verbose: bool) -> None:
+    cache = ProposalCache(cache_dir, params)
+    keys = []
+    for p in paths:
+        try:
+            keys.append(cache.key_from_digest(file_digest(p)))
+        except ValueError:  # missing: reported by the compute_proposals that follows
+            keys.append(f"unreadable:{p}")
+
+    def exists(i: int) -> bool:
+        return keys[i].startswith("unreadable:") or cache.load(keys[i]) is not None
+
+    def build(i: int) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the final pass warns, once, on every rank
+            compute_proposals([paths[i]], cache_dir, params, workers=0, progress=False, skip_errors=True)
+
+    def bar(it):
+        return progress(it, desc=f"selective search (rank {dist.rank})", enabled=verbose and dist.is_main)
+
+    fill_cache(keys, exists, build, dist, progress=bar)
+
+
+def drop_unreadable(records: list[dict], props: list[np.ndarray], verbose: bool) -> tuple[list[dict], list[np.ndarray]]:
     keep = []
     for r, p in zip(records, props):
         if len(p) == 0:
@@ -77,7 +116,7 @@ def _drop_unreadable(
 
 
 def training_set(
-    cfg: DetectConfig, out: str | os.PathLike, verbose: bool = True
+    cfg: DetectConfig, out: str | os.PathLike, verbose: bool = True, dist: DistContext | None = None
 ) -> tuple[list[dict], list[WindowSet], list[str]]:
     """``(records, windows, classes)`` of a run's training split: the images that
     could be read, their proposals plus ground truth as labelled windows
@@ -88,8 +127,8 @@ def training_set(
     if verbose and (data.skipped_images or data.skipped_objects):
         print(data.summary(), file=sys.stderr)
     records = list(data.records)
-    props = proposals(records, cfg, Path(out) / "cache" / "proposals", verbose)
-    records, props = _drop_unreadable(records, props, verbose)
+    props = proposals(records, cfg, Path(out) / "cache" / "proposals", verbose, dist)
+    records, props = drop_unreadable(records, props, verbose)
     windows = [build_windows(p, r, len(classes)) for p, r in zip(props, records)]
     return records, windows, classes
 
@@ -113,11 +152,12 @@ def split_proposals(
     fmt: str = "voc",
     ann: str | None = None,
     verbose: bool = True,
+    dist: DistContext | None = None,
 ) -> tuple[list[dict], list[np.ndarray]]:
     """``(records, proposals)`` of a split (default data: the run's) for testing,
     unreadable images dropped; proposals cached in ``run/cache/proposals``."""
     if data is None and ann is None:
         data, fmt, ann = cfg.data, cfg.format, cfg.ann
     ds = open_detection_data(data, fmt, ann, split, classes, cfg.strict)
-    props = proposals(ds.records, cfg, Path(run) / "cache" / "proposals", verbose)
-    return _drop_unreadable(list(ds.records), props, verbose)
+    props = proposals(ds.records, cfg, Path(run) / "cache" / "proposals", verbose, dist)
+    return drop_unreadable(list(ds.records), props, verbose)

@@ -16,7 +16,14 @@
   - ``method="rcnn"``: pool5 of every warped window (and of its mirror image),
     the R-CNN counterpart of a cached conv5.
 
-  One safetensors file per image (``sppnet.utils.save_cache``, atomic, with a
+  Where the entries live (``--feature-cache``): ``disk``, one safetensors file
+  per image (``sppnet.utils.save_cache``, atomic, with a checksum); ``memory``,
+  every entry in RAM, nothing on disk; ``none``, nothing stored: each entry is
+  recomputed by the frozen conv layers when it is read (the only choice for
+  COCO-sized sets; the RAM budget below still keeps the most recent ones). The
+  maps are stored as float32 or, with ``--cache-dtype float16``, in half the
+  space (pooled in float32 after reading).
+  Disk entries: one safetensors file per image (``sppnet.utils.save_cache``, atomic, with a
   checksum). The key mixes the image file's SHA-256, the conv weights, the
   normalisation, the scales / warp size (and R-CNN's warp context) and a layout version: a stale or
   corrupt entry is rebuilt, never trusted. Loaded entries stay in RAM up to
@@ -39,11 +46,26 @@ from torch import Tensor
 
 from sppnet.data.images import load_image, pil_to_tensor
 from sppnet.data.proposals import add_ground_truth
+from sppnet.engine.distributed import DistContext, fill_cache
 from sppnet.models.detector import Scale, SPPDetector
 from sppnet.ops import box_iou
 from sppnet.utils import file_digest, load_cache, save_cache, tensor_digest
 
-__all__ = ["FeatureCache", "WindowSet", "build_windows", "conv_digest", "flip_boxes", "load_record_image"]
+__all__ = [
+    "CACHE_DTYPES",
+    "CACHE_MODES",
+    "FeatureCache",
+    "WindowSet",
+    "build_windows",
+    "conv_digest",
+    "flip_boxes",
+    "format_bytes",
+    "load_record_image",
+]
+
+#: Where a :class:`FeatureCache` keeps its entries, and the dtypes it stores them in.
+CACHE_MODES: tuple[str, ...] = ("disk", "memory", "none")
+CACHE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16}
 
 
 @dataclass
@@ -152,9 +174,11 @@ class FeatureCache:
         detector: its conv layers, scales / warp size and normalisation define the features.
         records: the training images' records.
         windows: their :class:`WindowSet` (R-CNN caches one pool5 row per window).
-        cache_dir: folder of the entries.
+        cache_dir: folder of the entries (``mode="disk"``).
         flips: also cache the horizontally flipped image.
-        max_bytes: RAM kept for loaded entries.
+        max_bytes: RAM kept for loaded entries (``disk`` and ``none``; ``memory`` keeps all).
+        mode: ``disk``, ``memory`` or ``none`` (see the module docstring).
+        dtype: ``float32`` or ``float16``: how the entries are stored.
     """
 
     VERSION = 1
@@ -167,7 +191,14 @@ class FeatureCache:
         cache_dir: str | os.PathLike,
         flips: bool = True,
         max_bytes: int = 2 << 30,
+        mode: str = "disk",
+        dtype: str = "float32",
     ) -> None:
+        if mode not in CACHE_MODES:
+            raise ValueError(f"feature cache mode must be one of {', '.join(CACHE_MODES)}, got {mode!r}")
+        if dtype not in CACHE_DTYPES:
+            raise ValueError(f"feature cache dtype must be one of {', '.join(CACHE_DTYPES)}, got {dtype!r}")
+        self.mode, self.dtype = mode, CACHE_DTYPES[dtype]
         self.detector = detector
         self.records = list(records)
         self.windows = list(windows)
@@ -196,6 +227,8 @@ class FeatureCache:
             },
             sort_keys=True,
         )
+        if self.dtype != torch.float32:  # float16 entries are other entries
+            self._salt += f"|{self.dtype}"
         self._keys = {}
         self._lru.clear()
         self._bytes = 0
@@ -230,21 +263,72 @@ class FeatureCache:
                     boxes = self.windows[i].boxes
                     if suffix:
                         boxes = flip_boxes(boxes, img.shape[-1])
-                    out["pool5" + suffix] = d.window_pool5(img, boxes.to(img.device)).cpu()
+                    out["pool5" + suffix] = d.window_pool5(img, boxes.to(img.device)).to("cpu", self.dtype)
                 else:
                     maps, _ = d.feature_maps(img)
                     for k, m in enumerate(maps):
-                        out[f"s{k}{suffix}"] = m.cpu().contiguous()
+                        out[f"s{k}{suffix}"] = m.to("cpu", self.dtype).contiguous()
             return out
         finally:
             d.train(was_training)
 
-    def ensure(self, progress: Callable | None = None, should_stop: Callable[[], bool] | None = None) -> int:
-        """Computes and stores every missing or stale entry; returns how many were computed.
+    def use(self, detector: SPPDetector) -> FeatureCache:
+        """Serve ``detector`` (the next stage's); entries in RAM stay while its conv layers are the same."""
+        old, kept, size = self._salt, OrderedDict(self._lru), self._bytes
+        self.detector = detector
+        self.refresh()  # new keys; drops the RAM entries
+        if old and self._salt == old:
+            self._lru, self._bytes = kept, size
+        return self
 
-        Stops early (returning) when ``should_stop()`` turns True between images.
+    def present(self, i: int) -> bool:
+        """Entry ``i`` is stored (``disk``: its file; ``memory``: in RAM; ``none``: always)."""
+        if self.mode == "disk":
+            return self.path(i).is_file()
+        return self.mode == "none" or i in self._lru
+
+    def entry_bytes(self, i: int) -> int:
+        """The size entry ``i`` takes (computed from the image size and the network, nothing is run)."""
+        d, w = self.detector, self.windows[i]
+        elt = torch.empty((), dtype=self.dtype).element_size()
+        copies = 2 if self.flips else 1
+        if d.method == "rcnn":
+            return copies * len(w) * d.pooled_dim * elt
+        chans = d.backbone.feature_channels
+        cells = sum(h * ww for h, ww in (d.backbone.feature_size(s.height, s.width) for s in self.scales(i)))
+        return copies * chans * cells * elt
+
+    def estimate_bytes(self) -> int:
+        """The size of every entry together: what ``disk`` writes and ``memory`` holds."""
+        return sum(self.entry_bytes(i) for i in range(len(self.records)))
+
+    def ensure(
+        self,
+        progress: Callable | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        dist: DistContext | None = None,
+    ) -> int:
+        """Computes and stores every missing or stale entry; returns how many this process computed.
+
+        ``none`` stores nothing (returns 0); ``memory`` fills this process's RAM;
+        ``disk`` under ``torchrun`` (``dist``) writes each entry from exactly one
+        process (:func:`~sppnet.engine.distributed.fill_cache`). Stops early
+        (returning) when ``should_stop()`` turns True between images.
         """
-        todo = [i for i in range(len(self.records)) if not self.path(i).is_file()]
+        if self.mode == "none":
+            return 0
+        if self.mode == "disk" and dist is not None and dist.distributed:
+            keys = [self.key(i) for i in range(len(self.records))]
+            fill = fill_cache(
+                keys,
+                lambda i: self.path(i).is_file(),
+                lambda i: self.get(i, store=True),
+                dist,
+                should_stop,
+                (lambda it: progress(it, desc="conv features")) if progress is not None and dist.is_main else None,
+            )
+            return fill.built
+        todo = [i for i in range(len(self.records)) if not self.present(i)]
         it = progress(todo, desc="conv features", total=len(todo)) if progress else todo
         done = 0
         for i in it:
@@ -255,7 +339,7 @@ class FeatureCache:
         return done
 
     def complete(self) -> bool:
-        return all(self.path(i).is_file() for i in range(len(self.records)))
+        return all(self.present(i) for i in range(len(self.records)))
 
     # ------------------------------------------------------------------- read
     def get(self, i: int, store: bool = True) -> dict[str, Tensor]:
@@ -264,15 +348,15 @@ class FeatureCache:
             self._lru.move_to_end(i)
             return self._lru[i]
         key = self.key(i)
-        entry = load_cache(self.path(i), key=key, version=self.VERSION)
+        entry = load_cache(self.path(i), key=key, version=self.VERSION) if self.mode == "disk" else None
         if entry is None:
             entry = self.compute(i)
-            if store:
+            if store and self.mode == "disk":
                 save_cache(self.path(i), entry, key=key, version=self.VERSION)
         size = sum(t.numel() * t.element_size() for t in entry.values())
         self._lru[i] = entry
         self._bytes += size
-        while self._bytes > self.max_bytes and len(self._lru) > 1:
+        while self.mode != "memory" and self._bytes > self.max_bytes and len(self._lru) > 1:
             _, old = self._lru.popitem(last=False)
             self._bytes -= sum(t.numel() * t.element_size() for t in old.values())
         return entry
@@ -333,3 +417,12 @@ def describe(windows: Sequence[WindowSet]) -> dict[str, Any]:
         "objects": sum(int(w.is_gt.sum()) for w in windows),
         "foreground": sum(int((w.max_overlap >= 0.5).sum()) for w in windows),
     }
+
+
+def format_bytes(n: float) -> str:
+    """``1536`` -> ``"1.5 KiB"``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"

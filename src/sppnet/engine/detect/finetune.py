@@ -22,6 +22,14 @@ the arithmetic, dominates a batch on a CPU.
   flipped with probability 1/2, resized to one random scale and run through
   the conv layers.
 
+Under ``torchrun`` every process draws the same global batch (one generator,
+the same seed) and pools and scores only its share of it (windows
+``rank, rank + N, ...`` in mode ``fc``, images ``rank, rank + N, ...`` in mode
+``all``); DistributedDataParallel averages the gradients, so an update is the
+one of a single process on the whole batch (exactly so with ``--dropout 0``:
+the dropout masks are drawn per process). Rank 0 writes the checkpoints and
+metrics (of its share).
+
 Resumable: ``finetune_last.safetensors`` (model, optimiser, both random
 generators, iteration) is written atomically every ``checkpoint_every``
 iterations and on Ctrl-C; metrics go to ``finetune.csv`` / ``finetune.png``.
@@ -42,9 +50,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sppnet.engine.amp import autocast_context, grad_scaler
 from sppnet.engine.common import GracefulInterrupt, MetricsLog, load_state, progress, save_state
 from sppnet.engine.config import Config, ConfigError, option
 from sppnet.engine.detect.features import FeatureCache, WindowSet, flip_boxes, load_record_image
+from sppnet.engine.distributed import DistContext, all_reduce_sum, wrap_model
 from sppnet.models.detector import SPPDetector
 from sppnet.utils import capture_rng_state, restore_rng_state
 
@@ -206,14 +216,27 @@ def _sample_rows(rng: np.random.Generator, fg: Tensor, bg: Tensor, cfg: Finetune
 
 
 def _cached_batch(
-    cache: FeatureCache, rng: np.random.Generator, fg: Tensor, bg: Tensor, cfg: FinetuneConfig
+    cache: FeatureCache,
+    rng: np.random.Generator,
+    fg: Tensor,
+    bg: Tensor,
+    cfg: FinetuneConfig,
+    dist: DistContext | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """pool5 of a sampled batch from the cache: random flip and random scale per window."""
+    """pool5 of a sampled batch from the cache: random flip and random scale per window
+    (under ``torchrun``: this process's windows ``rank::world_size`` of the global batch)."""
     rows = torch.cat(_sample_rows(rng, fg, bg, cfg))  # [B, 3]
     n = len(rows)
     flips = torch.from_numpy(rng.random(n) < 0.5) if cfg.flip else torch.zeros(n, dtype=torch.bool)
     n_scales = len(cache.detector.scales)
     scales = torch.from_numpy(rng.integers(0, n_scales, n)) if n_scales > 1 else torch.zeros(n, dtype=torch.long)
+    if dist is not None and dist.distributed:  # every draw made above: the generators stay in step
+        rows, flips, scales = (
+            rows[dist.rank :: dist.world_size],
+            flips[dist.rank :: dist.world_size],
+            scales[dist.rank :: dist.world_size],
+        )
+        n = len(rows)
     groups = rows[:, 0] * 2 + flips.long()
     order = torch.argsort(groups, stable=True)  # windows of one (image, flip) together
     requests = []
@@ -234,13 +257,17 @@ def _image_batch(
     fg: Tensor,
     bg: Tensor,
     cfg: FinetuneConfig,
+    dist: DistContext | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Mode ``all``: conv layers run (with gradients) on each sampled image, flipped or not, at one scale."""
+    """Mode ``all``: conv layers run (with gradients) on each sampled image, flipped or not, at one scale
+    (under ``torchrun``: this process's images ``rank::world_size`` of the batch)."""
     xs, ys = [], []
-    for rows in _sample_rows(rng, fg, bg, cfg):
+    for k, rows in enumerate(_sample_rows(rng, fg, bg, cfg)):
         i = int(rows[0, 0])
         flip = bool(rng.random() < 0.5) if cfg.flip else False
         s = int(rng.integers(0, len(detector.scales)))
+        if dist is not None and dist.distributed and k % dist.world_size != dist.rank:
+            continue  # another process's image (its draws are made all the same)
         image = detector.normalize(load_record_image(records[i]).to(detector.pixel_mean.device))
         boxes = windows[i].boxes[rows[:, 1]]
         if flip:
@@ -256,6 +283,19 @@ def _image_batch(
     return torch.cat(xs), torch.cat(ys).to(xs[0].device)
 
 
+class _Head(torch.nn.Module):
+    """fc6 -> fc7 -> fc8 of the detector as one module (what DistributedDataParallel wraps)."""
+
+    def __init__(self, detector: SPPDetector, conv: bool) -> None:
+        super().__init__()
+        self.fc, self.cls_score = detector.backbone.fc, detector.cls_score
+        if conv:  # mode "all": the conv layers run outside forward(), their gradients are averaged too
+            self.features = detector.backbone.features
+
+    def forward(self, pool5: Tensor) -> Tensor:
+        return self.cls_score(self.fc(pool5))
+
+
 def finetune(
     detector: SPPDetector,
     cache: FeatureCache,
@@ -265,10 +305,14 @@ def finetune(
     out: str | Path,
     verbose: bool = True,
     seed: int = 0,
+    dist: DistContext | None = None,
+    amp: str | None = None,
 ) -> None:
     """Fine-tunes ``detector`` in place (see the module docstring).
 
-    ``seed`` seeds the batch sampling (numpy) and dropout (torch).
+    ``seed`` seeds the batch sampling (numpy) and dropout (torch). ``dist``: this
+    process under ``torchrun``; ``amp``: ``bf16`` / ``fp16`` autocast on CUDA
+    (fp16 with loss scaling).
 
     Raises:
         FinetuneInterrupted: after Ctrl-C, once a checkpoint is written.
@@ -276,6 +320,13 @@ def finetune(
     out = Path(out)
     ckpt = out / "finetune_last.safetensors"
     cfg = cfg.resolved()
+    dist = dist or DistContext(device=detector.pixel_mean.device)
+    if dist.distributed and cfg.images_per_batch % dist.world_size and cfg.mode == "all":
+        raise ValueError(
+            f"--ft-images-per-batch {cfg.images_per_batch} must be a multiple of the {dist.world_size} processes"
+        )
+    if dist.distributed and cfg.batch_size % dist.world_size:
+        raise ValueError(f"--ft-batch {cfg.batch_size} must be a multiple of the {dist.world_size} processes")
     fg, bg = _window_pools(windows, cfg)
     params = list(detector.backbone.fc.parameters()) + list(detector.cls_score.parameters())
     if cfg.mode == "all":
@@ -284,6 +335,8 @@ def finetune(
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     rng = np.random.Generator(np.random.PCG64(seed))
     torch.manual_seed(seed)
+    head = wrap_model(_Head(detector, cfg.mode == "all"), dist)  # DDP averages the gradients of the processes
+    scaler = grad_scaler(dist.device, amp)
     metrics = MetricsLog(out / "finetune.csv")
     start, running = 0, _Running()
     if ckpt.is_file():
@@ -297,10 +350,13 @@ def finetune(
         running = _Running(**saved) if isinstance(saved, dict) else _Running(*map(float, saved))
         metrics = MetricsLog.load(out / "finetune.csv")
         metrics = MetricsLog(metrics.path, [r for r in metrics.rows if int(r["iteration"]) <= start])
-        if verbose:
+        if verbose and dist.is_main:
             print(f"resuming fine-tuning at iteration {start + 1} of {cfg.iterations}", file=sys.stderr)
+    verbose = verbose and dist.is_main
 
     def checkpoint(iteration: int) -> None:
+        if not dist.is_main:
+            return
         save_state(
             ckpt,
             {
@@ -328,19 +384,21 @@ def finetune(
             lr = cfg.lr_at(it)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            if cfg.mode == "fc":
-                with torch.no_grad():
-                    x, y = _cached_batch(cache, rng, fg, bg, cfg)
-            else:
-                x, y = _image_batch(detector, records, windows, rng, fg, bg, cfg)
-            logits = detector.cls_score(detector.fc7(x))
-            loss = F.cross_entropy(logits, y)
+            with autocast_context(dist.device, amp):
+                if cfg.mode == "fc":
+                    with torch.no_grad():
+                        x, y = _cached_batch(cache, rng, fg, bg, cfg, dist)
+                else:
+                    x, y = _image_batch(detector, records, windows, rng, fg, bg, cfg, dist)
+                logits = head(x)
+                loss = F.cross_entropy(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             running.add(loss, logits, y)
             done = it + 1
-            if done % cfg.log_every == 0 or done == cfg.iterations:
+            if dist.is_main and (done % cfg.log_every == 0 or done == cfg.iterations):
                 metrics.append(
                     {"iteration": done, "lr": lr, **running.row(), "seconds": round(time.perf_counter() - t0, 2)}
                 )
@@ -348,7 +406,10 @@ def finetune(
                 metrics.plot(out / "finetune.png", x="iteration", title="fine-tuning fc6, fc7, fc8")
             if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
                 checkpoint(done)
-            if interrupt.requested and done < cfg.iterations:
+            stop = interrupt.requested
+            if dist.distributed:  # every process stops at the same iteration
+                stop = all_reduce_sum([float(stop)], dist)[0] > 0
+            if stop and done < cfg.iterations:
                 checkpoint(done)
                 raise FinetuneInterrupted(f"fine-tuning interrupted after iteration {done}")
     detector.eval()

@@ -3,10 +3,10 @@
 * :func:`evaluate`: detections of records with proposals, VOC07 mAP and time per image.
 * :func:`val`: :func:`evaluate` on a split of a run's (or other) data.
 * :func:`calibrate`: per-class score thresholds at the best F1 on a held-out
-  split, saved as ``thresholds.json``; :func:`predict` keeps the detections
+  split, saved as ``thresholds.json``; ``predict`` keeps the detections
   above them. SVM scores have no natural cut-off (with SVMs trained from
   scratch most true detections score below 0); mAP does not depend on it.
-* :func:`predict`: image files -> detections, a PNG and a JSON per image.
+* prediction on images, folders and videos: :mod:`.predict`.
 """
 
 from __future__ import annotations
@@ -22,24 +22,32 @@ from typing import Any
 import numpy as np
 import torch
 
-from sppnet.data.images import load_image, pil_to_tensor
-from sppnet.data.proposals import compute_proposals
+from sppnet.engine.amp import autocast_context
 from sppnet.engine.common import Timer, UserError, progress, resolve_device
 from sppnet.engine.detect.config import DetectConfig
-from sppnet.engine.detect.data import data_to_test, split_proposals
+from sppnet.engine.detect.data import data_to_test, drop_unreadable, open_detection_data, proposals, split_proposals
 from sppnet.engine.detect.features import load_record_image
 from sppnet.engine.detect.model import heads_trained, load_detector
-from sppnet.evaluation import best_f1_thresholds, evaluate_detections, precision_recall
+from sppnet.engine.distributed import DistContext, all_reduce_sum, gather_shards, init_distributed, shard
+from sppnet.evaluation import (
+    best_f1_thresholds,
+    coco_ground_truth,
+    coco_image_ids,
+    coco_results,
+    evaluate_detections,
+    precision_recall,
+    save_coco_results,
+)
 from sppnet.models.detector import SPPDetector
 from sppnet.utils import load_json, save_json
 
 __all__ = [
     "calibrate",
     "calibration_overlap",
+    "coco_files",
     "default_threshold",
     "evaluate",
     "json_safe",
-    "predict",
     "run_calibration",
     "run_thresholds",
     "usable_scorer",
@@ -60,35 +68,82 @@ def evaluate(
     bbox_regression: bool = True,
     verbose: bool = True,
     detect_options: dict[str, Any] | None = None,
+    metric: str = "voc07",
+    amp: str | None = None,
+    dist: DistContext | None = None,
 ) -> dict[str, Any]:
-    """Scores every window, NMS 0.3, <= 100 per class and image; VOC07 mAP and seconds per image.
+    """Scores every window, NMS 0.3, <= 100 per class and image; the mAP and seconds per image.
 
     ``detect_options``: more arguments of :meth:`SPPDetector.detect` (a run's
     ``cfg.test.detect_options()``: NMS order and caps); default: its defaults.
 
     ``seconds_per_image`` times :meth:`SPPDetector.detect` (features, scoring,
     regression, NMS), not the proposals or the image decoding, as in Table 9.
+    Under ``torchrun`` (``dist``) each process detects its contiguous share of
+    the images (:func:`~sppnet.engine.distributed.shard`) and every process gets
+    all the predictions back in image order, so the result is the one of a single
+    process.
+
+    Args:
+        metric: ``voc07`` (SPP-net's tables), ``voc12`` or ``coco`` (AP@[.5:.95],
+            pycocotools; also ``AP50`` and ``AP75``).
+        amp: ``bf16`` / ``fp16`` autocast on CUDA (a no-op on the CPU).
+        dist: this process under ``torchrun`` (``None``: one process).
 
     Returns:
-        ``{"mAP", "ap": {class: AP}, "images", "seconds_per_image", "predictions"}``.
+        ``{"mAP", "ap": {class: AP}, "images", "seconds_per_image", "predictions"}``
+        (``predictions``: one ``{"boxes", "labels", "scores"}`` per record, on the CPU).
     """
-    predictions, seconds = [], 0.0
-    for r, p in progress(list(zip(records, proposals)), desc="detect", total=len(records), enabled=verbose):
-        image = load_record_image(r)
-        with Timer() as t:
+    dist = dist or DistContext(device=detector.pixel_mean.device)
+    mine = shard(len(records), dist)
+    local, seconds = [], 0.0
+    for i in progress(mine, desc="detect", total=len(mine), enabled=verbose and dist.is_main):
+        image = load_record_image(records[i]).to(detector.pixel_mean.device)
+        with Timer() as t, torch.no_grad(), autocast_context(image.device, amp):
             det = detector.detect(
-                [image], [torch.as_tensor(p)], scorer=scorer, bbox_regression=bbox_regression, **(detect_options or {})
+                [image],
+                [torch.as_tensor(proposals[i])],
+                scorer=scorer,
+                bbox_regression=bbox_regression,
+                **(detect_options or {}),
             )[0]
         seconds += t.seconds
-        predictions.append(det)
-    result = evaluate_detections(predictions, _ground_truth(records), class_names, 0.5, "voc07")
+        local.append({k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in det.items()})
+    predictions = gather_shards(local, len(records), dist)
+    seconds = all_reduce_sum([seconds], dist)[0]
+    result = evaluate_detections(predictions, _ground_truth(records), class_names, 0.5, metric)
+    extra = {k: result[k] for k in ("AP50", "AP75") if k in result}
     return {
         "mAP": result["mAP"],
         "ap": result["ap"],
+        **extra,
+        "metric": metric,
         "images": len(records),
         "seconds_per_image": seconds / max(len(records), 1),
         "predictions": predictions,
     }
+
+
+def coco_files(
+    predictions: Sequence[dict],
+    records: Sequence[dict],
+    classes: Sequence[str],
+    category_ids: Sequence[int] | None,
+) -> tuple[list[dict], dict]:
+    """``(results, ground truth)`` in the COCO formats pycocotools reads (``loadRes`` / ``COCO``).
+
+    Image ids: the records' ``id`` through :func:`~sppnet.evaluation.coco_image_ids`
+    (a COCO data set's own ids; VOC stems by their digits); categories: the
+    data set's ``category_ids`` (COCO), else ``1..K`` in label order.
+    """
+    image_ids = coco_image_ids([r["id"] for r in records])
+    category_ids = list(category_ids) if category_ids is not None else list(range(1, len(classes) + 1))
+    results = coco_results(predictions, image_ids, category_ids)
+    images = [
+        {"file_name": Path(r["image_path"]).name, "width": int(r["width"]), "height": int(r["height"])} for r in records
+    ]
+    truth = coco_ground_truth(_ground_truth(records), image_ids, classes, category_ids, images=images)
+    return results, truth
 
 
 def default_threshold(scorer: str) -> float:
@@ -130,10 +185,15 @@ def run_calibration(
     scorer: str,
     split: str,
     verbose: bool = True,
+    dist: DistContext | None = None,
 ) -> dict[str, Any]:
-    """Scores ``records``, writes the best-F1 thresholds to ``run/thresholds.json`` and returns them."""
+    """Scores ``records``, writes the best-F1 thresholds to ``run/thresholds.json`` and returns them.
+
+    Under ``torchrun`` (``dist``) the processes share the images and rank 0 writes the file.
+    """
+    dist = dist or DistContext(device=detector.pixel_mean.device)
     options = cfg.test.detect_options()
-    result = evaluate(detector, records, classes, proposals, scorer, cfg.bbox.enabled, verbose, options)
+    result = evaluate(detector, records, classes, proposals, scorer, cfg.bbox.enabled, verbose, options, dist=dist)
     points = best_f1_thresholds(precision_recall(result["predictions"], _ground_truth(records), classes))
     default = default_threshold(scorer)
     payload = {
@@ -145,8 +205,9 @@ def run_calibration(
         "operating_points": points,
         "mAP": result["mAP"],
     }
-    save_json(Path(run) / "thresholds.json", json_safe(payload))
-    if verbose:
+    if dist.is_main:
+        save_json(Path(run) / "thresholds.json", json_safe(payload))
+    if verbose and dist.is_main:
         f1 = [p["f1"] for p in points.values() if p["f1"] is not None]
         print(
             f"calibrated score thresholds on {len(records)} {split!r} images "
@@ -169,7 +230,7 @@ def calibrate(
 ) -> dict[str, Any]:
     """Per-class score thresholds at the best F1 on a held-out split; writes ``run/thresholds.json``.
 
-    :func:`predict` keeps, per class, the detections scoring above these
+    :func:`~sppnet.engine.detect.predict.predict` keeps, per class, the detections scoring above these
     thresholds (unless given ``score_threshold``). Use images the detector was
     not trained on: on training images the SVM scores are optimistic.
 
@@ -219,97 +280,64 @@ def val(
     workers: int | None = None,
     verbose: bool = True,
     svd_rank: int | Sequence[int] | None = None,
+    metric: str = "voc07",
+    save_json: str | os.PathLike | None = None,
+    save_coco_gt: str | os.PathLike | None = None,
+    amp: str | None = None,
 ) -> dict[str, Any]:
     """Evaluates a trained run on a split (default: the training data's ``test`` split).
 
-    ``svd_rank``: test with fc6 / fc7 replaced by their truncated SVD
-    (:meth:`SPPDetector.compress_fc`; an int for both or ``(r6, r7)``).
+    Args:
+        svd_rank: test with fc6 / fc7 replaced by their truncated SVD
+            (:meth:`SPPDetector.compress_fc`; an int for both or ``(r6, r7)``).
+        metric: ``voc07``, ``voc12`` or ``coco`` (see :func:`evaluate`).
+        save_json: write the detections here as COCO results (``image_id``,
+            ``category_id``, ``bbox = [x, y, w, h]``, ``score``; see :func:`coco_files`).
+        save_coco_gt: write the split's ground truth here as a COCO annotation file
+            with the same ids (VOC data has none of its own).
+        amp: ``bf16`` / ``fp16`` autocast on CUDA.
+
+    Under ``torchrun`` the images are shared among the processes; rank 0 writes the files.
     """
-    detector, classes, cfg, scorer = _load_for_testing(run, device, scorer, svd_rank)
+    dist = init_distributed(device)
+    detector, classes, cfg, scorer = _load_for_testing(run, str(dist.device), scorer, svd_rank)
     data, fmt, ann = data_to_test(cfg, data, fmt, ann)
     if workers is not None:
         cfg = cfg.with_overrides(workers=workers)
-    records, props = split_proposals(cfg, run, split, classes, data, fmt, ann, verbose)
-    result = evaluate(detector, records, classes, props, scorer, cfg.bbox.enabled, verbose, cfg.test.detect_options())
-    result.pop("predictions")
-    result["scorer"] = scorer
-    return result
-
-
-def predict(
-    run: str | os.PathLike,
-    images: Sequence[str | os.PathLike],
-    out: str | os.PathLike | None = None,
-    score_threshold: float | Sequence[float] | None = None,
-    scorer: str | None = None,
-    device: str = "auto",
-    verbose: bool = True,
-    svd_rank: int | Sequence[int] | None = None,
-) -> list[dict[str, Any]]:
-    """Detects objects in image files; writes ``<name>.png`` (boxes drawn) and ``<name>.json`` per image.
-
-    ``score_threshold``: one value for every class, or one per class; default:
-    the run's calibrated per-class thresholds (``thresholds.json``, see
-    :func:`calibrate`) when they exist for the scorer, else 0 for SVM scores (the
-    SVM's decision boundary) and 0.5 for softmax probabilities. ``svd_rank``:
-    as in :func:`val`.
-    """
-    from sppnet.viz.detections import draw_detections
-
-    detector, classes, cfg, scorer = _load_for_testing(run, device, scorer, svd_rank)
-    if score_threshold is not None:
-        threshold = score_threshold
-    else:
-        calibrated = run_thresholds(run, classes, scorer)
-        threshold = calibrated if calibrated is not None else default_threshold(scorer)
-    if isinstance(threshold, (int, float)):
-        described: float | dict[str, float] = float(threshold)
-    else:
-        values = torch.as_tensor(threshold, dtype=torch.float32).reshape(-1)
-        if len(values) != len(classes):
-            raise UserError(
-                f"score_threshold needs one value per class ({len(classes)}: {', '.join(classes)}), got {len(values)}"
-            )
-        described = {c: float(v) for c, v in zip(classes, values.tolist())}
-    out = Path(out) if out is not None else Path(run) / "predict"
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [Path(p) for p in images]
-    for p in paths:
-        if not p.is_file():
-            raise UserError(f"image {p} does not exist")
-    props = compute_proposals(
-        paths,
-        Path(run) / "cache" / "proposals",
-        cfg.selective_search(),
-        workers=min(cfg.workers, len(paths)),
-        progress=verbose,
+    if data is None and ann is None:
+        data, fmt, ann = cfg.data, cfg.format, cfg.ann
+    ds = open_detection_data(data, fmt, ann, split, classes, cfg.strict)
+    props = proposals(ds.records, cfg, Path(run) / "cache" / "proposals", verbose and dist.is_main, dist=dist)
+    records, props = drop_unreadable(list(ds.records), props, verbose and dist.is_main)
+    result = evaluate(
+        detector,
+        records,
+        classes,
+        props,
+        scorer,
+        cfg.bbox.enabled,
+        verbose,
+        cfg.test.detect_options(),
+        metric=metric,
+        amp=amp,
+        dist=dist,
     )
-    results = []
-    for path, boxes in zip(paths, props):
-        img = load_image(path)
-        det = detector.detect(
-            [pil_to_tensor(img)],
-            [torch.as_tensor(boxes)],
-            scorer=scorer,
-            score_threshold=threshold,
-            **cfg.test.detect_options(),
-        )[0]
-        entry = {
-            "image": str(path),
-            "width": img.width,
-            "height": img.height,
-            "scorer": scorer,
-            "score_threshold": described,
-            "detections": [
-                {"box": [float(v) for v in b], "label": classes[int(c)], "label_index": int(c), "score": float(s)}
-                for b, c, s in zip(det["boxes"].tolist(), det["labels"].tolist(), det["scores"].tolist())
-            ],
-        }
-        draw_detections(img, det["boxes"], det["labels"], det["scores"], classes, out / f"{path.stem}.png")
-        save_json(out / f"{path.stem}.json", entry)
-        entry["png"], entry["json"] = str(out / f"{path.stem}.png"), str(out / f"{path.stem}.json")
-        results.append(entry)
-    return results
+    predictions = result.pop("predictions")
+    result["scorer"] = scorer
+    if dist.is_main and (save_json is not None or save_coco_gt is not None):
+        results, truth = coco_files(predictions, records, classes, getattr(ds, "category_ids", None))
+        if save_json is not None:
+            if not results:
+                print(
+                    f"warning: no detections: {save_json} holds [] (pycocotools' loadRes cannot read it)",
+                    file=sys.stderr,
+                )
+            save_coco_results(save_json, results)
+            result["results_json"] = str(save_json)
+        if save_coco_gt is not None:
+            save_coco_results(save_coco_gt, truth)
+            result["coco_gt_json"] = str(save_coco_gt)
+    return result
 
 
 def json_safe(result: dict[str, Any]) -> dict[str, Any]:

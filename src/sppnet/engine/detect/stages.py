@@ -17,6 +17,16 @@
 
 Each stage function is ``stage(ctx, detector) -> detector``; the runner saves
 its result under ``stages/`` and skips it in a resumed run.
+
+The same command runs in one process or in N under ``torchrun`` (NCCL on GPUs,
+gloo on the CPU; :mod:`sppnet.engine.distributed`): proposals, the conv5 cache
+and the calibration split the images (each cache entry written by exactly one
+process); backbone pretraining and fine-tuning are data parallel with the
+global batch of one process; the SVMs and box regressors split the classes
+(:func:`~sppnet.engine.distributed.split_classes`) and every process gets all
+of them back. Rank 0 writes the run folder; a killed run resumes with
+``--resume`` at any number of processes (an unfinished SVM stage restarts when
+that number changed).
 """
 
 from __future__ import annotations
@@ -24,18 +34,18 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from sppnet.engine.amp import autocast_context
 from sppnet.engine.common import (
     GracefulInterrupt,
     Timer,
     UserError,
     load_state,
     progress,
-    resolve_device,
     save_state,
     seed_everything,
 )
@@ -50,11 +60,19 @@ from sppnet.engine.detect.backbone import (
 from sppnet.engine.detect.bbox_regression import regression_samples, train_box_regressors
 from sppnet.engine.detect.config import DetectConfig
 from sppnet.engine.detect.data import split_proposals, training_set
-from sppnet.engine.detect.features import FeatureCache, WindowSet, describe
+from sppnet.engine.detect.features import FeatureCache, WindowSet, describe, format_bytes
 from sppnet.engine.detect.finetune import FinetuneInterrupted, finetune
 from sppnet.engine.detect.inference import calibration_overlap, default_threshold, run_calibration, usable_scorer
 from sppnet.engine.detect.model import build_detector, load_detector_file, mark_trained, save_detector, stage_file
-from sppnet.engine.detect.svm import feature_scale, train_window_svms
+from sppnet.engine.detect.svm import feature_scale, svm_positives, train_svms
+from sppnet.engine.distributed import (
+    DistContext,
+    barrier,
+    gather_shards,
+    init_distributed,
+    shutdown_distributed,
+    split_classes,
+)
 from sppnet.models.detector import SPPDetector
 from sppnet.models.freeze import freeze
 from sppnet.utils import load_json, save_json
@@ -62,7 +80,7 @@ from sppnet.utils import load_json, save_json
 __all__ = ["TrainingInterrupted", "feature_cache", "stage_order", "train"]
 
 #: Settings a resumed run may change.
-RESUME_MUTABLE = ("workers", "device")
+RESUME_MUTABLE = ("workers", "device", "amp", "features.cache")
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -80,13 +98,21 @@ class StageContext:
     windows: list[WindowSet]
     classes: list[str]
     verbose: bool
+    dist: DistContext = field(default_factory=DistContext)
+    cache: FeatureCache | None = None
 
     def progress(self, iterable, **kw):
-        return progress(iterable, enabled=self.verbose, **kw)
+        return progress(iterable, enabled=self.verbose and self.dist.is_main, **kw)
 
     def say(self, msg: str) -> None:
-        if self.verbose:
+        if self.verbose and self.dist.is_main:
             print(msg, file=sys.stderr)
+
+    def features(self, detector: SPPDetector) -> FeatureCache:
+        """The run's feature cache, serving ``detector`` (one object for all stages: ``memory`` keeps its RAM)."""
+        if self.cache is None:
+            self.cache = feature_cache(self.cfg, self.out, detector, self.records, self.windows)
+        return self.cache.use(detector)
 
 
 def stage_order(cfg: DetectConfig) -> list[str]:
@@ -97,8 +123,17 @@ def stage_order(cfg: DetectConfig) -> list[str]:
 
 
 def feature_cache(cfg: DetectConfig, out: str | os.PathLike, detector: SPPDetector, records, windows) -> FeatureCache:
-    """The run's cache of conv5 (SPP) or warped-window pool5 (R-CNN) features."""
-    return FeatureCache(detector, records, windows, Path(out) / "cache" / "features", flips=cfg.finetune.flip)
+    """The run's cache of conv5 (SPP) or warped-window pool5 (R-CNN) features (``--feature-cache``, ``--cache-dtype``)."""
+    f = cfg.features
+    return FeatureCache(
+        detector,
+        records,
+        windows,
+        Path(out) / "cache" / "features",
+        flips=cfg.finetune.flip,
+        mode=f.cache,
+        dtype=f.cache_dtype,
+    )
 
 
 # ------------------------------------------------------------------- stages
@@ -118,6 +153,7 @@ def stage_backbone(ctx: StageContext, detector: SPPDetector | None) -> SPPDetect
             pretrain_backbone(crops, pretrain_config(cfg), ctx.out / "backbone", ctx.verbose)
         except KeyboardInterrupt as e:
             raise TrainingInterrupted("backbone pretraining interrupted") from e
+        barrier(ctx.dist)  # rank 0 has written the backbone's weights
         model, model_classes, mean, std = load_backbone(ctx.out / "backbone")
     seed_everything(cfg.seed)
     det = build_detector(cfg, len(ctx.classes), model, mean, std).to(ctx.device)
@@ -126,10 +162,22 @@ def stage_backbone(ctx: StageContext, detector: SPPDetector | None) -> SPPDetect
 
 
 def stage_features(ctx: StageContext, detector: SPPDetector) -> SPPDetector:
-    cache = feature_cache(ctx.cfg, ctx.out, detector, ctx.records, ctx.windows)
+    cache = ctx.features(detector)
+    size, n = cache.estimate_bytes(), max(len(ctx.records), 1)
+    where = {"disk": f"on disk in {cache.cache_dir}", "memory": "in RAM (every process)", "none": "nowhere"}
+    if cache.mode == "none":
+        ctx.say(
+            f"conv features: not cached (--feature-cache none); recomputed when read, "
+            f"{format_bytes(size / n)} per image in {cache.dtype}"
+        )
+    else:
+        ctx.say(
+            f"conv features: {len(ctx.records)} images, about {format_bytes(size)} {where[cache.mode]} "
+            f"({format_bytes(size / n)} per image, {str(cache.dtype).removeprefix('torch.')})"
+        )
     interrupt = GracefulInterrupt()
     with interrupt:
-        cache.ensure(ctx.progress, lambda: interrupt.requested)
+        cache.ensure(ctx.progress, lambda: interrupt.requested, dist=ctx.dist)
     if not cache.complete():
         raise TrainingInterrupted("feature caching interrupted")
     return detector
@@ -137,23 +185,45 @@ def stage_features(ctx: StageContext, detector: SPPDetector) -> SPPDetector:
 
 def stage_finetune(ctx: StageContext, detector: SPPDetector) -> SPPDetector:
     freeze(detector.backbone, ctx.cfg.backbone.freeze)  # --finetune all: these stages stay fixed
-    cache = feature_cache(ctx.cfg, ctx.out, detector, ctx.records, ctx.windows)
-    finetune(detector, cache, ctx.records, ctx.windows, ctx.cfg.finetune, ctx.out, ctx.verbose, seed=ctx.cfg.seed)
+    cache = ctx.features(detector)
+    finetune(
+        detector,
+        cache,
+        ctx.records,
+        ctx.windows,
+        ctx.cfg.finetune,
+        ctx.out,
+        ctx.verbose,
+        seed=ctx.cfg.seed,
+        dist=ctx.dist,
+        amp=ctx.cfg.amp,
+    )
     return detector
 
 
 @torch.no_grad()
 def stage_svm(ctx: StageContext, detector: SPPDetector) -> SPPDetector:
-    cfg = ctx.cfg
+    """The per-class SVMs; under ``torchrun`` each process trains the classes of
+    :func:`~sppnet.engine.distributed.split_classes` (the others see no positives
+    and no negatives, so they are never fitted) and the processes swap their rows."""
+    cfg, dist = ctx.cfg, ctx.dist
     if cfg.scorer != "svm":
         return detector
     detector.eval()
-    cache = feature_cache(cfg, ctx.out, detector, ctx.records, ctx.windows)
+    cache = ctx.features(detector)
+    k = len(ctx.classes)
 
     def fc7(i: int) -> torch.Tensor:
-        return detector.fc7(cache.pool5(i, torch.arange(len(ctx.windows[i])))).cpu()
+        return detector.fc7(cache.pool5(i, torch.arange(len(ctx.windows[i])))).float().cpu()
 
-    ckpt = ctx.out / "svm_last.safetensors"
+    mine = split_classes(k, dist)
+    overlaps, positives = [w.overlaps for w in ctx.windows], svm_positives(ctx.windows)
+    if dist.distributed:
+        others = torch.tensor([c not in mine for c in range(k)])
+        overlaps = [o.masked_fill(others, 1.0) for o in overlaps]  # never a negative (IoU < 0.3)
+        positives = [p.masked_fill(others[p.clamp(min=0)] & (p >= 0), -1) for p in positives]
+    name = "svm_last.safetensors" if not dist.distributed else f"svm_last-{dist.rank}of{dist.world_size}.safetensors"
+    ckpt = ctx.out / name
     state = load_state(ckpt) if ckpt.is_file() else None
     interrupt = GracefulInterrupt()
 
@@ -163,16 +233,21 @@ def stage_svm(ctx: StageContext, detector: SPPDetector) -> SPPDetector:
             raise TrainingInterrupted(f"SVM training interrupted after epoch {s['epoch']}")
 
     with interrupt:
-        result = train_window_svms(
-            fc7, ctx.windows, len(ctx.classes), cfg.svm, ctx.progress, state=state, on_epoch=on_epoch
+        result = train_svms(
+            len(ctx.windows), fc7, overlaps, positives, k, cfg.svm, ctx.progress, state=state, on_epoch=on_epoch
         )
-    detector.svm_weight.copy_(result.weight)
-    detector.svm_bias.copy_(result.bias)
+    rows = gather_shards(
+        [(result.weight[c], result.bias[c], result.positives[c], result.negatives[c]) for c in mine],
+        k,
+        dist,
+        strided=True,
+    )
+    detector.svm_weight.copy_(torch.stack([r[0] for r in rows]))
+    detector.svm_bias.copy_(torch.stack([r[1] for r in rows]))
     detector.svm_feature_scale.fill_(result.feature_scale)
     mark_trained(detector, "svm")
     ctx.say(
-        f"SVMs: {result.retrains} retrains, positives {result.positives}, "
-        f"hard negatives {[len(n) for n in result.negatives]}"
+        f"SVMs: {result.retrains} retrains, positives {[r[2] for r in rows]}, hard negatives {[len(r[3]) for r in rows]}"
     )
     return detector
 
@@ -183,12 +258,17 @@ def stage_bbox(ctx: StageContext, detector: SPPDetector) -> SPPDetector:
     if not b.enabled:
         return detector
     detector.eval()
-    cache = feature_cache(ctx.cfg, ctx.out, detector, ctx.records, ctx.windows)
-    x, y = regression_samples(ctx.windows, cache.pool5, len(ctx.classes), detector.pooled_dim, b.iou, ctx.progress)
+    cache = ctx.features(detector)
+    k = len(ctx.classes)
+    x, y = regression_samples(ctx.windows, cache.pool5, k, detector.pooled_dim, b.iou, ctx.progress)
     scale = feature_scale(torch.cat(x), b.target_norm)
-    weight, bias = train_box_regressors(x, y, scale, b.lam)
-    detector.bbox_weight.copy_(weight)
-    detector.bbox_bias.copy_(bias)
+    mine = split_classes(k, ctx.dist)  # each process solves its classes' ridge regressions
+    weight, bias = train_box_regressors([x[c] for c in mine], [y[c] for c in mine], scale, b.lam)
+    if len(mine) == 0:
+        weight = torch.zeros((0, detector.pooled_dim, 4))
+    rows = gather_shards([(weight[j], bias[j]) for j in range(len(mine))], k, ctx.dist, strided=True)
+    detector.bbox_weight.copy_(torch.stack([r[0] for r in rows]))
+    detector.bbox_bias.copy_(torch.stack([r[1] for r in rows]))
     detector.bbox_feature_scale.fill_(scale)
     mark_trained(detector, "bbox")
     return detector
@@ -206,14 +286,16 @@ def stage_calibrate(ctx: StageContext, detector: SPPDetector) -> SPPDetector:
         reason = f"split {split!r} overlaps the training split {cfg.split!r}"
     if reason is None:
         try:
-            held_out, props = split_proposals(cfg, out, split, ctx.classes, verbose=ctx.verbose)
+            held_out, props = split_proposals(
+                cfg, out, split, ctx.classes, verbose=ctx.verbose and ctx.dist.is_main, dist=ctx.dist
+            )
         except (UserError, OSError, ValueError) as e:
             reason = f"no usable {split!r} split ({e})"
     scorer = usable_scorer(cfg.scorer, detector)
     if reason is not None:
         ctx.say(f"calibration skipped: {reason}; predict keeps scores above {default_threshold(scorer)}")
         return detector
-    run_calibration(detector, out, cfg, held_out, props, ctx.classes, scorer, split, ctx.verbose)
+    run_calibration(detector, out, cfg, held_out, props, ctx.classes, scorer, split, ctx.verbose, dist=ctx.dist)
     return detector
 
 
@@ -254,58 +336,75 @@ def train(
         TrainingInterrupted: after Ctrl-C, once the current stage is checkpointed.
     """
     out = Path(out)
+    import torch.distributed as torch_dist
+
+    owns_group = not (torch_dist.is_available() and torch_dist.is_initialized())
     if resume:
         if not (out / "config.json").is_file():
             raise UserError(f"nothing to resume: {out / 'config.json'} does not exist")
         saved = DetectConfig.from_dict(load_json(out / "config.json"))
         cfg = check_resume(saved, cfg, mutable=RESUME_MUTABLE, ignore=("preset",))
+        dist = init_distributed(cfg.device)
     else:
         cfg = (cfg or DetectConfig()).resolved()
-        if (out / "config.json").exists():
+        exists = (out / "config.json").exists()
+        dist = init_distributed(cfg.device)
+        if exists:
             raise UserError(
                 f"{out} already holds a detection run; pass --resume to continue it or choose another --out"
             )
-        out.mkdir(parents=True, exist_ok=True)
-        save_json(out / "config.json", cfg.to_dict())
+        barrier(dist)  # every process has looked before rank 0 writes
+        if dist.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            save_json(out / "config.json", cfg.to_dict())
     if stop_after is not None and stop_after not in stage_order(cfg):
         raise ValueError(f"stop_after must be one of {stage_order(cfg)}, got {stop_after!r}")
-    device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     try:
-        _run_stages(cfg, out, device, verbose, stop_after)
+        _run_stages(cfg, out, dist, verbose, stop_after)
     except (FinetuneInterrupted, TrainingInterrupted, KeyboardInterrupt) as e:
-        print(
-            f"\ninterrupted ({e or 'Ctrl-C'}): progress is saved in {out}\n"
-            f"resume with: sppnet detect train --out {out} --resume",
-            file=sys.stderr,
-        )
+        if dist.is_main:
+            launcher = "torchrun --nproc_per_node N -m sppnet" if dist.distributed else "sppnet"
+            print(
+                f"\ninterrupted ({e or 'Ctrl-C'}): progress is saved in {out}\n"
+                f"resume with: {launcher} detect train --out {out} --resume",
+                file=sys.stderr,
+            )
         raise TrainingInterrupted(str(e)) from None
+    finally:
+        if owns_group:
+            shutdown_distributed(dist)
     return out
 
 
-def _record_time(out: Path, stage: str, seconds: float) -> None:
+def _record_time(out: Path, stage: str, seconds: float, dist: DistContext) -> None:
+    if not dist.is_main:
+        return
     path = out / "stages" / "times.json"
     times = load_json(path) if path.is_file() else {}
     save_json(path, {**times, stage: round(seconds, 2)})
 
 
-def _run_stages(cfg: DetectConfig, out: Path, device: torch.device, verbose: bool, stop_after: str | None) -> None:
+def _run_stages(cfg: DetectConfig, out: Path, dist: DistContext, verbose: bool, stop_after: str | None) -> None:
+    device = dist.device
     with Timer() as t:
-        records, windows, classes = training_set(cfg, out, verbose)
-    ctx = StageContext(cfg, out, device, records, windows, classes, verbose)
-    if not stage_file(out, "proposals").is_file():
+        records, windows, classes = training_set(cfg, out, verbose and dist.is_main, dist)
+    ctx = StageContext(cfg, out, device, records, windows, classes, verbose, dist)
+    stages = stage_order(cfg)
+    finished = {s: stage_file(out, s).is_file() for s in stages}  # the same answer on every process
+    barrier(dist)  # every process has seen which stages are finished before rank 0 writes more
+    if dist.is_main and not stage_file(out, "proposals").is_file():
         save_json(stage_file(out, "proposals"), {**describe(windows), "seconds": round(t.seconds, 2)})
         save_json(out / "stages" / "times.json", {"proposals": round(t.seconds, 2)})
     ctx.say(f"proposals: {describe(windows)}")
-    stages = stage_order(cfg)
-    done = [s for s in stages if stage_file(out, s).is_file()]
+    done = [s for s in stages if finished[s]]
     if stop_after == "proposals":
         return
 
     detector = None
     for stage in stages[1:]:
         path = stage_file(out, stage)
-        if path.is_file():
+        if finished[stage]:
             if path.suffix == ".safetensors":
                 detector = None  # load lazily: a later weight file supersedes it
             if stage == stop_after:
@@ -313,20 +412,23 @@ def _run_stages(cfg: DetectConfig, out: Path, device: torch.device, verbose: boo
             continue
         if detector is None and "backbone" in done:
             detector = _latest_detector(out, stages, stage, device)
-        with Timer() as t:
+        with Timer() as t, autocast_context(device, cfg.amp):
             detector = STAGES[stage](ctx, detector)
-        if path.suffix == ".safetensors":
+        if dist.is_main and path.suffix == ".safetensors":
             save_detector(path, detector, classes, cfg, stage)
-        else:
+        elif dist.is_main:
             save_json(path, {"seconds": round(t.seconds, 2)})
+        barrier(dist)  # the stage is recorded before any process goes on (a kill then resumes after it)
         done.append(stage)
-        _record_time(out, stage, t.seconds)
+        _record_time(out, stage, t.seconds, dist)
         ctx.say(f"stage {stage} finished in {t.seconds:.1f} s")
         if stage == stop_after:
             return
     if detector is None:
         detector = _latest_detector(out, stages, None, device)
-    save_detector(out / "detector.safetensors", detector, classes, cfg, "final")
+    if dist.is_main:
+        save_detector(out / "detector.safetensors", detector, classes, cfg, "final")
+    barrier(dist)
     ctx.say(f"detector written to {out / 'detector.safetensors'}")
 
 

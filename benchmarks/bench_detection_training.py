@@ -50,6 +50,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -168,8 +169,12 @@ def run_sppnet(
     data: Path | None, out: Path, overrides: dict[str, Any], proposal_cache: Path
 ) -> dict[str, Any]:
     """Trains ``DetectConfig.from_preset("small", **overrides)`` on ``data`` and tests it on ``test``."""
-    cfg = DetectConfig.from_preset("small", data=None if data is None else str(data), calibrate_split=None,
-                                   **overrides)  # fmt: skip
+    cfg = DetectConfig.from_preset(
+        "small", data=None if data is None else str(data), **overrides
+    )
+    cfg = dataclasses.replace(
+        cfg, calibrate_split=None
+    )  # from_preset ignores None overrides
     (out / "cache").mkdir(parents=True, exist_ok=True)
     link = out / "cache" / "proposals"
     if not link.exists():

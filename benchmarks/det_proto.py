@@ -125,16 +125,26 @@ def main() -> None:
         help="epochs of the many-crops pretraining",
     )
     ap.add_argument("--pt-lr", type=float, default=None)
+    ap.add_argument(
+        "--share-features",
+        type=Path,
+        default=None,
+        help="another run's cache/features (same keys)",
+    )
     args = ap.parse_args()
 
     over = json.loads(args.over)
     data = None if args.data == "shapes" else args.data
-    cfg = DetectConfig.from_preset("small", data=data, calibrate_split=None, **over)
+    cfg = dataclasses.replace(
+        DetectConfig.from_preset("small", data=data, **over), calibrate_split=None
+    )
     out = args.out
     (out / "cache").mkdir(parents=True, exist_ok=True)
     SHARED_PROPOSALS.mkdir(parents=True, exist_ok=True)
     if not (out / "cache" / "proposals").exists():
         os.symlink(SHARED_PROPOSALS, out / "cache" / "proposals")
+    if args.share_features is not None and not (out / "cache" / "features").exists():
+        os.symlink(args.share_features.resolve(), out / "cache" / "features")
     t0 = time.perf_counter()
     records, windows, classes = training_set(cfg, out, verbose=False)
     t_props = time.perf_counter() - t0

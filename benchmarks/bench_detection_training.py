@@ -81,9 +81,7 @@ METHODS = ("small", "rcnn", "torchvision")
 # ----------------------------------------------------------------------- data
 
 
-def prepare_sets(
-    names: Sequence[str], root: Path, wheel: Path | None, quick: bool
-) -> dict[str, Path]:
+def prepare_sets(names: Sequence[str], root: Path, wheel: Path | None, quick: bool) -> dict[str, Path]:
     """The VOC folder of each set, generated under ``root`` when missing (``quick``: tiny copies)."""
     import datasets as bench_sets
 
@@ -93,13 +91,9 @@ def prepare_sets(
         folder = root / (f"quick-{name}" if quick else name)
         if name == "shapes":
             if quick:
-                folder = make_detection_dataset(
-                    folder, num_train=24, num_val=4, num_test=12
-                )
+                folder = make_detection_dataset(folder, num_train=24, num_val=4, num_test=12)
             else:
-                folder = (
-                    make_detection_dataset()
-                )  # the built-in set, as `sppnet detect train` without --data
+                folder = make_detection_dataset()  # the built-in set, as `sppnet detect train` without --data
         elif not (folder / "ImageSets" / "Main" / "test.txt").is_file():
             if name == "deepforest-voc":
                 if wheel is None:
@@ -112,16 +106,12 @@ def prepare_sets(
             else:
                 src = src or bench_sets._Sources()
                 counts = (24, 4, 12) if quick else (120, 40, 100)
-                bench_sets.make_detection_set(
-                    folder, name.removesuffix("-voc"), src, counts=counts
-                )
+                bench_sets.make_detection_set(folder, name.removesuffix("-voc"), src, counts=counts)
         folders[name] = folder
     return folders
 
 
-def _records(
-    folder: Path, split: str, classes: Sequence[str] | None
-) -> tuple[list[dict], list[str]]:
+def _records(folder: Path, split: str, classes: Sequence[str] | None) -> tuple[list[dict], list[str]]:
     ds = VOCDetection(folder, split, classes=classes)
     return list(ds.records), list(ds.class_names)
 
@@ -152,12 +142,7 @@ def proposal_recall(
         total += len(gt)
         if len(p):
             found += int(
-                (
-                    box_iou(torch.as_tensor(p, dtype=torch.float32), gt, inclusive=True)
-                    .max(0)
-                    .values
-                    >= iou
-                ).sum()
+                (box_iou(torch.as_tensor(p, dtype=torch.float32), gt, inclusive=True).max(0).values >= iou).sum()
             )
     return found / max(total, 1), float(np.mean([len(p) for p in props])), seconds
 
@@ -165,16 +150,10 @@ def proposal_recall(
 # --------------------------------------------------------------------- sppnet
 
 
-def run_sppnet(
-    data: Path | None, out: Path, overrides: dict[str, Any], proposal_cache: Path
-) -> dict[str, Any]:
+def run_sppnet(data: Path | None, out: Path, overrides: dict[str, Any], proposal_cache: Path) -> dict[str, Any]:
     """Trains ``DetectConfig.from_preset("small", **overrides)`` on ``data`` and tests it on ``test``."""
-    cfg = DetectConfig.from_preset(
-        "small", data=None if data is None else str(data), **overrides
-    )
-    cfg = dataclasses.replace(
-        cfg, calibrate_split=None
-    )  # from_preset ignores None overrides
+    cfg = DetectConfig.from_preset("small", data=None if data is None else str(data), **overrides)
+    cfg = dataclasses.replace(cfg, calibrate_split=None)  # from_preset ignores None overrides
     (out / "cache").mkdir(parents=True, exist_ok=True)
     link = out / "cache" / "proposals"
     if not link.exists():
@@ -198,9 +177,7 @@ def _tv_target(record: dict, flip: bool) -> dict[str, torch.Tensor]:
     boxes[:, 2:] += 1
     if flip:
         w = float(record["width"])
-        boxes = torch.stack(
-            [w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], dim=1
-        )
+        boxes = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], dim=1)
     return {"boxes": boxes.reshape(-1, 4), "labels": record["labels"][keep].long() + 1}
 
 
@@ -232,9 +209,7 @@ def run_torchvision(
     t0 = time.perf_counter()
     while (elapsed := time.perf_counter() - t0) < budget:
         frac = elapsed / budget
-        scale = (
-            min(1.0, (iterations + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * frac))
-        )
+        scale = min(1.0, (iterations + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * frac))
         for g in opt.param_groups:
             g["lr"] = lr * scale
         idx = rng.choice(len(images), size=min(batch, len(images)), replace=False)
@@ -259,9 +234,7 @@ def run_torchvision(
             seconds += time.perf_counter() - t
             boxes = out["boxes"].clone()
             boxes[:, 2:] -= 1  # back to inclusive pixels
-            predictions.append(
-                {"boxes": boxes, "scores": out["scores"], "labels": out["labels"] - 1}
-            )
+            predictions.append({"boxes": boxes, "scores": out["scores"], "labels": out["labels"] - 1})
             gts.append(
                 {
                     "boxes": r["boxes"],
@@ -326,21 +299,15 @@ def main(argv: list[str] | None = None) -> None:
         default=512,
         help="torchvision's min_size (its default is 800)",
     )
-    ap.add_argument(
-        "--tv-max-size", type=int, default=853, help="torchvision's max_size"
-    )
+    ap.add_argument("--tv-max-size", type=int, default=853, help="torchvision's max_size")
     ap.add_argument(
         "--work",
         type=Path,
         default=None,
         help="run directories (default: a temporary folder)",
     )
-    ap.add_argument(
-        "--quick", action="store_true", help="tiny sets, short training: a smoke test"
-    )
-    ap.add_argument(
-        "--json", type=Path, default=None, help="also write the results here"
-    )
+    ap.add_argument("--quick", action="store_true", help="tiny sets, short training: a smoke test")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
 
     variants: dict[str, dict[str, Any]] = {}
@@ -353,11 +320,7 @@ def main(argv: list[str] | None = None) -> None:
         if not name or not text:
             ap.error(f"--variant takes NAME=JSON, got {spec!r}")
         variants[f"sppnet {name}"] = json.loads(text)
-    quick = (
-        {"pretrain_epochs": 2, "ft_iterations": 40, "ft_lr_steps": [30]}
-        if args.quick
-        else {}
-    )
+    quick = {"pretrain_epochs": 2, "ft_iterations": 40, "ft_lr_steps": [30]} if args.quick else {}
     budget = args.budget if args.budget is not None else (20.0 if args.quick else None)
 
     work = args.work or Path(tempfile.mkdtemp(prefix="sppnet-detbench-"))
@@ -373,9 +336,7 @@ def main(argv: list[str] | None = None) -> None:
         test_records, _ = _records(folder, "test", train_classes)
         cache = work / "proposals"
         cfg = DetectConfig.from_preset("small", data=str(folder))
-        proposal_recall(
-            train_records, cfg, cache
-        )  # fills the shared cache for the training runs
+        proposal_recall(train_records, cfg, cache)  # fills the shared cache for the training runs
         recall, per_image, ss_seconds = proposal_recall(test_records, cfg, cache)
         set_result = {"recall": recall, "proposals_per_image": per_image, "proposal_s_per_image": ss_seconds,
                       "train_images": len(train_records), "test_images": len(test_records), "methods": {}}  # fmt: skip
@@ -413,14 +374,10 @@ def main(argv: list[str] | None = None) -> None:
         results["sets"][name] = set_result
 
     print(f"\n{_machine()}\ntotal {time.perf_counter() - t_all:.0f} s\n")
-    print(
-        "| set | recall@0.5 | method | mAP (VOC07) | train s | test s/img | proposals s/img |"
-    )
+    print("| set | recall@0.5 | method | mAP (VOC07) | train s | test s/img | proposals s/img |")
     print("|---|---:|---|---:|---:|---:|---:|")
     for name, recall, label, m, tr, te, ss in rows:
-        print(
-            f"| {name} | {recall:.3f} | {label} | {m:.3f} | {tr:.0f} | {te:.3f} | {ss:.3f} |"
-        )
+        print(f"| {name} | {recall:.3f} | {label} | {m:.3f} | {tr:.0f} | {te:.3f} | {ss:.3f} |")
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=1, default=float))
 

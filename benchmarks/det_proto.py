@@ -65,9 +65,7 @@ def scale_from_objects(records, target: float, q: float, lo: float, hi: float) -
     return int(round(min(max(value, lo), hi) / 16) * 16)
 
 
-def many_crops(
-    records, windows, classes, size: int, per_object: int, bg_ratio: float, seed: int
-) -> WindowCrops:
+def many_crops(records, windows, classes, size: int, per_object: int, bg_ratio: float, seed: int) -> WindowCrops:
     """Ground truth + up to ``per_object`` proposals of IoU >= 0.5 per object + background (see the docstring)."""
     items = []
     k = len(classes)
@@ -81,24 +79,16 @@ def many_crops(
             if difficult:
                 continue
             fg_items.append((path, tuple(box), int(label)))
-            near = (
-                ((w.gt_index == g) & (w.max_overlap >= 0.5) & ~w.is_gt)
-                .nonzero()
-                .squeeze(1)
-            )
+            near = ((w.gt_index == g) & (w.max_overlap >= 0.5) & ~w.is_gt).nonzero().squeeze(1)
             if len(near) > per_object:
                 near = near[rng.choice(len(near), per_object, replace=False)]
-            fg_items += [
-                (path, tuple(w.boxes[j].tolist()), int(label)) for j in near.tolist()
-            ]
+            fg_items += [(path, tuple(w.boxes[j].tolist()), int(label)) for j in near.tolist()]
         items += fg_items
         bg = (w.max_overlap < 0.3).nonzero().squeeze(1)
         n_bg = min(len(bg), round(bg_ratio * max(len(fg_items), 1)))
         if n_bg:
             pick = rng.choice(len(bg), n_bg, replace=False)
-            items += [
-                (path, tuple(w.boxes[bg[j]].tolist()), k) for j in sorted(pick.tolist())
-            ]
+            items += [(path, tuple(w.boxes[bg[j]].tolist()), k) for j in sorted(pick.tolist())]
     return WindowCrops(items, resize_side(size), [*classes, BACKGROUND])
 
 
@@ -135,9 +125,7 @@ def main() -> None:
 
     over = json.loads(args.over)
     data = None if args.data == "shapes" else args.data
-    cfg = dataclasses.replace(
-        DetectConfig.from_preset("small", data=data, **over), calibrate_split=None
-    )
+    cfg = dataclasses.replace(DetectConfig.from_preset("small", data=data, **over), calibrate_split=None)
     out = args.out
     (out / "cache").mkdir(parents=True, exist_ok=True)
     SHARED_PROPOSALS.mkdir(parents=True, exist_ok=True)
@@ -151,9 +139,7 @@ def main() -> None:
     info: dict = {"data": args.data, "over": over, "proposals_s": t_props}
     t0 = time.perf_counter()
     if args.scale_rule is not None:
-        s = scale_from_objects(
-            records, cfg.window_target, args.scale_rule, args.scale_min, args.scale_max
-        )
+        s = scale_from_objects(records, cfg.window_target, args.scale_rule, args.scale_min, args.scale_max)
         cfg = dataclasses.replace(cfg, scales=(round(s / cfg.size_factor),)).resolved()
         info["scale"] = s
     if args.crops == "many":

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from sppnet.cli._common import add_common, add_preset
+from sppnet.cli._common import add_common, add_limits, add_preset, set_limits
 from sppnet.cli._options import add_config_options, config_overrides
 from sppnet.engine.detect.config import PRESETS, DetectConfig
 
@@ -68,6 +68,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     v.add_argument(
         "--json", action="store_true", help='print {"mAP", "ap": {class: AP}, "images", "seconds_per_image"} as JSON'
     )
+    add_limits(v)
     add_common(v)
     v.set_defaults(func=_val)
 
@@ -85,6 +86,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "COCO annotation JSON of held-out images (images in the run's --data unless given)",
     )
     c.add_argument("--json", action="store_true", help="print thresholds.json")
+    add_limits(c)
     add_common(c)
     c.set_defaults(func=_calibrate)
 
@@ -110,6 +112,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "(Fast R-CNN Sec. 3.1); compare mAP with and without",
     )
     r.add_argument("--json", action="store_true", help="print the detections as JSON")
+    add_limits(r)
     add_common(r)
     r.set_defaults(func=_predict)
 
@@ -164,6 +167,7 @@ def _svd_rank(args: argparse.Namespace) -> int | tuple[int, int] | None:
 def _val(args: argparse.Namespace) -> int:
     from sppnet.engine.detect import json_safe, val
 
+    set_limits(args)
     result = val(
         args.run,
         data=args.data,
@@ -194,6 +198,7 @@ def _val(args: argparse.Namespace) -> int:
 def _calibrate(args: argparse.Namespace) -> int:
     from sppnet.engine.detect import calibrate, json_safe
 
+    set_limits(args)
     result = json_safe(
         calibrate(
             args.run,
@@ -224,6 +229,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from sppnet.engine.detect import predict
 
+    set_limits(args)
     threshold = args.score_threshold
     if threshold is not None and len(threshold) == 1:
         threshold = threshold[0]

@@ -1,5 +1,14 @@
-"""Utilities shared by every layer: safe persistence (:mod:`sppnet.utils.io`)."""
+"""Utilities shared by every layer: safe persistence (:mod:`sppnet.utils.io`), finite-or-stop
+checks (:mod:`sppnet.utils.finite`), one writer per run folder (:mod:`sppnet.utils.runlock`)."""
 
+from sppnet.utils.finite import (
+    NonFiniteError,
+    check_finite_tensors,
+    check_json_finite,
+    find_non_finite,
+    finite_or_raise,
+    non_finite_tensors,
+)
 from sppnet.utils.io import (
     CHECKPOINT_FORMAT_VERSION,
     atomic_path,
@@ -20,20 +29,32 @@ from sppnet.utils.io import (
     tensor_digest,
     unflatten_state,
 )
+from sppnet.utils.runlock import LOCK_NAME, RunLock, RunLockError, StaleLockWarning, read_lock_holder
 
 __all__ = [
     "CHECKPOINT_FORMAT_VERSION",
+    "LOCK_NAME",
+    "NonFiniteError",
+    "RunLock",
+    "RunLockError",
+    "StaleLockWarning",
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_text",
     "capture_rng_state",
+    "check_finite_tensors",
+    "check_json_finite",
     "file_digest",
+    "find_non_finite",
+    "finite_or_raise",
     "flatten_state",
     "load_cache",
     "load_checkpoint",
     "load_json",
     "load_torch_weights_only",
+    "non_finite_tensors",
     "read_checkpoint",
+    "read_lock_holder",
     "restore_rng_state",
     "save_cache",
     "save_checkpoint",

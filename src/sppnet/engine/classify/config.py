@@ -29,13 +29,16 @@ from typing import Any, ClassVar
 from sppnet.data.transforms import small_size_for
 from sppnet.engine.classify.schedules import SCHEDULES
 from sppnet.engine.config import Config, ConfigError, check_resume, merge_overrides, option
+from sppnet.engine.limits import LimitsConfig
 from sppnet.engine.views import VIEWS
 from sppnet.models import list_models
 
 __all__ = ["PRESETS", "RESUME_MUTABLE", "ClassifyConfig"]
 
 #: Settings a resumed run may change; every other one must match the saved config.
-RESUME_MUTABLE: tuple[str, ...] = ("epochs", "workers", "cache_images", "device", "views")
+RESUME_MUTABLE: tuple[str, ...] = ("epochs", "workers", "cache_images", "device", "views") + tuple(
+    f"limits.{f.name}" for f in dataclasses.fields(LimitsConfig)
+)
 
 
 @dataclass
@@ -113,6 +116,7 @@ class ClassifyConfig(Config):
     data: str | None = option(
         None, path=True, help="ImageFolder root with train/<class>/* (and val/); none: the built-in shapes set"
     )
+    limits: LimitsConfig = dataclasses.field(default_factory=LimitsConfig)
 
     @classmethod
     def from_preset(

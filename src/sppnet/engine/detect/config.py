@@ -15,6 +15,7 @@ nested like the classes::
       svm         SVMConfig                   (svm.py)
       bbox        BoxRegressionConfig         (bbox_regression.py)
       test        TestConfig                  calibration split
+      limits      LimitsConfig                image size limits (engine/limits.py)
       seed, workers, device, preset
 
 The defaults ARE the ``small`` preset; :data:`PRESETS` holds each preset as a
@@ -33,6 +34,7 @@ from sppnet.engine.config import Config, ConfigError, option
 from sppnet.engine.detect.bbox_regression import BoxRegressionConfig
 from sppnet.engine.detect.finetune import FinetuneConfig
 from sppnet.engine.detect.svm import SVMConfig
+from sppnet.engine.limits import LimitsConfig
 from sppnet.models import list_models
 from sppnet.models.detector import METHODS, SCORERS
 
@@ -165,6 +167,7 @@ class DetectConfig(Config):
     svm: SVMConfig = field(default_factory=SVMConfig)
     bbox: BoxRegressionConfig = field(default_factory=BoxRegressionConfig)
     test: TestConfig = field(default_factory=TestConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     seed: int = option(0, min=0, help="seeds proposals' ranking, the weights, sampling and dropout")
     workers: int = option(2, min=0, help="selective search worker processes")
     device: str = option("auto", flag=False, help="auto | cpu | cuda | cuda:N")

@@ -44,9 +44,12 @@ from sppnet.engine.common import GracefulInterrupt, MetricsLog, load_state, prog
 from sppnet.engine.config import Config, ConfigError, option
 from sppnet.engine.detect.features import FeatureCache, WindowSet, flip_boxes, load_record_image
 from sppnet.models.detector import SPPDetector
-from sppnet.utils import capture_rng_state, restore_rng_state
+from sppnet.utils import capture_rng_state, check_finite_tensors, finite_or_raise, restore_rng_state
 
 __all__ = ["FinetuneConfig", "FinetuneInterrupted", "finetune"]
+
+
+_DIVERGED = "lower --ft-lr and resume; finetune_last.safetensors holds the last finite checkpoint"
 
 
 class FinetuneInterrupted(KeyboardInterrupt):
@@ -269,6 +272,9 @@ def finetune(
             print(f"resuming fine-tuning at iteration {start + 1} of {cfg.iterations}", file=sys.stderr)
 
     def checkpoint(iteration: int) -> None:
+        check_finite_tensors(
+            detector, "the fine-tuned weights", step=iteration, lr=cfg.lr_at(iteration - 1), hint=_DIVERGED
+        )
         save_state(
             ckpt,
             {
@@ -303,6 +309,7 @@ def finetune(
                 x, y = _image_batch(detector, records, windows, rng, fg, bg, cfg)
             logits = detector.cls_score(detector.fc7(x))
             loss = F.cross_entropy(logits, y)
+            finite_or_raise("fine-tuning loss", loss, step=it + 1, lr=lr, hint=_DIVERGED)  # the last checkpoint is kept
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -90,6 +90,15 @@ def _walk(obj, prefix=""):
             yield from _walk(v, f"{prefix}[{i}]")
 
 
+def _run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """``(exit code, stdout, stderr + the warnings emitted)``: a skipped file may be named in either."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err + "".join(f"\n{w.message}" for w in caught)
+
+
 # ---------------------------------------------------------------- data and runs
 
 CLS_FLAGS = ["--width", "0.1", "--fc-dim", "32", "--size", "64", "--batch-size", "8", "--lr-steps", ""]
@@ -355,11 +364,9 @@ def test_detect_predict_refuses_a_thin_strip_up_front(det_model, tmp_path, capsy
     strip = tmp_path / "strip.png"
     Image.new("RGB", (20000, 10), (200, 30, 30)).save(strip)
     t0 = time.monotonic()
-    code = main(
-        ["detect", "predict", "--run", str(det_model), str(strip), "--out", str(tmp_path / "p"), "--device", "cpu"]
-    )
+    argv = ["detect", "predict", "--run", str(det_model), str(strip), "--out", str(tmp_path / "p"), "--device", "cpu"]
+    code, _, err = _run_cli(argv, capsys)
     assert code != 0 and time.monotonic() - t0 < 60
-    err = capsys.readouterr().err
     assert str(strip) in err and "aspect ratio 2000.0" in err and "--max-aspect-ratio" in err
 
 
@@ -502,13 +509,12 @@ def test_classify_predict_skips_an_unreadable_image_and_writes_the_good_ones(cls
     good = sorted(p for p in (cls_data / "val").rglob("*") if p.is_file())[:2]
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not an image")
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        code = main(["classify", "predict", "--run", str(cls_run), str(good[0]), str(broken), str(good[1]), "--json"])
-    captured = capsys.readouterr()
-    assert code == 0 and [p["image"] for p in json.loads(captured.out)] == [str(good[0]), str(good[1])]
-    assert str(broken) in captured.err
-    assert main(["classify", "predict", "--run", str(cls_run), str(broken)]) != 0
+    argv = ["classify", "predict", "--run", str(cls_run), str(good[0]), str(broken), str(good[1]), "--json"]
+    code, out, err = _run_cli(argv, capsys)
+    assert code == 0 and [p["image"] for p in json.loads(out)] == [str(good[0]), str(good[1])]
+    assert str(broken) in err
+    code, out, err = _run_cli(["classify", "predict", "--run", str(cls_run), str(broken)], capsys)
+    assert code != 0 and out == "" and "broken.jpg" in err
 
 
 @needs_sources
@@ -518,12 +524,10 @@ def test_detect_predict_skips_an_unreadable_image_and_writes_the_good_ones(det_m
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG broken")
     out = tmp_path / "pred"
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        code = main(["detect", "predict", "--run", str(det_model), str(broken), str(good), "--out", str(out), "--json"])
-    captured = capsys.readouterr()
-    assert code == 0 and [Path(r["image"]).name for r in json.loads(captured.out)] == ["good.png"]
-    assert (out / "good.json").is_file() and str(broken) in captured.err
+    argv = ["detect", "predict", "--run", str(det_model), str(broken), str(good), "--out", str(out), "--json"]
+    code, printed, err = _run_cli(argv, capsys)
+    assert code == 0 and [Path(r["image"]).name for r in json.loads(printed)] == ["good.png"]
+    assert (out / "good.json").is_file() and not (out / "broken.json").exists() and str(broken) in err
 
 
 # ---------------------------------------------------------------- 6. messages

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from sppnet.cli._common import add_common, add_preset
+from sppnet.cli._common import add_common, add_limits, add_preset, set_limits
 from sppnet.cli._options import add_config_options, config_overrides
 from sppnet.engine.classify.config import PRESETS, ClassifyConfig
 from sppnet.engine.views import VIEWS
@@ -43,7 +43,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     t.add_argument("--out", required=True, help="run directory (checkpoints, metrics, config)")
     add_preset(t)
-    add_config_options(t, ClassifyConfig, presets=_preset_configs(), titles={"": "settings"})
+    add_config_options(
+        t, ClassifyConfig, presets=_preset_configs(), exclude=("limits.max_search_pixels",), titles={"": "settings"}
+    )
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     add_common(t)
@@ -61,6 +63,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     v.add_argument("--batch-size", type=int, help="images per batch (default: the run's)")
     v.add_argument("--workers", type=int, help="DataLoader worker processes (default: the run's)")
     v.add_argument("--json", action="store_true", help='print {"top1", "top5", "images", "views"} as JSON')
+    add_limits(v, search=False)
     add_common(v)
     v.set_defaults(func=_val)
 
@@ -83,6 +86,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     _add_views(r)
     r.add_argument("--topk", type=int, default=5, help="classes to print per image (default 5)")
     r.add_argument("--json", action="store_true", help="print the predictions as JSON")
+    add_limits(r, search=False)
     add_common(r)
     r.set_defaults(func=_predict)
 
@@ -136,6 +140,7 @@ def _val(args: argparse.Namespace) -> int:
     from sppnet.engine.classify import builtin_data_root, evaluate, load_classifier, open_image_folder
     from sppnet.engine.common import resolve_device
 
+    set_limits(args)
     model, classes, cfg = load_classifier(args.run, resolve_device(args.device))
     root = Path(args.data) if args.data else (Path(cfg.data) if cfg.data else builtin_data_root())
     if not root.is_dir():
@@ -161,7 +166,9 @@ def _predict(args: argparse.Namespace) -> int:
     from sppnet.data.sources import SourceReport, resolve_sources
     from sppnet.engine.classify.inference import load_classifier, predict_sources
     from sppnet.engine.common import resolve_device
+    from sppnet.utils import check_json_finite
 
+    set_limits(args)
     report = SourceReport()
     entries = resolve_sources(args.sources, recursive=args.recursive, strict=args.strict, report=report)
     model, classes, cfg = load_classifier(args.run, resolve_device(args.device))
@@ -177,7 +184,7 @@ def _predict(args: argparse.Namespace) -> int:
         report=report,
     )
     if args.json:
-        print(json.dumps(results))
+        print(json.dumps(check_json_finite(results, "the predictions")))
     else:
         for r in results:
             tops = ", ".join(f"{t['class']} {t['prob']:.3f}" for t in r["top"])

@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from sppnet.cli._common import add_common, add_preset
+from sppnet.cli._common import add_common, add_limits, add_preset, set_limits
 from sppnet.cli._options import add_config_options, config_overrides
 from sppnet.engine.detect.config import PRESETS, DetectConfig
 
@@ -93,6 +93,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     v.add_argument(
         "--json", action="store_true", help='print {"mAP", "ap": {class: AP}, "images", "seconds_per_image"} as JSON'
     )
+    add_limits(v)
     add_common(v)
     v.set_defaults(func=_val)
 
@@ -110,6 +111,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "COCO annotation JSON of held-out images (images in the run's --data unless given)",
     )
     c.add_argument("--json", action="store_true", help="print thresholds.json")
+    add_limits(c)
     add_common(c)
     c.set_defaults(func=_calibrate)
 
@@ -159,6 +161,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--no-images", action="store_true", help="no annotated PNGs or videos (JSON only)")
     _add_amp(r)
     r.add_argument("--json", action="store_true", help="print the detections as JSON")
+    add_limits(r)
     add_common(r)
     r.set_defaults(func=_predict)
 
@@ -249,6 +252,7 @@ def _svd_rank(args: argparse.Namespace) -> int | tuple[int, int] | None:
 def _val(args: argparse.Namespace) -> int:
     from sppnet.engine.detect import json_safe, val
 
+    set_limits(args)
     result = val(
         args.run,
         data=args.data,
@@ -292,6 +296,7 @@ def _val(args: argparse.Namespace) -> int:
 def _calibrate(args: argparse.Namespace) -> int:
     from sppnet.engine.detect import calibrate, json_safe
 
+    set_limits(args)
     result = json_safe(
         calibrate(
             args.run,
@@ -325,6 +330,7 @@ def _predict(args: argparse.Namespace) -> int:
     from sppnet.data.sources import SourceReport
     from sppnet.engine.detect import predict
 
+    set_limits(args)
     threshold = args.score_threshold
     if threshold is not None and len(threshold) == 1:
         threshold = threshold[0]

@@ -58,8 +58,8 @@ from typing import TypeVar
 import numpy as np
 from PIL import Image
 
-from sppnet.data import images
 from sppnet.data.images import IMAGE_EXTENSIONS, ImageError, SkipCounter, load_image
+from sppnet.data.limits import get_image_limits
 from sppnet.data.video import VIDEO_EXTENSIONS, VideoInfo, probe_video, read_frames
 
 __all__ = [
@@ -228,10 +228,13 @@ class _Skip:
 
     def __init__(self, strict: bool, report: SourceReport) -> None:
         self.strict, self.report = bool(strict), report
+        self.first: list[str] = []  # the first few, for the message when nothing could be read
 
     def __call__(self, path: str | os.PathLike, reason: str, detail: str) -> None:
         if self.strict:
             raise SourceError(str(path), reason, detail)
+        if len(self.first) < 3:
+            self.first.append(f"{path}: {detail}")
         self.report.skipped.skip(path, reason, detail)
 
 
@@ -348,9 +351,13 @@ class _Resolver:
         if info is None:
             self.bad(path, "unreadable video", "OpenCV cannot open this video file")
             return
-        limit = images.MAX_IMAGE_PIXELS if self.max_pixels is None else self.max_pixels
+        limit = get_image_limits().max_pixels if self.max_pixels is None else self.max_pixels
         if limit is not None and info.width * info.height > limit:
-            self.bad(path, "too large", f"{info.width}x{info.height} frames exceed the limit of {limit} pixels")
+            self.bad(
+                path,
+                "too large",
+                f"{info.width}x{info.height} frames exceed the limit of {limit} pixels; raise it with --max-image-pixels",
+            )
             return
         size = (info.width, info.height)
         self.entries.append(SourceEntry(path, "video", name, stem, source, info.frames, info.fps, size))
@@ -463,7 +470,7 @@ def _iterate(
         raise SourceError(
             ", ".join(e.name for e in entries[:5]) + (", ..." if len(entries) > 5 else ""),
             "nothing read",
-            f"no image or frame could be read ({report.summary()})",
+            f"no image or frame could be read ({report.summary()})" + "".join(f"; {m}" for m in bad.first),
         )
 
 

@@ -43,13 +43,13 @@ from PIL import Image
 from torch import Tensor
 
 from sppnet.data.images import pil_to_tensor, to_rgb
+from sppnet.data.limits import FLAGS, get_image_limits
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "PCA_EIGVAL",
     "PCA_EIGVEC",
-    "MAX_ASPECT",
     "resize_side",
     "small_size_for",
     "resize_short_side",
@@ -73,9 +73,6 @@ PCA_EIGVEC: tuple[tuple[float, float, float], ...] = (
     (-0.5808, -0.0045, -0.8140),
     (-0.5836, -0.6948, 0.4203),
 )
-#: Longest accepted ``long side / short side`` of an input image. Resizing the
-#: short side of a 1 x 5000 strip to 256 would make a 1.3-gigapixel image.
-MAX_ASPECT = 20.0
 #: Training crops: the paper's five fixed crops, or random-resized crops of the whole image.
 CROPS: tuple[str, ...] = ("paper", "random")
 
@@ -96,16 +93,20 @@ def resize_short_side(img: Image.Image, side: int) -> Image.Image:
     Small images are upscaled, large ones downscaled (bilinear, antialiased).
 
     Raises:
-        ValueError: ``side < 1`` or an aspect ratio above :data:`MAX_ASPECT`.
+        ValueError: ``side < 1``, or an aspect ratio above the ``max_aspect_ratio`` of
+            :func:`~sppnet.data.limits.get_image_limits` (``--max-aspect-ratio``): resizing
+            the short side of a 1 x 5000 strip to 256 would make a 1.3-gigapixel image.
     """
     if side < 1:
         raise ValueError(f"side must be >= 1, got {side}")
     w, h = img.size
     if w < 1 or h < 1:
         raise ValueError(f"image has no pixels ({w}x{h})")
-    if max(w, h) / min(w, h) > MAX_ASPECT:
+    limit = get_image_limits().max_aspect_ratio
+    if limit is not None and max(w, h) > limit * min(w, h):
         raise ValueError(
-            f"image of {w}x{h} pixels has aspect ratio {max(w, h) / min(w, h):.1f}; at most {MAX_ASPECT:g} is supported"
+            f"image of {w}x{h} pixels has aspect ratio {max(w, h) / min(w, h):.1f}, above the limit of {limit:g}; "
+            f"raise it with {FLAGS['max_aspect_ratio']}"
         )
     if w <= h:
         new = (side, max(side, int(round(h * side / w))))

@@ -25,7 +25,7 @@ Scores are softmax probabilities averaged over the views.
 
 Small images are not an error: every view starts by resizing the image's short
 side (up or down), so any picture with an aspect ratio up to
-:data:`~sppnet.data.transforms.MAX_ASPECT` works. What can fail is a ``size``
+``--max-aspect-ratio`` (:mod:`sppnet.data.limits`) works. What can fail is a ``size``
 below the network's minimum input, which is checked with a message naming both.
 
 Flipped views of the multi-view test need the mirror image's own feature maps

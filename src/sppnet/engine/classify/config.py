@@ -31,6 +31,7 @@ from sppnet.data.transforms import IMAGENET_MEAN, IMAGENET_STD, small_size_for
 from sppnet.engine.amp import AMP_CHOICES
 from sppnet.engine.classify.schedules import SCHEDULES
 from sppnet.engine.config import Config, ConfigError, check_resume, merge_overrides, option
+from sppnet.engine.limits import LimitsConfig
 from sppnet.engine.views import VIEWS
 from sppnet.models import get_model, list_models
 from sppnet.models.freeze import feature_stages
@@ -85,7 +86,9 @@ def check_freeze(model: str, freeze: str, flag: str = "--freeze") -> None:
 
 
 #: Settings a resumed run may change; every other one must match the saved config.
-RESUME_MUTABLE: tuple[str, ...] = ("epochs", "workers", "cache_images", "device", "views")
+RESUME_MUTABLE: tuple[str, ...] = ("epochs", "workers", "cache_images", "device", "views") + tuple(
+    f"limits.{f.name}" for f in dataclasses.fields(LimitsConfig)
+)
 
 
 @dataclass
@@ -192,6 +195,7 @@ class ClassifyConfig(Config):
     data: str | None = option(
         None, path=True, help="ImageFolder root with train/<class>/* (and val/); none: the built-in shapes set"
     )
+    limits: LimitsConfig = dataclasses.field(default_factory=LimitsConfig)
 
     @classmethod
     def from_preset(

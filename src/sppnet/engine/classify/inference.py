@@ -27,6 +27,7 @@ from sppnet.engine.common import UserError, load_weights, progress
 from sppnet.engine.distributed import DistContext, all_reduce_sum
 from sppnet.engine.views import check_size, check_views, prepare_views, score_views
 from sppnet.models import get_model
+from sppnet.utils import check_finite_tensors
 
 __all__ = ["evaluate", "evaluate_counts", "inference_meta", "load_classifier", "predict", "predict_sources"]
 
@@ -69,6 +70,7 @@ def load_classifier(
     state, meta = load_weights(path, device="cpu")
     if meta.get("task") != "classify":
         raise UserError(f"{path} is not a classification model (task={meta.get('task')!r})")
+    check_finite_tensors(state, f"weights in {path}", hint="the run diverged; train it again with a lower --lr")
     cfg = ClassifyConfig.from_dict(meta["config"])
     model = get_model(meta["model"], **meta["model_config"])
     model.load_state_dict(state)

@@ -24,10 +24,12 @@ Run directory (``out``)::
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from sppnet.data.checks import check_classification_data
 from sppnet.data.transforms import TrainTransform
 from sppnet.engine.amp import autocast_context, grad_scaler
 from sppnet.engine.classify.config import ClassifyConfig
@@ -59,15 +62,27 @@ from sppnet.engine.distributed import (
     all_gather_objects,
     all_reduce_sum,
     barrier,
+    broadcast_object,
     derive_seed,
     init_distributed,
     shutdown_distributed,
     wrap_model,
 )
+from sppnet.engine.limits import image_limits
 from sppnet.engine.views import check_size
 from sppnet.models import get_model
 from sppnet.models.freeze import freeze
-from sppnet.utils import capture_rng_state, load_json, restore_rng_state, save_json
+from sppnet.utils import (
+    NonFiniteError,
+    RunLock,
+    RunLockError,
+    capture_rng_state,
+    check_finite_tensors,
+    finite_or_raise,
+    load_json,
+    restore_rng_state,
+    save_json,
+)
 
 __all__ = ["TrainingInterrupted", "build_model", "train"]
 
@@ -134,6 +149,7 @@ def train(
     out: str | os.PathLike = "runs/classify",
     resume: bool = False,
     verbose: bool = True,
+    resume_hint: bool = True,
 ) -> Path:
     """Trains an SPP-net classifier; the same call works under ``torchrun`` (DDP).
 
@@ -147,12 +163,18 @@ def train(
         out: run directory (see the module docstring).
         resume: continue the run in ``out`` from ``last.safetensors``.
         verbose: progress bar and one line per epoch (rank 0 only).
+        resume_hint: after Ctrl-C, print the ``sppnet classify train --resume``
+            command (off when another command drives the run, e.g. the
+            detector's backbone pretraining).
 
     Returns:
         ``out``, with ``model.safetensors`` holding the final weights.
 
     Raises:
         UserError / ValueError: bad settings or data (one-line messages).
+        RunLockError: another process writes to ``out`` (naming its PID), or ``out`` is a file.
+        NonFiniteError: the loss or the weights turned NaN / inf (training
+            diverged); the last finite checkpoint is kept.
         TrainingInterrupted: after Ctrl-C, once a checkpoint is written.
     """
     out = Path(out)
@@ -163,17 +185,67 @@ def train(
         cfg = ClassifyConfig.from_dict(load_json(out / "config.json")).check_resume(cfg)
     else:
         cfg = (cfg or ClassifyConfig()).resolved()
-        if ckpt_path.exists():
-            raise UserError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
     import torch.distributed as dist
 
     owns_group = not (dist.is_available() and dist.is_initialized())
     ctx = init_distributed(cfg.device)
     try:
-        return _train(cfg, ctx, train_set, val_set, classes, out, resume and ckpt_path.exists(), verbose)
+        with _run_lock(out, ctx), image_limits(cfg.limits):
+            if not resume and ckpt_path.exists():  # checked under the lock: a run started at once is refused above
+                raise UserError(
+                    f"{out} already holds a training run; pass --resume to continue it or choose another --out"
+                )
+            resumed = resume and ckpt_path.exists()
+            return _train(cfg, ctx, train_set, val_set, classes, out, resumed, verbose, resume_hint)
     finally:
         if owns_group:
             shutdown_distributed(ctx)
+
+
+@contextlib.contextmanager
+def _run_lock(out: Path, ctx: DistContext) -> Iterator[None]:
+    """One writer per run folder (:class:`~sppnet.utils.RunLock`), taken by rank 0, which writes ``out``.
+
+    Under ``torchrun`` the other ranks learn whether rank 0 got it and stop with it if not.
+    """
+    lock, refused = None, None
+    if ctx.is_main:
+        try:
+            lock = RunLock(out).acquire()
+        except RunLockError as e:
+            refused = e
+    message = broadcast_object(None if refused is None else str(refused), ctx)
+    if refused is not None:
+        raise refused
+    if message is not None:
+        raise RunLockError(message, out)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _check_loss(loss: float, ctx: DistContext, out: Path, epoch: int, step: int, steps: int, lr: float) -> None:
+    """Stops training at the first non-finite loss, on every rank at the same step.
+
+    ``loss`` is this rank's loss of batch ``step`` (1-based) of 0-based ``epoch``;
+    ``steps`` is the number of batches per epoch. The weights are then not finite
+    either (or about to be), so nothing more is saved: ``last.safetensors`` keeps
+    the last finite state.
+    """
+    diverged = not math.isfinite(loss)
+    if ctx.distributed:  # under DDP a NaN on one rank reaches every rank's weights through the gradients
+        diverged = all_reduce_sum([float(diverged)], ctx)[0] > 0
+    if not diverged:
+        return
+    ckpt = out / "last.safetensors"
+    kept = f"{ckpt} holds the last finite state" if ckpt.is_file() else "no checkpoint was written yet"
+    hint = f"lower --lr (--pretrain-lr for a detector's backbone) or raise --batch-size and train again; {kept}"
+    name = f"training loss in epoch {epoch + 1}, batch {step}"
+    if math.isfinite(loss):  # another rank diverged
+        raise NonFiniteError(f"{name} is not finite on another process with lr {lr:g}: training diverged; {hint}", name)
+    finite_or_raise(name, loss, step=epoch * steps + step, lr=lr, hint=hint)
 
 
 def _open_data(
@@ -204,6 +276,9 @@ def _open_data(
             raise ValueError("pass classes=[...] (names in label order) with a train_set that has no .classes")
     if len(train_set) == 0:
         raise UserError("the training set is empty")
+    report = check_classification_data(train_set, classes, val=val_set)  # one class, empty splits: errors
+    if verbose and report.warnings:  # (skipped files were reported by open_image_folder)
+        print(report.summary(), file=sys.stderr)
     return train_set, val_set, [str(c) for c in classes]
 
 
@@ -216,6 +291,7 @@ def _train(
     out: Path,
     resume: bool,
     verbose: bool,
+    resume_hint: bool = True,
 ) -> Path:
     say = verbose and ctx.is_main
     if cfg.batch_size % ctx.world_size:
@@ -310,9 +386,10 @@ def _train(
                 scaler.update()
                 totals.add(loss, logits, y)
                 step += 1
+                _check_loss(float(loss.detach()), ctx, out, epoch, step, steps, lr)
                 if step < steps and _stop_requested(interrupt, ctx):
                     _checkpoint(out, ctx, model, optimizer, schedule, epoch, step, totals, time.perf_counter() - t0)
-                    _interrupted(out, ctx, epoch, step)
+                    _interrupted(out, ctx, epoch, step, resume_hint)
             del bar, loader
             loss_sum, correct, seen = all_reduce_sum(totals.as_list(), ctx)
             row: dict[str, Any] = {
@@ -327,6 +404,7 @@ def _train(
                 row["val_top1"], row["val_top5"] = top1 / n, top5 / n
             row["seconds"] = round(time.perf_counter() - t0, 3)
             start_step, totals, elapsed = 0, EpochTotals(), 0.0
+            check_finite_tensors(model, "model parameters", step=(epoch + 1) * steps, lr=lr)  # on every rank
             if ctx.is_main:
                 save_weights(out / "model.safetensors", model, inference_meta(cfg, model, classes, epoch + 1))
                 metrics.append(row)
@@ -342,7 +420,7 @@ def _train(
                     file=sys.stderr,
                 )
             if epoch + 1 < cfg.epochs and _stop_requested(interrupt, ctx):
-                _interrupted(out, ctx, epoch + 1, 0)
+                _interrupted(out, ctx, epoch + 1, 0, resume_hint)
     barrier(ctx)
     return out
 
@@ -359,6 +437,7 @@ def _checkpoint(
     elapsed: float,
 ) -> None:
     """``last.safetensors``: the resumable state (all ranks' RNG states and counters)."""
+    check_finite_tensors(model, "model parameters", hint="lower --lr and train again")  # nothing non-finite is saved
     rngs = all_gather_objects(capture_rng_state(), ctx)
     runs = all_gather_objects(totals.as_list(), ctx)
     if ctx.is_main:
@@ -376,12 +455,12 @@ def _checkpoint(
     barrier(ctx)
 
 
-def _interrupted(out: Path, ctx: DistContext, epoch: int, step: int):
+def _interrupted(out: Path, ctx: DistContext, epoch: int, step: int, resume_hint: bool = True):
     if ctx.is_main:
         where = f"after epoch {epoch}" if step == 0 else f"in epoch {epoch + 1} after batch {step}"
         print(
-            f"\ninterrupted {where}: checkpoint written to {out / 'last.safetensors'}\n"
-            f"resume with: sppnet classify train --out {out} --resume",
+            f"\ninterrupted {where}: checkpoint written to {out / 'last.safetensors'}"
+            + (f"\nresume with: sppnet classify train --out {out} --resume" if resume_hint else ""),
             file=sys.stderr,
         )
     raise TrainingInterrupted()

@@ -135,12 +135,13 @@ def pretrain_config(cfg: DetectConfig):
         epochs=b.epochs,
         batch_size=b.batch_size,
         lr=b.lr,
-        lr_steps=(int(b.epochs * 5 / 6), int(b.epochs * 11 / 12)),
+        lr_steps=(max(1, int(b.epochs * 5 / 6)), max(1, int(b.epochs * 11 / 12))),  # never before epoch 1
         seed=cfg.seed,
         workers=min(cfg.workers, 1),
         device=cfg.device,
         preset=cfg.preset,
         cache_images=False,  # the crops are already in memory; a loader worker prepares the batches
+        limits=cfg.limits,
     ).resolved()
 
 
@@ -151,7 +152,14 @@ def pretrain_backbone(crops: WindowCrops, classify_cfg, out: str | os.PathLike, 
     out = Path(out)
     resume = (out / "last.safetensors").is_file()
     return train(
-        classify_cfg, train_set=crops, val_set=None, classes=crops.classes, out=out, resume=resume, verbose=verbose
+        classify_cfg,
+        train_set=crops,
+        val_set=None,
+        classes=crops.classes,
+        out=out,
+        resume=resume,
+        verbose=verbose,
+        resume_hint=False,  # the detector's run resumes with 'sppnet detect train --resume', which stages.py prints
     )
 
 

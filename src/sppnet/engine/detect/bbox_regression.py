@@ -27,6 +27,7 @@ from torch import Tensor
 from sppnet.engine.config import Config, option
 from sppnet.engine.detect.features import WindowSet
 from sppnet.ops import encode_boxes
+from sppnet.utils import finite_or_raise
 
 __all__ = [
     "PAPER_DIM",
@@ -121,6 +122,7 @@ def train_box_regressors(
     for c, (x, t) in enumerate(zip(features, targets)):
         if len(x):
             weight[c], bias[c] = fit_ridge(x.float() * feature_scale, t.float(), lam)
+            finite_or_raise(f"the box regressor of class {c}", weight[c], hint="its pool5 features are not finite")
     return weight, bias
 
 

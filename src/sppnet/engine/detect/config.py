@@ -15,6 +15,7 @@ nested like the classes::
       svm         SVMConfig                   (svm.py)
       bbox        BoxRegressionConfig         (bbox_regression.py)
       test        TestConfig                  NMS order, detections kept, calibration split
+      limits      LimitsConfig                image size limits (engine/limits.py)
       amp, seed, workers, device, preset
 
 The defaults ARE the ``small`` preset; :data:`PRESETS` holds each preset as a
@@ -36,6 +37,7 @@ from sppnet.engine.config import Config, ConfigError, merge_overrides, option
 from sppnet.engine.detect.bbox_regression import BoxRegressionConfig
 from sppnet.engine.detect.finetune import FinetuneConfig
 from sppnet.engine.detect.svm import SVMConfig
+from sppnet.engine.limits import LimitsConfig
 from sppnet.models import list_models
 from sppnet.models.detector import METHODS, NMS_BOXES, RCNN_CONTEXT_PADDING, SCALE_RULES, SCORERS
 from sppnet.models.torchvision_backbones import TORCHVISION_BACKBONES
@@ -261,6 +263,7 @@ class DetectConfig(Config):
         help="mixed precision on CUDA: bf16 / fp16 autocast for conv and fc (the pyramid exact in its input "
         "dtype); a no-op on the CPU",
     )
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     seed: int = option(0, min=0, help="seeds proposals' ranking, the weights, sampling and dropout")
     workers: int = option(2, min=0, help="selective search worker processes")
     device: str = option("auto", flag=False, help="auto | cpu | cuda | cuda:N")

@@ -2,7 +2,9 @@
 
 * :func:`open_detection_data`: a VOC split, a COCO annotation file or the built-in set.
 * :func:`proposals`: selective search boxes per image, cached in the run.
-* :func:`training_set`: the training split as labelled windows (proposals plus ground truth).
+* :func:`check_split`: a split checked before any proposal (:func:`~sppnet.data.checks.check_detection_data`).
+* :func:`training_data` / :func:`training_set`: the training split, checked, then as labelled
+  windows (proposals plus ground truth).
 * :func:`split_proposals`: a test split's records and proposals.
 """
 
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sppnet.data.checks import DataReport, check_detection_data
 from sppnet.data.images import ImageError, load_image
 from sppnet.data.proposals import ProposalCache, compute_proposals
 from sppnet.engine.common import UserError, progress
@@ -24,7 +27,16 @@ from sppnet.engine.detect.features import WindowSet, build_windows
 from sppnet.engine.distributed import DistContext, fill_cache
 from sppnet.utils import file_digest
 
-__all__ = ["data_to_test", "drop_unreadable", "open_detection_data", "proposals", "split_proposals", "training_set"]
+__all__ = [
+    "check_split",
+    "data_to_test",
+    "drop_unreadable",
+    "open_detection_data",
+    "proposals",
+    "split_proposals",
+    "training_data",
+    "training_set",
+]
 
 
 def open_detection_data(
@@ -115,18 +127,53 @@ def drop_unreadable(records: list[dict], props: list[np.ndarray], verbose: bool)
     return [r for r, _ in keep], [p for _, p in keep]
 
 
+def check_split(data, cfg: DetectConfig, split: str, verbose: bool = True) -> DataReport:
+    """The :class:`~sppnet.data.checks.DataReport` of an opened split, before any proposal.
+
+    Header sizes against the annotations, the image and selective-search limits
+    (``cfg.limits``, ``--ss-resize-to``), objects and positives per class; the
+    summary (with the data set's own skips) is printed when ``verbose``.
+
+    Raises:
+        DataError: degenerate data (no images, no objects, no positives; see
+            :func:`~sppnet.data.checks.check_detection_data`).
+    """
+    report = check_detection_data(
+        data.records,
+        data.class_names,
+        split=split,
+        limits=cfg.limits.image_limits(),
+        proposals=cfg.selective_search(),
+        skipped=[data.skipped_images, data.skipped_objects],
+        strict=cfg.strict,
+    )
+    if verbose:
+        print(report.summary(), file=sys.stderr)
+    return report
+
+
+def training_data(cfg: DetectConfig, verbose: bool = True) -> tuple[list[dict], list[str]]:
+    """``(records, classes)`` of a run's training split: the images that passed :func:`check_split`."""
+    data = open_detection_data(cfg.data, cfg.format, cfg.ann, cfg.split, None, cfg.strict)
+    return check_split(data, cfg, cfg.split, verbose).records, list(data.class_names)
+
+
 def training_set(
-    cfg: DetectConfig, out: str | os.PathLike, verbose: bool = True, dist: DistContext | None = None
+    cfg: DetectConfig,
+    out: str | os.PathLike,
+    verbose: bool = True,
+    dist: DistContext | None = None,
+    data: tuple[list[dict], list[str]] | None = None,
 ) -> tuple[list[dict], list[WindowSet], list[str]]:
     """``(records, windows, classes)`` of a run's training split: the images that
-    could be read, their proposals plus ground truth as labelled windows
-    (:func:`~sppnet.engine.detect.features.build_windows`). Proposals come from the
-    run's cache (``out/cache/proposals``) once computed."""
-    data = open_detection_data(cfg.data, cfg.format, cfg.ann, cfg.split, None, cfg.strict)
-    classes = list(data.class_names)
-    if verbose and (data.skipped_images or data.skipped_objects):
-        print(data.summary(), file=sys.stderr)
-    records = list(data.records)
+    passed the checks and could be read, their proposals plus ground truth as labelled
+    windows (:func:`~sppnet.engine.detect.features.build_windows`). Proposals come from
+    the run's cache (``out/cache/proposals``) once computed, sharded over ``dist``.
+
+    Args:
+        data: ``(records, classes)`` of :func:`training_data`, if already checked.
+    """
+    records, classes = data if data is not None else training_data(cfg, verbose)
     props = proposals(records, cfg, Path(out) / "cache" / "proposals", verbose, dist)
     records, props = drop_unreadable(records, props, verbose)
     windows = [build_windows(p, r, len(classes)) for p, r in zip(props, records)]

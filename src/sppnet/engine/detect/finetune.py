@@ -56,9 +56,12 @@ from sppnet.engine.config import Config, ConfigError, option
 from sppnet.engine.detect.features import FeatureCache, WindowSet, flip_boxes, load_record_image
 from sppnet.engine.distributed import DistContext, all_reduce_sum, wrap_model
 from sppnet.models.detector import SPPDetector
-from sppnet.utils import capture_rng_state, restore_rng_state
+from sppnet.utils import capture_rng_state, check_finite_tensors, finite_or_raise, restore_rng_state
 
 __all__ = ["FinetuneConfig", "FinetuneInterrupted", "finetune"]
+
+
+_DIVERGED = "lower --ft-lr and resume; finetune_last.safetensors holds the last finite checkpoint"
 
 
 class FinetuneInterrupted(KeyboardInterrupt):
@@ -355,6 +358,9 @@ def finetune(
     verbose = verbose and dist.is_main
 
     def checkpoint(iteration: int) -> None:
+        check_finite_tensors(
+            detector, "the fine-tuned weights", step=iteration, lr=cfg.lr_at(iteration - 1), hint=_DIVERGED
+        )
         if not dist.is_main:
             return
         save_state(
@@ -392,6 +398,7 @@ def finetune(
                     x, y = _image_batch(detector, records, windows, rng, fg, bg, cfg, dist)
                 logits = head(x)
                 loss = F.cross_entropy(logits.float(), y)
+            finite_or_raise("fine-tuning loss", loss, step=it + 1, lr=lr, hint=_DIVERGED)  # the last checkpoint is kept
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)

@@ -20,6 +20,7 @@ from sppnet.engine.common import UserError, load_weights, save_weights
 from sppnet.engine.detect.config import DetectConfig
 from sppnet.models import get_model
 from sppnet.models.detector import IMAGENET_MEAN, IMAGENET_STD, SPPDetector
+from sppnet.utils import check_finite_tensors
 
 __all__ = [
     "HEADS",
@@ -109,6 +110,7 @@ def load_detector_file(path: str | os.PathLike, device: str | torch.device = "cp
     state, meta = load_weights(path)
     if meta.get("task") != "detect":
         raise UserError(f"{path} is not a detector (task={meta.get('task')!r})")
+    check_finite_tensors(state, f"weights in {path}", hint="the run diverged; train it again with lower learning rates")
     backbone = get_model(meta["model"], **meta["model_config"])
     # Detectors saved before R-CNN's warp had context were trained on the bare box.
     detector = SPPDetector(backbone, **{"warp_context": 0.0, **meta["detector_config"]})

@@ -59,7 +59,7 @@ from sppnet.engine.detect.backbone import (
 )
 from sppnet.engine.detect.bbox_regression import regression_samples, train_box_regressors
 from sppnet.engine.detect.config import DetectConfig
-from sppnet.engine.detect.data import split_proposals, training_set
+from sppnet.engine.detect.data import check_split, open_detection_data, split_proposals, training_data, training_set
 from sppnet.engine.detect.features import FeatureCache, WindowSet, describe, format_bytes
 from sppnet.engine.detect.finetune import FinetuneInterrupted, finetune
 from sppnet.engine.detect.inference import calibration_overlap, default_threshold, run_calibration, usable_scorer
@@ -73,14 +73,25 @@ from sppnet.engine.distributed import (
     shutdown_distributed,
     split_classes,
 )
+from sppnet.engine.limits import image_limits
 from sppnet.models.detector import SPPDetector
 from sppnet.models.freeze import freeze
-from sppnet.utils import load_json, save_json
+from sppnet.utils import RunLock, check_finite_tensors, load_json, save_json
 
 __all__ = ["TrainingInterrupted", "feature_cache", "stage_order", "train"]
 
 #: Settings a resumed run may change.
-RESUME_MUTABLE = ("workers", "device", "amp", "features.cache")
+#: (the image limits may be raised to take an image that was refused).
+RESUME_MUTABLE = ("workers", "device", "amp", "features.cache", *(f"limits.{k}" for k in DetectConfig().limits.flat()))
+
+
+#: What to try when a stage's weights are not finite (nothing non-finite is saved).
+_HINTS = {
+    "backbone": "the pretraining diverged: lower --pretrain-lr",
+    "finetune": "lower --ft-lr",
+    "svm": "the fc7 features or the SVMs are not finite: check the earlier stages, or change --svm-c",
+    "bbox": "the pool5 features or the regressors are not finite: raise --bbox-lambda",
+}
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -274,16 +285,22 @@ def stage_bbox(ctx: StageContext, detector: SPPDetector) -> SPPDetector:
     return detector
 
 
+def _calibration_skipped(cfg: DetectConfig, out: Path) -> str | None:
+    """Why the run has no held-out split to calibrate on (from the settings alone), or None."""
+    split = cfg.test.calibrate_split
+    if split is None:
+        return "calibrate_split is None"
+    if cfg.format != "voc":
+        return f"{cfg.format} data has no splits; run 'sppnet detect calibrate --run {out} --ann VAL.json'"
+    if calibration_overlap(cfg.split, split):
+        return f"split {split!r} overlaps the training split {cfg.split!r}"
+    return None
+
+
 def stage_calibrate(ctx: StageContext, detector: SPPDetector) -> SPPDetector:
     cfg, out = ctx.cfg, ctx.out
     split = cfg.test.calibrate_split
-    reason = None
-    if split is None:
-        reason = "calibrate_split is None"
-    elif cfg.format != "voc":
-        reason = f"{cfg.format} data has no splits; run 'sppnet detect calibrate --run {out} --ann VAL.json'"
-    elif calibration_overlap(cfg.split, split):
-        reason = f"split {split!r} overlaps the training split {cfg.split!r}"
+    reason = _calibration_skipped(cfg, out)
     if reason is None:
         try:
             held_out, props = split_proposals(
@@ -336,45 +353,88 @@ def train(
         TrainingInterrupted: after Ctrl-C, once the current stage is checkpointed.
     """
     out = Path(out)
+    import contextlib
+
     import torch.distributed as torch_dist
 
     owns_group = not (torch_dist.is_available() and torch_dist.is_initialized())
-    if resume:
-        if not (out / "config.json").is_file():
-            raise UserError(f"nothing to resume: {out / 'config.json'} does not exist")
-        saved = DetectConfig.from_dict(load_json(out / "config.json"))
-        cfg = check_resume(saved, cfg, mutable=RESUME_MUTABLE, ignore=("preset",))
-        dist = init_distributed(cfg.device)
-    else:
+    if not resume:
         cfg = (cfg or DetectConfig()).resolved()
-        exists = (out / "config.json").exists()
-        dist = init_distributed(cfg.device)
-        if exists:
-            raise UserError(
-                f"{out} already holds a detection run; pass --resume to continue it or choose another --out"
-            )
-        barrier(dist)  # every process has looked before rank 0 writes
-        if dist.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            save_json(out / "config.json", cfg.to_dict())
-    if stop_after is not None and stop_after not in stage_order(cfg):
-        raise ValueError(f"stop_after must be one of {stage_order(cfg)}, got {stop_after!r}")
-    seed_everything(cfg.seed)
+        device_spec = cfg.device
+    elif cfg is not None:
+        device_spec = cfg.device
+    else:
+        saved_file = out / "config.json"
+        device_spec = DetectConfig.from_dict(load_json(saved_file)).device if saved_file.is_file() else "auto"
+    dist = init_distributed(device_spec)
+    # One writer per run folder (rank 0 under torchrun), taken before anything is written.
+    lock = RunLock(out) if dist.is_main else contextlib.nullcontext()
     try:
-        _run_stages(cfg, out, dist, verbose, stop_after)
-    except (FinetuneInterrupted, TrainingInterrupted, KeyboardInterrupt) as e:
-        if dist.is_main:
-            launcher = "torchrun --nproc_per_node N -m sppnet" if dist.distributed else "sppnet"
-            print(
-                f"\ninterrupted ({e or 'Ctrl-C'}): progress is saved in {out}\n"
-                f"resume with: {launcher} detect train --out {out} --resume",
-                file=sys.stderr,
-            )
-        raise TrainingInterrupted(str(e)) from None
+        with lock:
+            if resume:
+                if not (out / "config.json").is_file():
+                    raise UserError(f"nothing to resume: {out / 'config.json'} does not exist")
+                saved = DetectConfig.from_dict(load_json(out / "config.json"))
+                cfg = check_resume(saved, cfg, mutable=RESUME_MUTABLE, ignore=("preset",))
+            elif (out / "config.json").exists():
+                raise UserError(
+                    f"{out} already holds a detection run; pass --resume to continue it or choose another --out"
+                )
+            if stop_after is not None and stop_after not in stage_order(cfg):
+                raise ValueError(f"stop_after must be one of {stage_order(cfg)}, got {stop_after!r}")
+            with image_limits(cfg.limits):
+                # before config.json: a refused run leaves no run behind
+                data = _check_before_work(cfg, out, verbose and dist.is_main)
+                barrier(dist)  # every process has looked before rank 0 writes
+                if not resume and dist.is_main:
+                    save_json(out / "config.json", cfg.to_dict())
+                seed_everything(cfg.seed)
+                try:
+                    _run_stages(cfg, out, dist, verbose, stop_after, data)
+                except (FinetuneInterrupted, TrainingInterrupted, KeyboardInterrupt) as e:
+                    if dist.is_main:
+                        launcher = "torchrun --nproc_per_node N -m sppnet" if dist.distributed else "sppnet"
+                        print(
+                            f"\ninterrupted ({e or 'Ctrl-C'}): progress is saved in {out}\n"
+                            f"resume with: {launcher} detect train --out {out} --resume",
+                            file=sys.stderr,
+                        )
+                    raise TrainingInterrupted(str(e)) from None
     finally:
         if owns_group:
             shutdown_distributed(dist)
     return out
+
+
+def _check_before_work(cfg: DetectConfig, out: Path, verbose: bool) -> tuple[list[dict], list[str]]:
+    """Everything checkable from the data and the settings, before the first proposal.
+
+    The training split (:func:`~sppnet.engine.detect.data.check_split`), the
+    detector these settings build (scales and warp size against the network's
+    smallest input; a ``--backbone`` that loads), and the calibration split.
+
+    Returns:
+        ``(records, classes)`` of the training split.
+    """
+    records, classes = training_data(cfg, verbose)
+    model = load_backbone(cfg.backbone.checkpoint)[0] if cfg.backbone.checkpoint is not None else None
+    try:
+        build_detector(cfg, len(classes), model)
+    except ValueError as e:
+        raise UserError(
+            f"these settings cannot build the detector: {e} (image scales are --scales x --size = "
+            f"{list(cfg.image_scales)} pixels)"
+        ) from None
+    split = cfg.test.calibrate_split
+    if _calibration_skipped(cfg, out) is None:
+        try:
+            check_split(
+                open_detection_data(cfg.data, cfg.format, cfg.ann, split, classes, cfg.strict), cfg, split, False
+            )
+        except (UserError, OSError, ValueError) as e:
+            if verbose:
+                print(f"calibration will be skipped: no usable {split!r} split ({e})", file=sys.stderr)
+    return records, classes
 
 
 def _record_time(out: Path, stage: str, seconds: float, dist: DistContext) -> None:
@@ -385,10 +445,17 @@ def _record_time(out: Path, stage: str, seconds: float, dist: DistContext) -> No
     save_json(path, {**times, stage: round(seconds, 2)})
 
 
-def _run_stages(cfg: DetectConfig, out: Path, dist: DistContext, verbose: bool, stop_after: str | None) -> None:
+def _run_stages(
+    cfg: DetectConfig,
+    out: Path,
+    dist: DistContext,
+    verbose: bool,
+    stop_after: str | None,
+    data: tuple[list[dict], list[str]] | None = None,
+) -> None:
     device = dist.device
     with Timer() as t:
-        records, windows, classes = training_set(cfg, out, verbose and dist.is_main, dist)
+        records, windows, classes = training_set(cfg, out, verbose and dist.is_main, dist, data)
     ctx = StageContext(cfg, out, device, records, windows, classes, verbose, dist)
     stages = stage_order(cfg)
     finished = {s: stage_file(out, s).is_file() for s in stages}  # the same answer on every process
@@ -415,6 +482,7 @@ def _run_stages(cfg: DetectConfig, out: Path, dist: DistContext, verbose: bool, 
         with Timer() as t, autocast_context(device, cfg.amp):
             detector = STAGES[stage](ctx, detector)
         if dist.is_main and path.suffix == ".safetensors":
+            check_finite_tensors(detector, f"the detector's weights after stage {stage}", hint=_HINTS.get(stage))
             save_detector(path, detector, classes, cfg, stage)
         elif dist.is_main:
             save_json(path, {"seconds": round(t.seconds, 2)})

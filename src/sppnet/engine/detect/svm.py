@@ -33,6 +33,7 @@ from torch import Tensor
 
 from sppnet.engine.config import Config, option
 from sppnet.engine.detect.features import WindowSet
+from sppnet.utils import finite_or_raise
 
 __all__ = [
     "SVMConfig",
@@ -186,6 +187,7 @@ def train_svms(
         nonlocal retrains
         x = torch.cat([pos[c], neg_feats[c]])
         y = torch.cat([torch.ones(len(pos[c])), -torch.ones(len(neg_feats[c]))])
+        finite_or_raise(f"the fc7 features of class {c}'s SVM", x, hint="the fine-tuned detector's weights diverged")
         w, b = fit_linear_svm(x, y, cfg.C, cfg.pos_weight, cfg.bias_multiplier, cfg.max_iter)
         weight[c], bias[c] = w, b
         retrains += 1

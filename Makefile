@@ -33,6 +33,8 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/sppnet demo --out runs/demo --resume
 
 test: $(STAMP) browser
+	$(PY) -m ruff check src tests benchmarks experiments
+	$(PY) -m ruff format --check src tests benchmarks experiments
 	$(PY) -m pytest -q -m "not slow"
 	$(PY) -m pytest -q -m slow
 

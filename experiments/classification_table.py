@@ -24,7 +24,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -38,21 +37,21 @@ import torch
 from sppnet.data.imagefolder import ImageFolderDataset
 from sppnet.data.synthetic import make_classification_dataset
 from sppnet.engine.classify import ClassifyConfig, builtin_data_root, evaluate, load_classifier, train
-from sppnet.utils.io import atomic_write_text, load_json, save_json
+from sppnet.utils import atomic_write_text, load_json, save_json
 from sppnet.viz.plots import plot_grouped_bars
 
 VARIANTS = {
-    "no SPP": dict(spp=False, schedule="single"),
-    "SPP single-size": dict(spp=True, schedule="single"),
-    "SPP multi-size": dict(spp=True, schedule="multi"),
-    "SPP random-size": dict(spp=True, schedule="random"),
+    "no SPP": {"spp": False, "schedule": "single"},
+    "SPP single-size": {"spp": True, "schedule": "single"},
+    "SPP multi-size": {"spp": True, "schedule": "multi"},
+    "SPP random-size": {"spp": True, "schedule": "random"},
 }
 VIEWS = ("center", "full", "ten")
 VIEW_TITLES = {"center": "1 crop", "full": "full image", "ten": "10-view"}
 
 # The default experiment is the small preset as it is (4 variants x 3 seeds in
 # under 30 minutes on 2 CPU cores); --quick shrinks data, network and epochs.
-QUICK = dict(width=0.1, fc_dim=32, size=112, epochs=2, lr_steps=(), batch_size=16, workers=0)
+QUICK = {"width": 0.1, "fc_dim": 32, "size": 112, "epochs": 2, "lr_steps": (), "batch_size": 16, "workers": 0}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -87,7 +86,7 @@ def run_one(cfg: ClassifyConfig, run: Path, test: ImageFolderDataset) -> dict:
     t0 = time.perf_counter()
     train(cfg, out=run, resume=done, verbose=False)
     seconds = time.perf_counter() - t0
-    model, classes, cfg = load_classifier(run, cfg.device)
+    model, _, cfg = load_classifier(run, cfg.device)
     result: dict = {"train_seconds": round(seconds, 1)}
     for views in VIEWS:
         if views == "full" and not cfg.spp:
@@ -104,6 +103,10 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {sd:.2f}"
 
 
+def _cell(runs: list[dict], views: str, key: str) -> str:
+    return mean_std([r[views][key] for r in runs if views in r])
+
+
 def write_table(
     results: dict, cfg: ClassifyConfig, args: argparse.Namespace, total: float, out: Path, data_name: str
 ) -> str:
@@ -116,12 +119,11 @@ def write_table(
         "|---|---|---|---|---|---|",
     ]
     for name in VARIANTS:
-        runs = [r for r in results.get(name, {}).values()]
-        cell = lambda v, k: mean_std([r[v][k] for r in runs if v in r])  # noqa: E731
+        runs = list(results.get(name, {}).values())
         secs = mean_std([r["train_seconds"] for r in runs]).split(" ±")[0]
         lines.append(
-            f"| {name} | {cell('center', 'top1_err')} | {cell('full', 'top1_err')} | "
-            f"{cell('ten', 'top1_err')} | {cell('ten', 'top5_err')} | {secs} |"
+            f"| {name} | {_cell(runs, 'center', 'top1_err')} | {_cell(runs, 'full', 'top1_err')} | "
+            f"{_cell(runs, 'ten', 'top1_err')} | {_cell(runs, 'ten', 'top5_err')} | {secs} |"
         )
     lines += [
         "",
@@ -142,8 +144,14 @@ def plot(results: dict, out: Path, data_name: str) -> Path:
         vals = [[r[views]["top1_err"] for r in results.get(name, {}).values() if views in r] for name in names]
         means[VIEW_TITLES[views]] = [statistics.mean(v) if v else None for v in vals]
         stds[VIEW_TITLES[views]] = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]
-    return plot_grouped_bars(names, means, out / "table.png", "top-1 error (%)",
-                             f"SPP-net Tables 2-3 on {data_name} (mean ± std over seeds)", errors=stds)
+    return plot_grouped_bars(
+        names,
+        means,
+        out / "table.png",
+        "top-1 error (%)",
+        f"SPP-net Tables 2-3 on {data_name} (mean ± std over seeds)",
+        errors=stds,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,14 +178,17 @@ def main(argv: list[str] | None = None) -> int:
             key = f"seed{seed}"
             if key in results.get(name, {}):
                 continue
-            cfg = dataclasses.replace(base, seed=seed, **variant).resolved()
+            cfg = base.with_overrides(variant, seed=seed).resolved()
             run = out / "runs" / name.lower().replace(" ", "-") / key
             result = run_one(cfg, run, test)
             results.setdefault(name, {})[key] = result
             save_json(results_path, results)
             errs = ", ".join(f"{v} {result[v]['top1_err']:.1f}" for v in VIEWS if v in result)
-            print(f"[{(time.perf_counter() - start) / 60:5.1f} min] {name} seed {seed}: top-1 err {errs} "
-                  f"(trained in {result['train_seconds']:.0f}s)", flush=True)  # fmt: skip
+            print(
+                f"[{(time.perf_counter() - start) / 60:5.1f} min] {name} seed {seed}: top-1 err {errs} "
+                f"(trained in {result['train_seconds']:.0f}s)",
+                flush=True,
+            )
     total = time.perf_counter() - start
     print(write_table(results, base, args, total, out, data_name))
     print(f"wrote {out / 'table.md'} and {plot(results, out, data_name)}; total time {total / 60:.1f} min")

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -59,19 +60,20 @@ import torch
 
 from sppnet.data import make_detection_dataset
 from sppnet.engine import detect as D
-from sppnet.engine.common import load_state, save_state
-from sppnet.engine.det_features import load_record_image
-from sppnet.engine.svm import SVMConfig, train_svms
+from sppnet.engine.common import load_state, progress, save_state
+from sppnet.engine.config import merge_overrides
+from sppnet.engine.detect.features import load_record_image
+from sppnet.engine.detect.svm import train_window_svms
 from sppnet.evaluation import evaluate_detections
 from sppnet.models.detector import PAPER_SCALES
 from sppnet.ops import select_detections
-from sppnet.utils.io import atomic_write_text, load_json, save_json
+from sppnet.utils import atomic_write_text, load_json, save_json
 from sppnet.viz.plots import plot_grouped_bars
 
 COLUMNS = {
-    "SPP 1-scale": dict(method="spp", scales=(688,)),
-    "SPP 5-scale": dict(method="spp", scales=PAPER_SCALES),
-    "R-CNN": dict(method="rcnn", scales=(688,)),
+    "SPP 1-scale": {"method": "spp", "features": {"scales": (688,)}},
+    "SPP 5-scale": {"method": "spp", "features": {"scales": PAPER_SCALES}},
+    "R-CNN": {"method": "rcnn", "features": {"scales": (688,)}},
 }
 ROWS = ("pool5", "fc7", "ftfc7", "ftfc7 + bb")
 PAPER = {  # Table 9 (VOC 2007 test, ZF-5 for SPP-net, AlexNet for R-CNN), mAP %
@@ -81,11 +83,14 @@ PAPER = {  # Table 9 (VOC 2007 test, ZF-5 for SPP-net, AlexNet for R-CNN), mAP %
 }
 
 # --quick: a tiny data set and network; checks that every column and row runs.
-QUICK_DATA = dict(num_train=12, num_val=2, num_test=6)
-QUICK = dict(
-    width=0.125, fc_dim=64, pretrain_epochs=2, ft_iterations=30, ft_lr_steps=(20,), checkpoint_every=20,
-    max_proposals=150, svm_retrain_limit=300, workers=0,
-)  # fmt: skip
+QUICK_DATA = {"num_train": 12, "num_val": 2, "num_test": 6}
+QUICK = {
+    "backbone": {"width": 0.125, "fc_dim": 64, "epochs": 2},
+    "finetune": {"iterations": 30, "lr_steps": (20,), "checkpoint_every": 20},
+    "proposals": {"max_proposals": 150},
+    "svm": {"retrain_limit": 300},
+    "workers": 0,
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -95,16 +100,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-split", default=None, help="VOC split to train on (default: train; trainval for --data)")
     p.add_argument("--test-split", default="test")
     p.add_argument("--preset", default="small", choices=sorted(D.PRESETS))
-    p.add_argument("--columns", nargs="+", choices=list(COLUMNS), default=list(COLUMNS), metavar="COLUMN",
-                   help=f"columns to run (default: all of {list(COLUMNS)})")
-    p.add_argument("--train-images", type=int, default=200,
-                   help="built-in data only: training images generated (default 200; test half as many)")
-    p.add_argument("--spp-scale-multiplier", type=float, default=None,
-                   help="multiplies the SPP columns' image scales only (the 224 px window target and R-CNN's "
-                   "warp keep the preset's size). Default 2 (1 with --quick): with the small preset's size "
-                   "factor 0.5 that is the paper's own image scales, s = 688 and 480-1200 px")
-    p.add_argument("--backbone", help="a pretrained backbone (classification run) for every column "
-                   "(default: the first column pretrains one)")
+    p.add_argument(
+        "--columns",
+        nargs="+",
+        choices=list(COLUMNS),
+        default=list(COLUMNS),
+        metavar="COLUMN",
+        help=f"columns to run (default: all of {list(COLUMNS)})",
+    )
+    p.add_argument(
+        "--train-images",
+        type=int,
+        default=200,
+        help="built-in data only: training images generated (default 200; test half as many)",
+    )
+    p.add_argument(
+        "--spp-scale-multiplier",
+        type=float,
+        default=None,
+        help="multiplies the SPP columns' image scales only (the 224 px window target and R-CNN's "
+        "warp keep the preset's size). Default 2 (1 with --quick): with the small preset's size "
+        "factor 0.5 that is the paper's own image scales, s = 688 and 480-1200 px",
+    )
+    p.add_argument(
+        "--backbone",
+        help="a pretrained backbone (classification run) for every column (default: the first column pretrains one)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int)
     p.add_argument("--device", default="cpu")
@@ -118,17 +139,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def column_config(args: argparse.Namespace, data: str | None, column: str, backbone: Path | None) -> D.DetectConfig:
-    values: dict = dict(QUICK) if args.quick else {}
+    values: dict = {
+        "data": data,
+        "split": args.train_split or ("trainval" if args.data else "train"),
+        "seed": args.seed,
+        "device": args.device,
+        "backbone.checkpoint": str(backbone) if backbone else None,
+    }
     if args.workers is not None:
         values["workers"] = args.workers
-    split = args.train_split or ("trainval" if args.data else "train")
-    column_values = dict(COLUMNS[column])
+    column_values = COLUMNS[column]
+    scales = column_values["features"]["scales"]
     if column_values["method"] == "spp" and args.spp_scale_multiplier != 1.0:
-        column_values["scales"] = tuple(int(round(s * args.spp_scale_multiplier)) for s in column_values["scales"])
-    return D.DetectConfig.from_preset(
-        args.preset, data=data, split=split, seed=args.seed, device=args.device,
-        backbone=str(backbone) if backbone else None, **column_values, **values,
-    )  # fmt: skip
+        scales = tuple(round(s * args.spp_scale_multiplier) for s in scales)
+    overrides = merge_overrides(QUICK if args.quick else {}, column_values, values, {"features.scales": scales})
+    return D.DetectConfig.from_preset(args.preset, overrides)
 
 
 def share_proposals(run: Path, shared: Path) -> None:
@@ -152,9 +177,6 @@ def row_svms(cfg: D.DetectConfig, run: Path, verbose: bool) -> dict[str, dict]:
     records, windows, classes = D.training_set(cfg, run, verbose=False)
     before = D.stage_detector(run, "backbone")  # fc6 / fc7 as pretrained
     cache = D.feature_cache(cfg, run, before, records, windows)  # conv5 is the same in every stage
-    positives = [torch.where(w.is_gt & ~w.difficult, w.label, torch.full_like(w.label, -1)) for w in windows]
-    scfg = SVMConfig(C=cfg.svm_C, pos_weight=cfg.svm_pos_weight, epochs=cfg.svm_epochs,
-                     retrain_limit=cfg.svm_retrain_limit)  # fmt: skip
     out = {}
     for layer in ("pool5", "fc7"):
         path = run / f"table_svm_{layer}.safetensors"
@@ -166,9 +188,10 @@ def row_svms(cfg: D.DetectConfig, run: Path, verbose: bool) -> dict[str, dict]:
             pool5 = cache.pool5(i, torch.arange(len(windows[i])))
             return (pool5 if layer == "pool5" else before.fc7(pool5)).cpu()
 
-        wrap = (lambda it, **kw: D.progress(it, desc=f"{kw.get('desc')} ({layer})", total=kw.get("total"))) if verbose \
-            else None  # fmt: skip
-        res = train_svms(len(windows), features, [w.overlaps for w in windows], positives, len(classes), scfg, wrap)
+        def wrap(it, layer: str = layer, **kw):
+            return progress(it, desc=f"{kw.get('desc')} ({layer})", total=kw.get("total"), enabled=verbose)
+
+        res = train_window_svms(features, windows, len(classes), cfg.svm, wrap)
         out[layer] = {"weight": res.weight, "bias": res.bias, "scale": torch.tensor(res.feature_scale)}
         save_state(path, out[layer])
     return out
@@ -189,7 +212,7 @@ def evaluate_rows(cfg: D.DetectConfig, run: Path, test_split: str, svms: dict, v
     seconds = {row: 0.0 for row in ROWS}
     feature_seconds = 0.0
     truths = []
-    for r, p in D.progress(list(zip(records, props)), desc="test", total=len(records), enabled=verbose):
+    for r, p in progress(list(zip(records, props)), desc="test", total=len(records), enabled=verbose):
         image = load_record_image(r)
         boxes = torch.as_tensor(p, dtype=torch.float32)
         t0 = time.perf_counter()
@@ -197,18 +220,19 @@ def evaluate_rows(cfg: D.DetectConfig, run: Path, test_split: str, svms: dict, v
         t_feat = time.perf_counter() - t0
         feature_seconds += t_feat
         plain = boxes[:, None, :].expand(-1, final.num_classes, 4)
-        heads = {
-            "pool5": lambda: (svm("pool5", pool5), plain),
-            "fc7": lambda: (svm("fc7", before.fc7(pool5)), plain),
-            "ftfc7": lambda: (final.class_scores(final.fc7(pool5), "svm"), plain),
-            "ftfc7 + bb": lambda: (
-                final.class_scores(final.fc7(pool5), "svm"),
-                final.regress_boxes(boxes, pool5, tuple(image.shape[-2:])),
-            ),
-        }
+
+        def head(row: str, pool5=pool5, boxes=boxes, plain=plain, size=tuple(image.shape[-2:])):
+            """``(scores [K, C], per-class boxes [K, C, 4])`` of one Table 9 row."""
+            if row == "pool5":
+                return svm("pool5", pool5), plain
+            if row == "fc7":
+                return svm("fc7", before.fc7(pool5)), plain
+            scores = final.class_scores(final.fc7(pool5), "svm")
+            return scores, (final.regress_boxes(boxes, pool5, size) if row == "ftfc7 + bb" else plain)
+
         for row in ROWS:
             t0 = time.perf_counter()
-            scores, per_class = heads[row]()
+            scores, per_class = head(row)
             preds[row].append(select_detections(per_class, scores, float("-inf"), 0.3, 100))
             seconds[row] += t_feat + time.perf_counter() - t0
         truths.append({"boxes": r["boxes"], "labels": r["labels"], "difficult": r["difficult"]})
@@ -239,7 +263,7 @@ def run_column(args, data: str | None, column: str, out: Path, backbone: Path | 
 
 
 def pct(v: float) -> str:
-    return "–" if v != v else f"{100 * v:.1f}"
+    return "–" if math.isnan(v) else f"{100 * v:.1f}"
 
 
 def write_table(results: dict, args: argparse.Namespace, total: float, out: Path, data_name: str) -> str:
@@ -248,7 +272,8 @@ def write_table(results: dict, args: argparse.Namespace, total: float, out: Path
         f"VOC07 mAP (%) on the `{args.test_split}` split of {data_name}; "
         f"seconds per test image in brackets (proposals excluded). Preset `{args.preset}`"
         + (" (--quick)" if args.quick else "")
-        + (f", SPP scales x{args.spp_scale_multiplier:g}" if args.spp_scale_multiplier != 1.0 else "") + ".",
+        + (f", SPP scales x{args.spp_scale_multiplier:g}" if args.spp_scale_multiplier != 1.0 else "")
+        + ".",
         "",
         "| | " + " | ".join(cols) + " |",
         "|---|" + "---|" * len(cols),
@@ -256,8 +281,11 @@ def write_table(results: dict, args: argparse.Namespace, total: float, out: Path
     for row in ROWS:
         cells = [f"{pct(results[c][row]['mAP'])} ({results[c][row]['seconds_per_image']:.3f} s)" for c in cols]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    lines.append("| features (conv + pool / warp + conv) s per image | "
-                 + " | ".join(f"{results[c]['feature_seconds_per_image']:.3f}" for c in cols) + " |")
+    lines.append(
+        "| features (conv + pool / warp + conv) s per image | "
+        + " | ".join(f"{results[c]['feature_seconds_per_image']:.3f}" for c in cols)
+        + " |"
+    )
     if "R-CNN" in results:
         rc = results["R-CNN"]
         for c in cols:
@@ -300,11 +328,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.data:
         data = str(Path(args.data))
     else:  # the built-in shapes generator, at a size that keeps the three columns under 45 min
-        counts = QUICK_DATA if args.quick else dict(
-            num_train=args.train_images, num_val=0, num_test=max(args.train_images // 2, 1))
+        counts = (
+            QUICK_DATA
+            if args.quick
+            else {"num_train": args.train_images, "num_val": 0, "num_test": max(args.train_images // 2, 1)}
+        )
         data = str(make_detection_dataset(out / "data", seed=args.seed, **counts))
-    data_name = f"`{args.data}`" if args.data else (
-        f"the built-in shapes data ({counts['num_train']} train / {counts['num_test']} test images)")
+    data_name = (
+        f"`{args.data}`"
+        if args.data
+        else (f"the built-in shapes data ({counts['num_train']} train / {counts['num_test']} test images)")
+    )
     results_path = out / "results.json"
     results: dict = load_json(results_path) if results_path.exists() else {}
     backbone = Path(args.backbone).resolve() if args.backbone else None
@@ -317,11 +351,16 @@ def main(argv: list[str] | None = None) -> int:
         if backbone is None:  # the first column's pretrained backbone serves the others
             backbone = out / "runs" / column.lower().replace(" ", "-") / "backbone"
             if not (backbone / "model.safetensors").is_file():
-                backbone = Path(D.DetectConfig.from_dict(
-                    load_json(out / "runs" / column.lower().replace(" ", "-") / "config.json")).backbone or backbone)
+                saved = D.DetectConfig.from_dict(
+                    load_json(out / "runs" / column.lower().replace(" ", "-") / "config.json")
+                )
+                backbone = Path(saved.backbone.checkpoint or backbone)
         r = results[column]
-        print(f"[{(time.perf_counter() - start) / 60:5.1f} min] {column}: "
-              + ", ".join(f"{row} {pct(r[row]['mAP'])}" for row in ROWS), flush=True)  # fmt: skip
+        print(
+            f"[{(time.perf_counter() - start) / 60:5.1f} min] {column}: "
+            + ", ".join(f"{row} {pct(r[row]['mAP'])}" for row in ROWS),
+            flush=True,
+        )
     total = time.perf_counter() - start
     shown = {c: v for c, v in results.items() if c in COLUMNS}
     print(write_table(shown, args, total, out, data_name))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sppnet.engine.bbox_regression import default_lambda, fit_ridge, train_box_regressors
+from sppnet.engine.detect.bbox_regression import default_lambda, fit_ridge, train_box_regressors
 from sppnet.ops import decode_boxes, encode_boxes
 
 
@@ -62,3 +62,40 @@ def test_default_lambda_scales_with_the_feature_width():
         default_lambda(0)
     with pytest.raises(ValueError, match="lam"):
         fit_ridge(torch.zeros(3, 2), torch.zeros(3, 4), 0.0)
+
+
+def test_regression_samples_are_the_windows_near_a_ground_truth_brute_force():
+    from sppnet.engine.detect.bbox_regression import regression_samples
+    from sppnet.engine.detect.features import build_windows
+
+    g = torch.Generator().manual_seed(3)
+    records, windows = [], []
+    for i in range(4):
+        gt = torch.tensor([[10.0, 12.0, 60.0, 70.0], [40.0, 5.0, 90.0, 45.0]])
+        record = {
+            "boxes": gt,
+            "labels": torch.tensor([i % 3, 2]),
+            "difficult": torch.tensor([False, i == 1]),
+            "width": 100,
+            "height": 80,
+        }
+        jitter = torch.randint(-12, 13, (30, 4), generator=g).float()
+        props = (gt.repeat(15, 1) + jitter).clamp(0, 79)
+        props[:, 2:] = torch.maximum(props[:, 2:], props[:, :2] + 1)
+        records.append(record)
+        windows.append(build_windows(props.numpy(), record, 3))
+    feats = [torch.randn(len(w), 5, generator=g) for w in windows]
+
+    x, y = regression_samples(windows, lambda i, idx: feats[i][idx], 3, 5, iou=0.6)
+    for c in range(3):
+        want_x, want_y = [], []
+        for i, w in enumerate(windows):
+            for j in range(len(w)):
+                if float(w.max_overlap[j]) >= 0.6 and int(w.label[j]) == c:
+                    want_x.append(feats[i][j])
+                    want_y.append(encode_boxes(w.boxes[j : j + 1], w.gt_boxes[w.gt_index[j : j + 1]])[0])
+        assert len(x[c]) == len(want_x) and y[c].shape == (len(want_x), 4)
+        if want_x:
+            torch.testing.assert_close(x[c], torch.stack(want_x))
+            torch.testing.assert_close(y[c], torch.stack(want_y))
+    assert sum(len(v) for v in x) > 0 and x[1].shape[1] == 5

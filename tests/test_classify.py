@@ -26,9 +26,19 @@ from sppnet.engine.classify import (
     train,
 )
 from sppnet.engine.common import UserError, load_weights
-from sppnet.utils.io import load_json
+from sppnet.engine.config import ConfigError, leaves
+from sppnet.utils import load_json
 
-TINY = dict(width=0.1, fc_dim=32, size=64, epochs=1, batch_size=8, workers=0, device="cpu", lr_steps=())
+TINY = {
+    "width": 0.1,
+    "fc_dim": 32,
+    "size": 64,
+    "epochs": 1,
+    "batch_size": 8,
+    "workers": 0,
+    "device": "cpu",
+    "lr_steps": (),
+}
 
 
 @pytest.fixture(scope="module")
@@ -64,31 +74,77 @@ def test_presets():
     assert paper.preset == "paper" and set(PRESETS) == {"small", "paper"}
 
 
+def test_presets_are_partial_overrides_of_the_defaults():
+    defaults = ClassifyConfig()
+    for name, values in PRESETS.items():
+        redundant = [k for k, v in values.items() if getattr(defaults, k) == v]
+        assert not redundant, f"preset {name} repeats defaults {redundant}: write each default once"
+        cfg = ClassifyConfig.from_preset(name)
+        assert all(getattr(cfg, k) == v for k, v in values.items())
+        assert {k for k, v in cfg.to_dict().items() if v != getattr(defaults, k)} <= set(values) | {
+            "small_size",
+            "preset",
+        }
+
+
 def test_overrides_and_small_size_following_size():
     assert ClassifyConfig.from_preset("small", size=224).small_size == 180
     assert ClassifyConfig.from_preset("small", size=224, small_size=200).small_size == 200
-    c = ClassifyConfig.from_preset("paper", epochs=3, lr=None)
+    assert ClassifyConfig.from_preset("paper", size=160).small_size == 129  # follows, not the preset's 180
+    c = ClassifyConfig.from_preset("paper", epochs=3, lr=None)  # None keywords: not set
     assert (c.epochs, c.lr) == (3, 0.01)
+    assert ClassifyConfig.from_preset("paper", {"small_size": None}).small_size == 180  # a mapping is taken as given
     assert ClassifyConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
-    with pytest.raises(ValueError, match="unknown ClassifyConfig fields"):
+    with pytest.raises(ConfigError, match=r"unknown ClassifyConfig settings \['colour'\]"):
         ClassifyConfig.from_preset("small", colour=1)
+    with pytest.raises(ConfigError, match="unknown preset 'huge'"):
+        ClassifyConfig.from_preset("huge")
+
+
+# config.json exactly as written before the settings were declared with option()
+# (commit 22668b9): flat keys, JSON lists for the tuples.
+OLD_CONFIG_JSON = """{"model": "overfeat5", "spp": true, "levels": [6, 3, 2, 1], "width": 0.1, "fc_dim": 32,
+ "dropout": 0.0, "init": "he", "size": 64, "small_size": 51, "schedule": "multi", "epochs": 2, "batch_size": 8,
+ "lr": 0.02, "momentum": 0.9, "weight_decay": 0.0005, "lr_steps": [], "alphastd": 0.1, "seed": 0, "workers": 0,
+ "cache_images": true, "device": "cpu", "views": "center", "preset": "small", "data": "/data/shapes"}"""
+
+
+def test_old_config_json_loads_and_round_trips():
+    old = json.loads(OLD_CONFIG_JSON)
+    cfg = ClassifyConfig.from_dict(old)
+    expected = ClassifyConfig(**{**TINY, "epochs": 2}, schedule="multi", data="/data/shapes").resolved()
+    assert cfg == expected and cfg.levels == (6, 3, 2, 1) and cfg.lr_steps == ()
+    assert json.loads(json.dumps(cfg.to_dict())) == old, "today's config.json has the same keys and values"
+    del old["views"], old["alphastd"]  # a file from before a setting existed: the default fills in
+    assert ClassifyConfig.from_dict(old) == expected
+    with pytest.raises(ConfigError, match=r"unknown ClassifyConfig settings \['colour'\]"):
+        ClassifyConfig.from_dict({**old, "colour": 1})
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(spp=False, schedule="multi"), "needs the SPP head"),
-        (dict(schedule="double"), "schedule must be one of"),
-        (dict(small_size=200), r"small_size \(200\) must not exceed size \(112\)"),
-        (dict(epochs=0), "epochs must be a positive integer, got 0"),
-        (dict(model="resnet"), "unknown model 'resnet'"),
-        (dict(lr=-1.0), "lr must be a positive number"),
-        (dict(workers=2), "cache_images keeps images in the training process, so it needs workers=0"),
+        ({"spp": False, "schedule": "multi"}, "needs the SPP head"),
+        ({"schedule": "double"}, r"schedule \(--schedule\) must be one of single, multi, random, got 'double'"),
+        ({"small_size": 200}, r"small_size \(200\) must not exceed size \(112\)"),
+        ({"epochs": 0}, r"epochs \(--epochs\) must be >= 1, got 0"),
+        ({"model": "resnet"}, "unknown model 'resnet'"),
+        ({"lr": -1.0}, r"lr \(--lr\) must be > 0, got -1.0"),
+        ({"momentum": 1.0}, r"momentum \(--momentum\) must be >= 0 and < 1, got 1.0"),
+        ({"levels": (6, 0)}, r"levels \(--levels\) must be >= 1, got 0 in \(6, 0\)"),
+        ({"workers": 2}, "cache_images keeps images in the training process, so it needs workers=0"),
     ],
 )
 def test_config_errors(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigError, match=message):
         ClassifyConfig(**kwargs).resolved()
+
+
+@pytest.mark.parametrize("name", [leaf.path for leaf in leaves(ClassifyConfig) if leaf.kind is float])
+def test_every_float_setting_must_be_finite(name):
+    for bad in (math.nan, math.inf):
+        with pytest.raises(ConfigError, match=rf"{name} \(--{name.replace('_', '-')}\) must be a finite number"):
+            ClassifyConfig(**{name: bad}).resolved()
 
 
 def test_lr_steps_divide_by_ten():
@@ -126,7 +182,7 @@ def test_train_writes_a_complete_run(run):
     rows = (out / "metrics.csv").read_text().splitlines()
     assert rows[0] == "epoch,size,lr,train_loss,train_acc,val_top1,val_top5,seconds"
     assert [r.split(",")[1] for r in rows[1:]] == ["64", "51"]  # multi-size: 64 then round(64 * 180 / 224)
-    first = dict(zip(rows[0].split(","), rows[1].split(",")))
+    first = dict(zip(rows[0].split(","), rows[1].split(","), strict=True))
     assert abs(float(first["train_loss"]) - math.log(8)) < 0.5  # 8 classes, barely trained
     assert float(first["val_top1"]) <= float(first["val_top5"]) <= 1.0
     state, meta = load_weights(out / "model.safetensors")
@@ -149,7 +205,7 @@ def test_load_evaluate_predict(run, data):
         assert 0 <= r["top1"] <= r["top5"] <= 1
     # evaluate agrees with predict, image by image.
     preds = predict(model, [p for p, _ in test.samples], classes, "full", topk=8, cfg=cfg)
-    correct = sum(p["top"][0]["index"] == label for p, (_, label) in zip(preds, test.samples))
+    correct = sum(p["top"][0]["index"] == label for p, (_, label) in zip(preds, test.samples, strict=True))
     assert correct / 8 == results["full"]["top1"]
     probs = [t["prob"] for t in preds[0]["top"]]
     assert probs == sorted(probs, reverse=True) and abs(sum(probs) - 1) < 1e-4
@@ -224,9 +280,29 @@ def test_unreadable_images_are_skipped_and_counted(data, tmp_path, capsys):
 
 def test_cli_train_val_predict(data, tmp_path, capsys):
     out = tmp_path / "cli"
-    args = ["classify", "train", "--data", str(data), "--out", str(out), "--width", "0.1", "--fc-dim", "32",
-            "--size", "64", "--epochs", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu",
-            "--quiet"]  # fmt: skip
+    args = [
+        "classify",
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--width",
+        "0.1",
+        "--fc-dim",
+        "32",
+        "--size",
+        "64",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     assert main(args) == 0
     cfg = load_json(out / "config.json")
     assert (cfg["preset"], cfg["size"], cfg["small_size"], cfg["epochs"], cfg["lr"]) == ("small", 64, 51, 1, 0.02)
@@ -253,8 +329,10 @@ def test_cli_train_val_predict(data, tmp_path, capsys):
     "argv, message",
     [
         (["classify", "train", "--data", "{tmp}/nope", "--out", "{tmp}/r"], "data folder {tmp}/nope does not exist"),
-        (["classify", "train", "--out", "{tmp}/r", "--size", "10", "--data", "{data}"],
-         "size=10 is smaller than the minimum input"),
+        (
+            ["classify", "train", "--out", "{tmp}/r", "--size", "10", "--data", "{data}"],
+            "size=10 is smaller than the minimum input",
+        ),
         (["classify", "train", "--out", "{tmp}/r", "--no-spp", "--schedule", "multi"], "needs the SPP head"),
         (["classify", "train", "--out", "{tmp}/r", "--resume"], "nothing to resume"),
         (["classify", "val", "--run", "{tmp}/none"], "does not exist: is {tmp}/none a classification run"),
@@ -265,8 +343,83 @@ def test_cli_train_val_predict(data, tmp_path, capsys):
 )
 def test_cli_errors_are_one_line(argv, message, tmp_path, data, run, capsys):
     (tmp_path / "text.jpg").write_text("hello")
-    fill = dict(tmp=str(tmp_path), data=str(data), run=str(run[0]))
+    fill = {"tmp": str(tmp_path), "data": str(data), "run": str(run[0])}
     assert main([a.format(**fill) for a in argv] + ["--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert message.format(**fill) in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+# Every flag `classify train` had before the flags were generated from the declaration, with its meaning.
+TRAIN_FLAGS = [
+    (["--data", "rel/dir"], {"data": "{cwd}/rel/dir"}),
+    (["--model", "zf5"], {"model": "zf5"}),
+    (["--no-spp"], {"spp": False}),
+    (["--width", "0.25"], {"width": 0.25}),
+    (["--fc-dim", "64"], {"fc_dim": 64}),
+    (["--dropout", "0.5"], {"dropout": 0.5}),
+    (["--init", "paper"], {"init": "paper"}),
+    (["--size", "96"], {"size": 96}),
+    (["--small-size", "80"], {"small_size": 80}),
+    (["--schedule", "random"], {"schedule": "random"}),
+    (["--epochs", "3"], {"epochs": 3}),
+    (["--batch-size", "16"], {"batch_size": 16}),
+    (["--lr", "0.05"], {"lr": 0.05}),
+    (["--lr-steps", "40,60"], {"lr_steps": (40, 60)}),
+    (["--levels", "4,2,1"], {"levels": (4, 2, 1)}),
+    (["--lr-steps", ""], {"lr_steps": ()}),
+    (["--momentum", "0.8"], {"momentum": 0.8}),
+    (["--weight-decay", "0.001"], {"weight_decay": 0.001}),
+    (["--alphastd", "0"], {"alphastd": 0.0}),
+    (["--seed", "3"], {"seed": 3}),
+    (["--workers", "2"], {"workers": 2}),
+    (["--cache-images"], {"cache_images": True}),
+    (["--no-cache-images"], {"cache_images": False}),
+    (["--device", "cpu"], {"device": "cpu"}),
+    ([], {}),
+]
+
+
+@pytest.mark.parametrize("argv, expected", TRAIN_FLAGS)
+def test_train_flags_keep_their_names_and_meaning(argv, expected, tmp_path, monkeypatch):
+    from sppnet.cli.classify import _overrides
+    from sppnet.cli.main import build_parser
+
+    monkeypatch.chdir(tmp_path)
+    args = build_parser().parse_args(["classify", "train", "--out", "run", *argv])
+    want = {k: v.format(cwd=tmp_path.resolve()) if isinstance(v, str) else v for k, v in expected.items()}
+    got = _overrides(args)
+    assert got == want
+    cfg = ClassifyConfig.from_preset("small", got)
+    assert all(getattr(cfg, k) == v for k, v in want.items() if k != "small_size" or cfg.schedule != "single")
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--lr", "nan", "argument --lr: must be a finite number, got nan"),
+        ("--lr", "0", "argument --lr: must be > 0, got 0.0"),
+        ("--dropout", "1.5", "argument --dropout: must be >= 0 and < 1, got 1.5"),
+        ("--momentum", "inf", "argument --momentum: must be a finite number, got inf"),
+        ("--weight-decay", "-0.001", "argument --weight-decay: must be >= 0, got -0.001"),
+        ("--width", "0", "argument --width: must be > 0, got 0.0"),
+        ("--alphastd", "nan", "argument --alphastd: must be a finite number, got nan"),
+        ("--lr-steps", "4,-1", "argument --lr-steps: must be >= 0, got -1"),
+        ("--batch-size", "0", "argument --batch-size: must be >= 1, got 0"),
+        ("--schedule", "double", "argument --schedule: must be one of single, multi, random, got 'double'"),
+    ],
+)
+def test_bad_values_are_refused_where_they_are_parsed(flag, value, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["classify", "train", "--out", str(tmp_path / "r"), flag, value])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_val_with_workers_on_a_cached_run(run, data, capsys):
+    """The image cache is a training setting: --workers on val loads in the workers instead."""
+    assert load_json(run[0] / "config.json")["cache_images"]
+    argv = ["classify", "val", "--run", str(run[0]), "--split", "test", "--workers", "1", "--json", "--device", "cpu"]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 8

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import sppnet.engine.classify as classify
+import sppnet.engine.classify.training as training
 from sppnet.data.synthetic import make_classification_dataset
 from sppnet.engine.classify import ClassifyConfig, TrainingInterrupted, train
 from sppnet.engine.common import UserError, load_state, load_weights
@@ -23,15 +23,31 @@ from sppnet.engine.common import UserError, load_state, load_weights
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return make_classification_dataset(
-        tmp_path_factory.mktemp("data"), seed=4, train_per_class=3, val_per_class=1, test_per_class=0,
-        min_size=48, max_size=96,
-    )  # fmt: skip
+        tmp_path_factory.mktemp("data"),
+        seed=4,
+        train_per_class=3,
+        val_per_class=1,
+        test_per_class=0,
+        min_size=48,
+        max_size=96,
+    )
 
 
 def tiny(data, **kw) -> ClassifyConfig:
     """Random-size schedule, dropout and colour noise on: every RNG of the loop matters."""
-    base = dict(width=0.1, fc_dim=32, size=64, schedule="random", epochs=3, batch_size=8, lr=0.05,
-                lr_steps=(2,), workers=0, device="cpu", data=str(data))  # fmt: skip
+    base = {
+        "width": 0.1,
+        "fc_dim": 32,
+        "size": 64,
+        "schedule": "random",
+        "epochs": 3,
+        "batch_size": 8,
+        "lr": 0.05,
+        "lr_steps": (2,),
+        "workers": 0,
+        "device": "cpu",
+        "data": str(data),
+    }
     return ClassifyConfig(**{**base, **kw})
 
 
@@ -75,7 +91,7 @@ def test_ctrl_c_mid_epoch_checkpoints_and_resumes_exactly(data, reference, tmp_p
         calls["n"] += 1
         return calls["n"] == 5
 
-    monkeypatch.setattr(classify, "_stop_requested", stop_on_fifth_step)
+    monkeypatch.setattr(training, "_stop_requested", stop_on_fifth_step)
     with pytest.raises(TrainingInterrupted):
         train(tiny(data), out=out, verbose=False)
     err = capsys.readouterr().err
@@ -112,10 +128,39 @@ def test_finished_run_resumes_to_a_no_op(data, reference, tmp_path):
 
 
 def _cli(out: Path, data: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "sppnet", "classify", "train", "--out", str(out), "--data", str(data),
-            "--width", "0.1", "--fc-dim", "32", "--size", "64", "--schedule", "random", "--epochs", "3",
-            "--batch-size", "8", "--lr", "0.05", "--lr-steps", "2", "--workers", "0", "--device", "cpu",
-            "--quiet", *extra]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "sppnet",
+        "classify",
+        "train",
+        "--out",
+        str(out),
+        "--data",
+        str(data),
+        "--width",
+        "0.1",
+        "--fc-dim",
+        "32",
+        "--size",
+        "64",
+        "--schedule",
+        "random",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "8",
+        "--lr",
+        "0.05",
+        "--lr-steps",
+        "2",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--quiet",
+        *extra,
+    ]
 
 
 def _start_and_wait_for_checkpoint(cmd: list[str], out: Path) -> subprocess.Popen:
@@ -173,4 +218,3 @@ def test_sigint_writes_a_checkpoint_and_says_how_to_resume(data, reference, tmp_
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_same_weights(reference, out)
     assert metrics_without_time(out) == metrics_without_time(reference)
-

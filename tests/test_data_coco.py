@@ -110,13 +110,12 @@ def test_bad_entries_are_skipped_and_counted(tmp_path):
         ds = COCODetection(images, path)
     messages = "\n".join(str(w.message) for w in caught)
     assert "instances.json: images[2]: image file" in messages and "gone.jpg not found" in messages
-    assert ("annotations[4]: bbox [x, y, w, h] = [30, 5, 12, 3] lies outside the 40x30 image"
-            in messages)
-    assert ds.skipped_images.summary(5) == (
-        "skipped 3 of 5 images: 1 duplicate id, 1 malformed image, 1 missing image")
+    assert "annotations[4]: bbox [x, y, w, h] = [30, 5, 12, 3] lies outside the 40x30 image" in messages
+    assert ds.skipped_images.summary(5) == ("skipped 3 of 5 images: 1 duplicate id, 1 malformed image, 1 missing image")
     assert ds.skipped_objects.summary(9) == (
         "skipped 5 of 9 objects: 1 box outside image, 1 invalid box, 1 malformed annotation, "
-        "1 unknown category, 1 unknown image id")
+        "1 unknown category, 1 unknown image id"
+    )
     assert ds.records[0]["boxes"][-1].tolist() == [30.0, 5.0, 39.0, 7.0]
     assert len(ds) == 2 and len(ds.records[0]["labels"]) == 3
 
@@ -137,3 +136,9 @@ def test_missing_root_and_unreadable_image(tmp_path):
     (images / "a.jpg").write_bytes(b"")
     with pytest.raises(ImageError, match=r"a\.jpg: empty file"):
         ds[0]
+
+
+def test_annotation_file_with_a_bom_is_read(tmp_path):
+    images, path = _write(tmp_path)
+    path.write_bytes(json.dumps(BASE).encode("utf-8-sig"))  # as some Windows tools save it
+    assert [r["id"] for r in COCODetection(images, path).records] == [7, 3]

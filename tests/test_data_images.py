@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sppnet.data import images
+from sppnet.data import limits
 from sppnet.data.images import (
     DataWarning,
     ImageError,
@@ -51,8 +51,7 @@ def test_palette_with_and_without_transparency(tmp_path):
     pal = Image.new("P", (2, 1))
     pal.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
     pal.putdata([0, 1])
-    assert np.asarray(load_image(_save(pal, tmp_path / "p.png"))).tolist() == [
-        [[10, 20, 30], [200, 100, 50]]]
+    assert np.asarray(load_image(_save(pal, tmp_path / "p.png"))).tolist() == [[[10, 20, 30], [200, 100, 50]]]
     pal.info["transparency"] = 0  # index 0 transparent -> white
     img = load_image(_save(pal, tmp_path / "pt.png", transparency=0))
     assert np.asarray(img).tolist() == [[[255, 255, 255], [200, 100, 50]]]
@@ -109,12 +108,10 @@ def test_errors_name_the_file_and_reason(tmp_path):
     text = tmp_path / "notes.jpg"
     text.write_text("this is not a picture\n")
     buffer = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(
-        buffer, format="JPEG")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buffer, format="JPEG")
     truncated = tmp_path / "cut.jpg"
     truncated.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-    cases = {empty: "empty", text: "not an image", truncated: "corrupt",
-             tmp_path / "absent.png": "missing"}
+    cases = {empty: "empty", text: "not an image", truncated: "corrupt", tmp_path / "absent.png": "missing"}
     for path, reason in cases.items():
         with pytest.raises(ImageError) as info:
             load_image(path)
@@ -127,11 +124,14 @@ def test_errors_name_the_file_and_reason(tmp_path):
 
 def test_decompression_bomb_limits(tmp_path, monkeypatch):
     path = _save(Image.new("RGB", (30, 30), (1, 2, 3)), tmp_path / "big.png")
-    with pytest.raises(ImageError, match=r"big\.png.*30x30 = 900 pixels exceeds the limit of 100"):
+    with pytest.raises(ImageError, match=r"big\.png.*30x30 = 900 pixels exceeds the limit of 100") as info:
         load_image(path, max_pixels=100)
+    # Issue 18: the refusal points to the CLI flag, not to a Python function.
+    assert "raise it with --max-image-pixels" in str(info.value)
+    assert "set_max_image_pixels" not in str(info.value) and "max_pixels=" not in str(info.value)
     assert load_image(path, max_pixels=900).size == (30, 30)
 
-    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", images.MAX_IMAGE_PIXELS)
+    monkeypatch.setattr(limits, "_LIMITS", limits.get_image_limits())  # restored after the test
     set_max_image_pixels(500)
     with pytest.raises(ImageError) as info:
         load_image(path)
@@ -145,7 +145,9 @@ def test_decompression_bomb_limits(tmp_path, monkeypatch):
     # Pillow's global is left as it was.
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)  # 900 > 2 * 50: Pillow would raise
     set_max_image_pixels(100)
-    with pytest.raises(ImageError, match="decompression bomb"):
+    with pytest.raises(
+        ImageError, match="decompression bomb refused: more than 100 pixels, raise the limit with --max-image-pixels"
+    ):
         load_image(path)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -1,6 +1,7 @@
 """VOCDetection, parse_voc_xml and write_voc_annotation on VOC trees built in tmp_path."""
 
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -25,8 +26,7 @@ def _make_voc(root, images, splits=None):
         (root / sub).mkdir(parents=True, exist_ok=True)
     for image_id, (size, objects, colour) in images.items():
         Image.new("RGB", size, colour).save(root / "JPEGImages" / f"{image_id}.jpg", quality=95)
-        write_voc_annotation(root / "Annotations" / f"{image_id}.xml", f"{image_id}.jpg", size,
-                             objects)
+        write_voc_annotation(root / "Annotations" / f"{image_id}.xml", f"{image_id}.jpg", size, objects)
     for split, ids in (splits or {"trainval": list(images)}).items():
         (root / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
     return root
@@ -34,14 +34,21 @@ def _make_voc(root, images, splits=None):
 
 @pytest.fixture
 def voc(tmp_path):
-    return _make_voc(tmp_path / "VOC", {
-        "000001": ((40, 30), [
-            {"name": "dog", "box": (0, 0, 39, 29), "truncated": True},
-            {"name": "cat", "box": (5, 6, 10, 12), "difficult": True},
-        ], (200, 10, 10)),
-        "000002": ((20, 50), [{"name": "cat", "box": (2.5, 3, 7, 49)}], (10, 200, 10)),
-        "000003": ((16, 16), [], (10, 10, 200)),
-    })
+    return _make_voc(
+        tmp_path / "VOC",
+        {
+            "000001": (
+                (40, 30),
+                [
+                    {"name": "dog", "box": (0, 0, 39, 29), "truncated": True},
+                    {"name": "cat", "box": (5, 6, 10, 12), "difficult": True},
+                ],
+                (200, 10, 10),
+            ),
+            "000002": ((20, 50), [{"name": "cat", "box": (2.5, 3, 7, 49)}], (10, 200, 10)),
+            "000003": ((16, 16), [], (10, 10, 200)),
+        },
+    )
 
 
 def test_xml_is_one_based_records_are_zero_based(voc):
@@ -50,8 +57,7 @@ def test_xml_is_one_based_records_are_zero_based(voc):
     assert "<xmin>6</xmin>" in text and "<ymin>7</ymin>" in text
     parsed = parse_voc_xml(voc / "Annotations" / "000001.xml")
     assert parsed["width"] == 40 and parsed["height"] == 30 and parsed["filename"] == "000001.jpg"
-    assert parsed["objects"][1] == {"name": "cat", "box": (5.0, 6.0, 10.0, 12.0),
-                                    "difficult": True, "truncated": False}
+    assert parsed["objects"][1] == {"name": "cat", "box": (5.0, 6.0, 10.0, 12.0), "difficult": True, "truncated": False}
 
 
 def test_records_and_samples(voc):
@@ -172,14 +178,22 @@ def test_symlinks_out_of_the_root_are_refused(tmp_path, voc):
 
 
 def test_damage_is_skipped_counted_or_fatal_when_strict(voc):
-    _make_voc(voc, {
-        "000004": ((30, 30), [
-            {"name": "dog", "box": (1, 1, 5, 5)},
-            {"name": "cat", "box": (2, 2, 29, 29)},
-        ], (0, 0, 0)),
-        "000005": ((30, 30), [{"name": "dog", "box": (1, 1, 5, 5)}], (0, 0, 0)),
-        "000006": ((30, 30), [{"name": "dog", "box": (1, 1, 5, 5)}], (0, 0, 0)),
-    }, splits={"damaged": ["000001", "000004", "000005", "000006", "000007", "000001"]})
+    _make_voc(
+        voc,
+        {
+            "000004": (
+                (30, 30),
+                [
+                    {"name": "dog", "box": (1, 1, 5, 5)},
+                    {"name": "cat", "box": (2, 2, 29, 29)},
+                ],
+                (0, 0, 0),
+            ),
+            "000005": ((30, 30), [{"name": "dog", "box": (1, 1, 5, 5)}], (0, 0, 0)),
+            "000006": ((30, 30), [{"name": "dog", "box": (1, 1, 5, 5)}], (0, 0, 0)),
+        },
+        splits={"damaged": ["000001", "000004", "000005", "000006", "000007", "000001"]},
+    )
     xml4 = voc / "Annotations" / "000004.xml"
     text = xml4.read_text()
     text = text.replace("<xmax>30</xmax>", "<xmax>31</xmax>", 1)  # cat box past the border
@@ -200,8 +214,8 @@ def test_damage_is_skipped_counted_or_fatal_when_strict(voc):
     assert [r["id"] for r in ds.records] == ["000001", "000004"]
     assert ds.records[1]["boxes"].shape == (0, 4)
     assert ds.skipped_images.summary(6) == (
-        "skipped 4 of 6 images: 1 duplicate id, 1 malformed XML, 1 missing annotation, "
-        "1 missing image")
+        "skipped 4 of 6 images: 1 duplicate id, 1 malformed XML, 1 missing annotation, 1 missing image"
+    )
     assert "skipped 2 of 4 objects: 1 box outside image, 1 invalid box" in ds.summary()
 
     with pytest.raises(ValueError, match=r"damaged\.txt: line 6: image id '000001' listed twice"):
@@ -222,8 +236,11 @@ def test_unreadable_image_and_size_mismatch_fail_at_load(voc):
     with pytest.raises(ImageError, match=r"000002\.jpg"):
         ds[1]
     Image.new("RGB", (17, 16)).save(voc / "JPEGImages" / "000003.jpg")
-    with pytest.raises(ValueError, match=r"000003\.jpg: image is 17x16 pixels but its annotation "
-                                         r"says 16x16"):
+    with pytest.raises(
+        ValueError,
+        match=r"000003\.jpg: image is 17x16 pixels but its annotation "
+        r"says 16x16",
+    ):
         ds[2]
 
 
@@ -242,20 +259,16 @@ def test_filename_element_is_used_and_checked(voc):
 
 def test_writer_validates_boxes(tmp_path):
     with pytest.raises(ValueError, match=r"x2 <= 9.*got \[0.0, 0.0, 10.0, 5.0\]"):
-        write_voc_annotation(tmp_path / "a.xml", "a.jpg", (10, 10),
-                             [{"name": "x", "box": (0, 0, 10, 5)}])
+        write_voc_annotation(tmp_path / "a.xml", "a.jpg", (10, 10), [{"name": "x", "box": (0, 0, 10, 5)}])
     with pytest.raises(ValueError, match="size must be positive"):
         write_voc_annotation(tmp_path / "a.xml", "a.jpg", (0, 10), [])
-    write_voc_annotation(tmp_path / "b.xml", "b.jpg", (10, 10),
-                         [{"name": "x", "box": (0.5, 0, 9, 9)}])
+    write_voc_annotation(tmp_path / "b.xml", "b.jpg", (10, 10), [{"name": "x", "box": (0.5, 0, 9, 9)}])
     assert parse_voc_xml(tmp_path / "b.xml")["objects"][0]["box"] == (0.5, 0.0, 9.0, 9.0)
     assert np.isclose(float((tmp_path / "b.xml").read_text().split("<xmin>")[1].split("<")[0]), 1.5)
 
 
-@settings(max_examples=300, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(name=st.text(alphabet=st.sampled_from("ab./\\\x00 ~:"), min_size=0, max_size=12),
-       subdirs=st.booleans())
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=st.text(alphabet=st.sampled_from("ab./\\\x00 ~:"), min_size=0, max_size=12), subdirs=st.booleans())
 def test_resolve_inside_never_leaves_the_folder(tmp_path, name, subdirs):
     folder = tmp_path / "JPEGImages"
     folder.mkdir(exist_ok=True)
@@ -267,3 +280,20 @@ def test_resolve_inside_never_leaves_the_folder(tmp_path, name, subdirs):
     resolved = path.resolve()
     assert folder.resolve() in resolved.parents
     assert subdirs or resolved.parent == folder.resolve()
+
+
+def test_split_file_with_a_bom_keeps_its_first_id(voc):
+    # Issue 18: a BOM at the start silently dropped the first id ("\ufeff000001" not found).
+    (voc / "ImageSets" / "Main" / "bom.txt").write_bytes("000001\r\n000002\r\n".encode("utf-8-sig"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        ds = VOCDetection(voc, "bom")
+    assert [r["id"] for r in ds.records] == ["000001", "000002"]
+
+
+def test_split_file_that_is_not_utf8_names_the_file(voc):
+    # Issue 18: a non-UTF-8 ImageSets file errored without naming the file.
+    split = voc / "ImageSets" / "Main" / "latin1.txt"
+    split.write_bytes("000001\n000002 caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.txt: not UTF-8 text \(byte 0xe9 at offset 17, line 2\)"):
+        VOCDetection(voc, "latin1")

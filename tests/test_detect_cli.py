@@ -19,23 +19,41 @@ from sppnet.data import make_detection_dataset
 from sppnet.engine.common import load_weights
 
 TINY_FLAGS = [
-    "--width", "0.125", "--fc-dim", "32", "--size", "0.25", "--pretrain-epochs", "1", "--ft-iterations", "16",
-    "--workers", "0", "--max-proposals", "80", "--device", "cpu", "--quiet",
-]  # fmt: skip
+    "--width",
+    "0.125",
+    "--fc-dim",
+    "32",
+    "--size",
+    "0.25",
+    "--pretrain-epochs",
+    "1",
+    "--ft-iterations",
+    "16",
+    "--workers",
+    "0",
+    "--max-proposals",
+    "80",
+    "--device",
+    "cpu",
+    "--quiet",
+]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory):
-    return make_detection_dataset(tmp_path_factory.mktemp("data") / "voc", seed=5, num_train=8, num_val=0,
-                                  num_test=3, min_short_side=96, max_short_side=144, max_objects=3)
+    return make_detection_dataset(
+        tmp_path_factory.mktemp("data") / "voc",
+        seed=5,
+        num_train=8,
+        num_val=0,
+        num_test=3,
+        min_short_side=96,
+        max_short_side=144,
+        max_objects=3,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +72,8 @@ def test_train_then_val_json(cli_run, capsys):
     assert result["images"] == 3 and result["seconds_per_image"] > 0
     assert all(v is None or 0.0 <= v <= 1.0 for v in result["ap"].values())
     saved = json.loads((cli_run / "config.json").read_text())
-    assert saved["width"] == 0.125 and saved["size_factor"] == 0.25 and saved["preset"] == "small"
+    assert saved["backbone"]["width"] == 0.125 and saved["features"]["size_factor"] == 0.25
+    assert saved["preset"] == "small" and saved["finetune"]["iterations"] == 16
     # no usable val split here (the tiny set has none): the calibration stage is
     # recorded as done and predict falls back to the SVMs' 0
     assert (cli_run / "stages" / "calibrate.json").is_file()
@@ -84,8 +103,21 @@ def test_predict_writes_a_png_and_a_json_per_image(cli_run, tiny_root, tmp_path,
     images = sorted((tiny_root / "JPEGImages").glob("*.jpg"))[-2:]
     out = tmp_path / "pred"
     capsys.readouterr()
-    code = main(["detect", "predict", "--run", str(cli_run), *map(str, images), "--out", str(out),
-                 "--score-threshold=-1e9", "--json", "--device", "cpu"])  # fmt: skip
+    code = main(
+        [
+            "detect",
+            "predict",
+            "--run",
+            str(cli_run),
+            *map(str, images),
+            "--out",
+            str(out),
+            "--score-threshold=-1e9",
+            "--json",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     printed = json.loads(capsys.readouterr().out)
     assert len(printed) == 2
@@ -119,8 +151,21 @@ def test_calibrate_then_predict_keeps_detections_above_each_class_threshold(cli_
 
     def predict(*extra):
         capsys.readouterr()
-        code = main(["detect", "predict", "--run", str(cli_run), *map(str, images), "--out", str(tmp_path / "p"),
-                     "--json", "--device", "cpu", *extra])  # fmt: skip
+        code = main(
+            [
+                "detect",
+                "predict",
+                "--run",
+                str(cli_run),
+                *map(str, images),
+                "--out",
+                str(tmp_path / "p"),
+                "--json",
+                "--device",
+                "cpu",
+                *extra,
+            ]
+        )
         return code, capsys.readouterr()
 
     code, calibrated = predict()
@@ -132,8 +177,11 @@ def test_calibrate_then_predict_keeps_detections_above_each_class_threshold(cli_
         kept = {(d["label"], d["score"], tuple(d["box"])) for d in cal["detections"]}
         assert all(score > saved["thresholds"][label] for label, score, _ in kept)
         # the ones above their class's cut in the unfiltered output are all there
-        above = {(d["label"], d["score"], tuple(d["box"])) for d in all_["detections"]
-                 if d["score"] > saved["thresholds"][d["label"]]}  # fmt: skip
+        above = {
+            (d["label"], d["score"], tuple(d["box"]))
+            for d in all_["detections"]
+            if d["score"] > saved["thresholds"][d["label"]]
+        }
         assert above <= kept
     # one threshold per class on the command line; a wrong count names it
     code, _ = predict("--score-threshold", *["-1000"] * len(classes))
@@ -150,13 +198,48 @@ def test_user_errors_exit_2_without_traceback(tmp_path, capsys):
     assert "nothing to resume" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--ft-lr", "nan", "argument --ft-lr: must be a finite number, got nan"),
+        ("--bbox-lambda", "nan", "argument --bbox-lambda: must be a finite number, got nan"),
+        ("--svm-c", "-1", "argument --svm-c: must be > 0, got -1.0"),
+        ("--ft-lr", "-1", "argument --ft-lr: must be > 0, got -1.0"),
+        ("--scales", "0", "argument --scales: must be >= 1, got 0"),
+    ],
+)
+def test_bad_values_are_refused_where_they_are_parsed(flag, value, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["detect", "train", "--out", str(tmp_path / "r"), flag, value])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
 def test_help_lists_the_paper_options(capsys):
     with pytest.raises(SystemExit):
         main(["detect", "train", "--help"])
     text = capsys.readouterr().out
-    for flag in ("--method", "--scales", "--size", "--finetune", "--scorer", "--backbone", "--resume", "--strict",
-                 "--calibrate-split"):
+    for flag in (
+        "--method",
+        "--scales",
+        "--size",
+        "--finetune",
+        "--scorer",
+        "--backbone",
+        "--resume",
+        "--strict",
+        "--calibrate-split",
+        "--ft-lr",
+        "--svm-c",
+        "--bbox-lambda",
+        "--pretrain-epochs",
+        "--ft-iterations",
+        "--max-proposals",
+    ):
         assert flag in text
+    flat = " ".join(text.split())
+    assert "network (registry name) (default zf5)" in flat  # the default the presets use
+    assert "fine-tuning learning rate (small 0.003, paper 0.0001)" in flat
     with pytest.raises(SystemExit):
         main(["detect", "calibrate", "--help"])
     assert "thresholds.json" in capsys.readouterr().out
@@ -187,8 +270,9 @@ def test_sigkill_at_random_moments_then_resume_gives_the_same_detector(tiny_root
     kills = 0
     resume = False
     for _ in range(3):
-        proc = subprocess.Popen(_train_cmd(tiny_root, out, resume), env=_env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        proc = subprocess.Popen(
+            _train_cmd(tiny_root, out, resume), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         try:
             proc.wait(timeout=rng.uniform(0.1, 0.8) * duration)
         except subprocess.TimeoutExpired:
@@ -199,8 +283,12 @@ def test_sigkill_at_random_moments_then_resume_gives_the_same_detector(tiny_root
         if (out / "detector.safetensors").is_file():
             break
     if not (out / "detector.safetensors").is_file():
-        subprocess.run(_train_cmd(tiny_root, out, resume=(out / "config.json").is_file()), env=_env(),
-                       check=True, capture_output=True)  # fmt: skip
+        subprocess.run(
+            _train_cmd(tiny_root, out, resume=(out / "config.json").is_file()),
+            env=_env(),
+            check=True,
+            capture_output=True,
+        )
     assert kills >= 1
     a, _ = load_weights(ref / "detector.safetensors")
     b, _ = load_weights(out / "detector.safetensors")

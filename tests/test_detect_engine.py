@@ -10,9 +10,8 @@ import torch
 
 from sppnet.data import VOCDetection, make_detection_dataset
 from sppnet.data.proposals import sliding_window_proposals
-from sppnet.engine import det_finetune
 from sppnet.engine.common import GracefulInterrupt, UserError, load_weights
-from sppnet.engine.det_features import FeatureCache, build_windows, flip_boxes, load_record_image
+from sppnet.engine.config import merge_overrides
 from sppnet.engine.detect import (
     DetectConfig,
     TrainingInterrupted,
@@ -22,30 +21,39 @@ from sppnet.engine.detect import (
     pretrain_config,
     train,
 )
+from sppnet.engine.detect import finetune as det_finetune
+from sppnet.engine.detect.features import FeatureCache, build_windows, flip_boxes, load_record_image
 from sppnet.models.detector import image_scales
 from sppnet.ops import spatial_pyramid_pool
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP's spin-waiting makes two far slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory):
-    return make_detection_dataset(tmp_path_factory.mktemp("data") / "voc", seed=3, num_train=8, num_val=0,
-                                  num_test=4, min_short_side=96, max_short_side=144, max_objects=3)
+    return make_detection_dataset(
+        tmp_path_factory.mktemp("data") / "voc",
+        seed=3,
+        num_train=8,
+        num_val=0,
+        num_test=4,
+        min_short_side=96,
+        max_short_side=144,
+        max_objects=3,
+    )
 
 
-def tiny_cfg(root, **kw) -> DetectConfig:
-    values = dict(data=str(root), width=0.125, fc_dim=32, size_factor=0.25, pretrain_epochs=1, pretrain_batch=16,
-                  ft_iterations=24, ft_lr_steps=(16,), checkpoint_every=8, workers=0, max_proposals=80)
-    values.update(kw)
-    return DetectConfig.from_preset("small", **values)
+TINY = {
+    "backbone": {"width": 0.125, "fc_dim": 32, "epochs": 1, "batch_size": 16},
+    "features": {"size_factor": 0.25},
+    "finetune": {"iterations": 24, "lr_steps": (16,), "checkpoint_every": 8},
+    "proposals": {"max_proposals": 80},
+    "workers": 0,
+}
+
+
+def tiny_cfg(root, overrides=None, **kw) -> DetectConfig:
+    return DetectConfig.from_preset("small", merge_overrides(TINY, overrides, kw), data=str(root))
 
 
 def same_weights(a, b) -> None:
@@ -94,7 +102,7 @@ def test_feature_cache_matches_direct_features_and_rebuilds_stale_entries(tiny_r
     ds = VOCDetection(tiny_root, "train")
     records = ds.records[:3]
     windows = [build_windows(sliding_window_proposals(r["width"], r["height"], (20, 40)), r, 8) for r in records]
-    cfg = tiny_cfg(tiny_root, scales=(480, 688))
+    cfg = tiny_cfg(tiny_root, {"features": {"scales": (480, 688)}})
     torch.manual_seed(0)
     det = build_detector(cfg, 8).eval()
     cache = FeatureCache(det, records, windows, tmp_path / "feat")
@@ -122,8 +130,9 @@ def test_feature_cache_matches_direct_features_and_rebuilds_stale_entries(tiny_r
         for i in (2, 0, 1, 0):
             idx = torch.randperm(len(windows[i]), generator=g)[:7]
             requests.append((i, idx, bool(torch.rand(1, generator=g) < 0.5), torch.randint(0, 2, (7,), generator=g)))
-        one_by_one = [cache.pool5(i, idx[k : k + 1], flip, s[k : k + 1])
-                      for i, idx, flip, s in requests for k in range(len(idx))]  # fmt: skip
+        one_by_one = [
+            cache.pool5(i, idx[k : k + 1], flip, s[k : k + 1]) for i, idx, flip, s in requests for k in range(len(idx))
+        ]
         torch.testing.assert_close(cache.pool5_many(requests), torch.cat(one_by_one))
     # a corrupt entry is rebuilt, not trusted
     path = cache.path(0)
@@ -213,8 +222,13 @@ def test_ctrl_c_in_fine_tuning_checkpoints_and_resumes_exactly(trained_run, tiny
 
 
 def test_rcnn_method_and_softmax_scorer_train_end_to_end(tiny_root, tmp_path):
-    cfg = tiny_cfg(tiny_root, method="rcnn", scorer="softmax", ft_iterations=8, checkpoint_every=4,
-                   max_proposals=30, bbox_regression=False)
+    cfg = tiny_cfg(
+        tiny_root,
+        {"finetune": {"iterations": 8, "checkpoint_every": 4}, "proposals": {"max_proposals": 30}},
+        method="rcnn",
+        scorer="softmax",
+        **{"bbox.enabled": False},
+    )
     train(cfg, out=tmp_path / "rcnn", verbose=False)
     det, classes, saved = load_detector(tmp_path / "rcnn")
     assert det.method == "rcnn" and saved.scorer == "softmax" and not bool(det.trained_heads.any())
@@ -226,8 +240,8 @@ def test_rcnn_method_and_softmax_scorer_train_end_to_end(tiny_root, tmp_path):
 def test_config_presets_and_checks():
     small, paper = DetectConfig.from_preset("small"), DetectConfig.from_preset("paper")
     assert small.image_scales == (344,) and small.window_target == 112 and small.crop_size == 112
-    assert paper.image_scales == (688,) and paper.width == 1.0 and paper.fc_dim == 4096
-    five = DetectConfig.from_preset("paper", scales=(480, 576, 688, 864, 1200))
+    assert paper.image_scales == (688,) and paper.backbone.width == 1.0 and paper.backbone.fc_dim == 4096
+    five = DetectConfig.from_preset("paper", {"features": {"scales": (480, 576, 688, 864, 1200)}})
     assert five.image_scales == (480, 576, 688, 864, 1200)
     assert image_scales(375, 500, five.image_scales)[-1].height == 1200
     assert DetectConfig.from_dict(dataclasses.asdict(small)) == small
@@ -235,6 +249,112 @@ def test_config_presets_and_checks():
         DetectConfig.from_preset("small", method="fast")
     with pytest.raises(UserError, match="coco"):
         DetectConfig.from_preset("small", format="coco")
+
+
+# config.json of a run written before the config was nested (sppnet at commit 22668b9)
+FLAT_CONFIG = {
+    "data": "/data/voc",
+    "format": "voc",
+    "ann": None,
+    "split": "train",
+    "preset": "small",
+    "method": "spp",
+    "model": "zf5",
+    "width": 0.125,
+    "fc_dim": 32,
+    "dropout": 0.5,
+    "levels": [1, 2, 3, 6],
+    "scales": [688],
+    "size_factor": 0.25,
+    "target_size": 224,
+    "backbone": None,
+    "ss_mode": "fast",
+    "ss_resize_to": 200,
+    "ss_base_k": 100,
+    "ss_inc_k": 100,
+    "max_proposals": 80,
+    "pretrain_size": None,
+    "pretrain_epochs": 2,
+    "pretrain_batch": 16,
+    "pretrain_lr": 0.003,
+    "background_per_image": 1,
+    "finetune": "fc",
+    "ft_iterations": 40,
+    "ft_lr": 0.003,
+    "ft_lr_steps": [1000],
+    "ft_batch": 128,
+    "ft_fg_fraction": 0.25,
+    "ft_flip": True,
+    "ft_images_per_batch": 8,
+    "checkpoint_every": 250,
+    "scorer": "svm",
+    "svm_C": 0.001,
+    "svm_pos_weight": 2.0,
+    "svm_epochs": 1,
+    "svm_retrain_limit": 2000,
+    "bbox_regression": True,
+    "bbox_iou": 0.5,
+    "bbox_lambda": None,
+    "calibrate_split": "val",
+    "chunk_size": 1024,
+    "seed": 3,
+    "workers": 0,
+    "device": "cpu",
+    "strict": False,
+}
+
+
+def test_a_flat_config_of_an_older_run_loads_as_the_nested_config():
+    cfg = DetectConfig.from_dict(FLAT_CONFIG)
+    expected = DetectConfig.from_preset(
+        "small",
+        {
+            "backbone": {"width": 0.125, "fc_dim": 32, "epochs": 2},
+            "features": {"size_factor": 0.25},
+            "finetune": {"iterations": 40},
+            "proposals": {"max_proposals": 80},
+        },
+        data="/data/voc",
+        seed=3,
+        workers=0,
+        device="cpu",
+    )
+    assert cfg == expected
+    # every flat value landed where the nested config keeps it
+    flat = cfg.flat()
+    from sppnet.engine.detect.config import _FLAT
+
+    for key, value in FLAT_CONFIG.items():
+        assert flat[_FLAT[key]] == (tuple(value) if isinstance(value, list) else value), key
+    with pytest.raises(UserError, match=r"unknown settings \['ft_typo'\]"):
+        DetectConfig.from_dict({**FLAT_CONFIG, "ft_typo": 1})
+    with pytest.raises(UserError, match=r"unknown DetectConfig settings \['typo'\]"):
+        DetectConfig.from_dict({**cfg.to_dict(), "typo": 1})
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"finetune": {"lr": float("nan")}}, r"finetune.lr \(--ft-lr\) must be a finite number, got nan"),
+        ({"bbox": {"lam": float("nan")}}, r"bbox.lam \(--bbox-lambda\) must be a finite number, got nan"),
+        ({"svm": {"C": -1.0}}, r"svm.C \(--svm-c\) must be > 0, got -1.0"),
+        ({"features": {"scales": ()}}, r"--scales\) must hold at least one value"),
+        ({"finetune": {"images_per_batch": 200}}, r"--ft-images-per-batch must be in \[1, --ft-batch = 128\], got 200"),
+        ({"backbone": {"model": "nope"}}, "unknown model 'nope'"),
+    ],
+)
+def test_bad_settings_are_refused_before_any_work(override, message):
+    with pytest.raises(UserError, match=message):
+        DetectConfig.from_preset("small", override)
+
+
+def test_presets_are_partial_overrides_of_the_defaults():
+    from sppnet.engine.detect import PRESETS
+
+    assert DetectConfig.from_preset("small") == DetectConfig().resolved()  # small IS the defaults
+    paper = DetectConfig.from_preset("paper", {"finetune": {"lr": 1e-3}})
+    assert paper.finetune.lr == 1e-3 and paper.finetune.iterations == PRESETS["paper"]["finetune"]["iterations"]
+    assert paper.svm == DetectConfig().svm  # what paper does not name keeps its default
 
 
 @pytest.mark.parametrize("preset", ["small", "paper"])
@@ -251,8 +371,9 @@ def test_finetune_all_trains_the_conv_layers_and_recaches_features(trained_run, 
     out = tmp_path / "all"
     (out / "cache").mkdir(parents=True)
     shutil.copytree(trained_run / "cache" / "proposals", out / "cache" / "proposals")
-    train(tiny_cfg(tiny_root, finetune="all", ft_iterations=6, checkpoint_every=3), out=out, verbose=False)
-    assert load_detector(out)[2].ft_images_per_batch == 2
+    cfg = tiny_cfg(tiny_root, {"finetune": {"mode": "all", "iterations": 6, "checkpoint_every": 3}})
+    train(cfg, out=out, verbose=False)
+    assert load_detector(out)[2].finetune.images_per_batch == 2
     before, _ = load_weights(out / "stages" / "backbone.safetensors")
     after, _ = load_weights(out / "stages" / "finetune.safetensors")
     conv = "backbone.features.0.weight"
@@ -268,7 +389,7 @@ def test_backbone_from_a_classification_run_is_reordered_and_reused(trained_run,
     """--backbone: a ``classify train`` run with the paper's level order (6, 3, 2, 1)."""
     from sppnet.engine.classify import ClassifyConfig, load_classifier
     from sppnet.engine.classify import train as classify_train
-    from sppnet.engine.det_backbone import BACKGROUND, WindowCrops
+    from sppnet.engine.detect.backbone import BACKGROUND, WindowCrops
 
     ds = VOCDetection(tiny_root, "train")
     items = [(r["image_path"], tuple(b), int(c)) for r in ds.records for b, c in zip(r["boxes"].tolist(), r["labels"])]
@@ -279,7 +400,7 @@ def test_backbone_from_a_classification_run_is_reordered_and_reused(trained_run,
 
     out = tmp_path / "det"
     shutil.copytree(trained_run / "cache" / "proposals", out / "cache" / "proposals")
-    train(tiny_cfg(tiny_root, backbone=str(run)), out=out, verbose=False, stop_after="backbone")
+    train(tiny_cfg(tiny_root, {"backbone": {"checkpoint": str(run)}}), out=out, verbose=False, stop_after="backbone")
     assert not (out / "backbone").exists()  # no pretraining of our own
     det, _ = load_weights(out / "stages" / "backbone.safetensors")
     model, classes, _ = load_classifier(run)
@@ -291,9 +412,9 @@ def test_backbone_from_a_classification_run_is_reordered_and_reused(trained_run,
     x = torch.rand(2, 3, 64, 80)
     with torch.no_grad():
         reference = model(x)
-        from sppnet.engine.detect import _load_into
+        from sppnet.engine.detect.model import load_detector_file
 
-        detector = _load_into(out / "stages" / "backbone.safetensors", torch.device("cpu"))[0]
+        detector = load_detector_file(out / "stages" / "backbone.safetensors")[0]
         torch.testing.assert_close(detector.backbone(x), reference)
     assert detector.levels == (1, 2, 3, 6)
 
@@ -301,7 +422,8 @@ def test_backbone_from_a_classification_run_is_reordered_and_reused(trained_run,
 def test_calibration_stage_uses_a_held_out_split_and_skips_overlapping_ones(trained_run, tiny_root, tmp_path):
     import json
 
-    from sppnet.engine.detect import _proposals, _stage_calibrate, run_thresholds
+    from sppnet.engine.detect import proposals, run_thresholds
+    from sppnet.engine.detect.stages import StageContext, stage_calibrate
     from sppnet.evaluation import best_f1_thresholds, precision_recall
 
     det, classes, cfg = load_detector(trained_run)
@@ -309,8 +431,8 @@ def test_calibration_stage_uses_a_held_out_split_and_skips_overlapping_ones(trai
     shutil.copytree(trained_run / "cache" / "proposals", out / "cache" / "proposals")
 
     def stage(split):
-        c = dataclasses.replace(cfg, calibrate_split=split)
-        return _stage_calibrate(c, out, "cpu", [], [], classes, det, False)
+        c = cfg.with_overrides({"test": {"calibrate_split": split}})
+        return stage_calibrate(StageContext(c, out, torch.device("cpu"), [], [], classes, False), det)
 
     for split in (None, "train", "trainval", "val", "no-such-split"):  # off, overlapping, empty, missing
         assert stage(split) is det
@@ -321,7 +443,7 @@ def test_calibration_stage_uses_a_held_out_split_and_skips_overlapping_ones(trai
     assert saved["split"] == "test" and saved["images"] == 4 and saved["scorer"] == "svm"
     # the same operating points, from the test split's detections scored here
     ds = VOCDetection(tiny_root, "test", classes=classes)
-    props = _proposals(ds.records, cfg, out / "cache" / "proposals", verbose=False)
+    props = proposals(ds.records, cfg, out / "cache" / "proposals", verbose=False)
     result = evaluate(det, ds.records, classes, props, "svm", verbose=False)
     gts = [{"boxes": r["boxes"], "labels": r["labels"], "difficult": r["difficult"]} for r in ds.records]
     points = best_f1_thresholds(precision_recall(result["predictions"], gts, classes))
@@ -333,7 +455,7 @@ def test_calibration_stage_uses_a_held_out_split_and_skips_overlapping_ones(trai
 
 
 def test_testing_data_defaults_to_the_runs_data_and_keeps_a_given_annotation_file():
-    from sppnet.engine.detect import _test_data
+    from sppnet.engine.detect.data import data_to_test as _test_data
 
     coco = DetectConfig.from_preset("small", data="/imgs", format="coco", ann="/train.json")
     # a held-out annotation file for the run's own image folder (calibrate / val --ann)

@@ -25,14 +25,7 @@ from sppnet.models.detector import (
 )
 from sppnet.ops import box_iou, spatial_pyramid_pool
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP's spin-waiting makes two far slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def tiny_backbone(levels=(6, 3, 2, 1), seed=0, num_classes=4):

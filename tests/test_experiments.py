@@ -56,7 +56,7 @@ def test_detection_table_quick_fills_every_cell_and_resumes(tmp_path, capsys):
             assert r[row]["seconds_per_image"] >= r["feature_seconds_per_image"]
         # every column started from the first column's pretrained backbone
         cfg = json.loads((out / "runs" / column.lower().replace(" ", "-") / "config.json").read_text())
-        assert (cfg["backbone"] is None) == (column == "SPP 1-scale")
+        assert (cfg["backbone"]["checkpoint"] is None) == (column == "SPP 1-scale")
     assert results["SPP 5-scale"]["feature_seconds_per_image"] > results["SPP 1-scale"]["feature_seconds_per_image"]
     text = (out / "table.md").read_text()
     rows = table_rows(text)

@@ -1,4 +1,4 @@
-"""Tests for sppnet.utils.io: atomic writes, safe checkpoints, JSON, caches."""
+"""Tests for sppnet.utils: atomic writes, safe checkpoints, JSON, caches."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from sppnet.utils.io import (
+from sppnet.utils import (
     atomic_path,
     atomic_write_bytes,
     atomic_write_text,
@@ -83,7 +83,7 @@ def test_save_checkpoint_failure_inside_writer_keeps_original(tmp_path, monkeypa
 
     def broken_save_file(tensors, filename, metadata=None):
         with open(filename, "wb") as f:
-            f.write(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"partial")
+            f.write(b'\x10\x00\x00\x00\x00\x00\x00\x00{"partial')
         raise OSError("No space left on device")
 
     monkeypatch.setattr(safetensors.torch, "save_file", broken_save_file)
@@ -109,7 +109,7 @@ def test_atomic_path_requires_the_caller_to_write(tmp_path):
 # test SIGKILLs it. Lines on stdout: "pid N", "saved V" (V complete), "reaped".
 _WRITER = r"""
 import os, sys, torch
-from sppnet.utils.io import save_checkpoint
+from sppnet.utils import save_checkpoint
 path = sys.argv[1]
 numel = 2_000_000
 for line in sys.stdin:
@@ -447,7 +447,7 @@ def test_save_json_converts_dataclasses_paths_and_tuples(tmp_path):
     path = tmp_path / "config.json"
     save_json(path, {"cfg": _Config(), "extra": (np.float32(0.5), np.int64(2))})
     text = path.read_text()
-    assert text.startswith("{\n  \"cfg\"") and text.endswith("\n")
+    assert text.startswith('{\n  "cfg"') and text.endswith("\n")
     assert load_json(path) == {
         "cfg": {"out": "runs/x", "inner": {"scales": [480, 688]}, "lr": 1e-4},
         "extra": [0.5, 2],
@@ -458,6 +458,23 @@ def test_save_json_converts_dataclasses_paths_and_tuples(tmp_path):
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(ValueError, match="broken.json"):
         load_json(tmp_path / "broken.json")
+
+
+def test_save_json_refuses_non_finite_floats_and_names_the_key(tmp_path):
+    path = tmp_path / "metrics.json"
+    save_json(path, {"ok": 1.0})
+    cases = [
+        ({"ap": {"cat": float("nan")}}, r"obj\['ap'\]\['cat'\] is nan"),
+        ({"curve": [0.5, float("inf")]}, r"obj\['curve'\]\[1\] is inf"),
+        ({"x": np.float32("-inf")}, r"obj\['x'\] is -inf"),
+        ({"t": torch.tensor([1.0, float("nan")])}, r"obj\['t'\]\[1\] is nan"),
+        ({float("nan"): 1}, r"the key nan of obj is nan"),
+    ]
+    for obj, message in cases:
+        with pytest.raises(ValueError, match=message):
+            save_json(path, obj)
+    assert load_json(path) == {"ok": 1.0}  # nothing was written
+    assert _leftover_temp_files(tmp_path) == []
 
 
 def test_file_digest(tmp_path):

@@ -105,8 +105,18 @@ def test_image_level_matches_reference(monkeypatch, n, c, h, w, levels, mode, dt
 
 
 @FUZZ
-@given(data=st.data(), n=st.integers(1, 3), c=st.integers(1, 3), h=st.integers(1, 14), w=st.integers(1, 14),
-       levels=levels_st, mode=mode_st, dtype=dtype_st, kernels=st.booleans(), seed=seed_st)  # fmt: skip
+@given(
+    data=st.data(),
+    n=st.integers(1, 3),
+    c=st.integers(1, 3),
+    h=st.integers(1, 14),
+    w=st.integers(1, 14),
+    levels=levels_st,
+    mode=mode_st,
+    dtype=dtype_st,
+    kernels=st.booleans(),
+    seed=seed_st,
+)
 def test_window_level_matches_reference(monkeypatch, data, n, c, h, w, levels, mode, dtype, kernels, seed):
     use_kernels(monkeypatch, kernels)
     x = features(n, c, h, w, dtype, seed)
@@ -122,8 +132,15 @@ def test_window_level_matches_reference(monkeypatch, data, n, c, h, w, levels, m
 
 
 @settings(FUZZ, max_examples=40)
-@given(data=st.data(), c=st.integers(1, 3), h=st.integers(1, 12), w=st.integers(1, 12),
-       levels=levels_st, kernels=st.booleans(), seed=seed_st)  # fmt: skip
+@given(
+    data=st.data(),
+    c=st.integers(1, 3),
+    h=st.integers(1, 12),
+    w=st.integers(1, 12),
+    levels=levels_st,
+    kernels=st.booleans(),
+    seed=seed_st,
+)
 def test_max_gradients_match_reference(monkeypatch, data, c, h, w, levels, kernels, seed):
     # With a gradient the kernels keep the argmax (a different kernel than the
     # values-only forward); continuous random data has no ties.
@@ -148,8 +165,17 @@ def test_max_gradients_match_reference(monkeypatch, data, c, h, w, levels, kerne
 
 
 @FUZZ
-@given(n=st.integers(1, 3), c=st.integers(1, 4), h=st.integers(1, 20), w=st.integers(1, 20),
-       levels=levels_st, mode=mode_st, dtype=dtype_st, kernels=st.booleans(), seed=seed_st)  # fmt: skip
+@given(
+    n=st.integers(1, 3),
+    c=st.integers(1, 4),
+    h=st.integers(1, 20),
+    w=st.integers(1, 20),
+    levels=levels_st,
+    mode=mode_st,
+    dtype=dtype_st,
+    kernels=st.booleans(),
+    seed=seed_st,
+)
 def test_whole_map_window_equals_image_level(monkeypatch, n, c, h, w, levels, mode, dtype, kernels, seed):
     use_kernels(monkeypatch, kernels)
     x = features(n, c, h, w, dtype, seed)
@@ -158,8 +184,15 @@ def test_whole_map_window_equals_image_level(monkeypatch, n, c, h, w, levels, mo
 
 
 @FUZZ
-@given(h1=st.integers(1, 30), w1=st.integers(1, 30), h2=st.integers(1, 30), w2=st.integers(1, 30),
-       levels=levels_st, mode=mode_st, bins=st.sampled_from(["adaptive", "sliding"]))  # fmt: skip
+@given(
+    h1=st.integers(1, 30),
+    w1=st.integers(1, 30),
+    h2=st.integers(1, 30),
+    w2=st.integers(1, 30),
+    levels=levels_st,
+    mode=mode_st,
+    bins=st.sampled_from(["adaptive", "sliding"]),
+)
 def test_output_width_is_independent_of_the_map_size(h1, w1, h2, w2, levels, mode, bins):
     widths = set()
     for h, w in ((h1, w1), (h2, w2)):
@@ -199,16 +232,18 @@ def test_mapping_matches_reference(boxes, stride, offset, feature_size):
 @pytest.mark.parametrize("mode", ["max", "avg"])
 @settings(FUZZ, max_examples=40)
 @given(
-    h=st.integers(1, 12), w=st.integers(1, 12), seed=seed_st,
+    h=st.integers(1, 12),
+    w=st.integers(1, 12),
+    seed=seed_st,
     special=st.lists(st.sampled_from([float("nan"), float("inf"), float("-inf")]), min_size=1, max_size=4),
-)  # fmt: skip
+)
 def test_non_finite_values_stay_in_their_bins(monkeypatch, mode, h, w, seed, special):
     # Same rule as torch's adaptive pooling of each window's crop (issue 7).
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(1, 2, h, w, generator=g)
     for v in special:
-        x[0, int(torch.randint(2, (1,), generator=g)), int(torch.randint(h, (1,), generator=g)),
-          int(torch.randint(w, (1,), generator=g))] = v  # fmt: skip
+        c, y, col = (int(torch.randint(size, (1,), generator=g)) for size in (2, h, w))
+        x[0, c, y, col] = v
     rois = torch.tensor([[0, 0, 0, w - 1, h - 1], [0, w // 2, h // 2, w - 1, h - 1], [0, 0, 0, w // 2, h // 2]])
     pool = torch.nn.functional.adaptive_max_pool2d if mode == "max" else torch.nn.functional.adaptive_avg_pool2d
     expected = torch.stack(

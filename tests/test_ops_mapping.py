@@ -142,7 +142,7 @@ def test_random_boxes_match_brute_force(stride, offset, feature_size):
 # ------------------------------------------------------------------ backbone geometry
 
 # Released ZF-5 (Caffe): conv1 k7 s2 p1; pool1 k3 s2; conv2 k5 s2 p0; pool2 k3 s2;
-# conv3-5 k3 s1 p1 (SPEC Sec. 2).
+# conv3-5 k3 s1 p1 (Table 1 gives the filters; the padding is the released model's).
 ZF5 = [(7, 2, 1), (3, 2, 0), (5, 2, 0), (3, 2, 0), (3, 1, 1), (3, 1, 1), (3, 1, 1)]
 
 

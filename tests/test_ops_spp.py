@@ -1,4 +1,4 @@
-"""The image-level SPP layer against a brute-force loop over bins (SPEC Sec. 1).
+"""The image-level SPP layer against a brute-force loop over bins (SPP-net Sec. 2.2, 2.3 and Appendix).
 
 Four implementations are checked, selected by the ``path`` fixture:
 ``kernel`` (numba, as the library picks it for CPU float32/float64 max: the
@@ -196,7 +196,7 @@ def test_max_backward_on_a_map_of_more_than_32767_cells():
 
 @pytest.mark.parametrize("mode", ["max", "avg"])
 def test_non_finite_values_propagate_like_torch_pooling(path, mode):
-    # SPEC/issue 7: NaN and inf propagate as torch's own adaptive pooling does --
+    # Issue 7: NaN and inf propagate as torch's own adaptive pooling does --
     # only into the bins that hold them (max: NaN wins; avg: NaN, or +inf and -inf
     # together, give NaN).
     x = randn(2, 3, 11, 13, dtype=torch.float32, seed=8)

@@ -8,11 +8,15 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from sppnet.data import limits as limits_module
 from sppnet.data import proposals
+from sppnet.data.images import DataWarning, ImageError, SkipCounter
+from sppnet.data.limits import ImageLimits
 from sppnet.data.proposals import (
     ProposalCache,
     SelectiveSearchParams,
     add_ground_truth,
+    check_search_limits,
     compute_proposals,
     selective_search,
     sliding_window_proposals,
@@ -23,9 +27,7 @@ RECTS = [(12, 15, 70, 85), (110, 30, 200, 75), (80, 100, 140, 165)]
 COLOURS = [(220, 30, 30), (30, 40, 210), (240, 230, 40)]
 
 
-def _synthetic_image(
-    width: int = 240, height: int = 180, seed: int = 0, rects=RECTS
-) -> Image.Image:
+def _synthetic_image(width: int = 240, height: int = 180, seed: int = 0, rects=RECTS) -> Image.Image:
     """Textured green background with solid rectangles on it."""
     rng = np.random.default_rng(seed)
     background = np.array([80, 130, 90]) + rng.integers(-12, 13, size=(height, width, 3))
@@ -226,9 +228,7 @@ def test_cache_is_invalidated_by_params_content_and_corruption(tmp_path, image_f
     assert len(counted) == 3
 
     # Other parameters: different keys, everything recomputed, old entries kept.
-    capped = compute_proposals(
-        image_files, cache_dir, dataclasses.replace(params, max_proposals=3), progress=False
-    )
+    capped = compute_proposals(image_files, cache_dir, dataclasses.replace(params, max_proposals=3), progress=False)
     assert len(counted) == 6 and len(_cache_files(cache_dir)) == 6
     for full, few in zip(reference, capped):
         np.testing.assert_array_equal(few, full[:3])
@@ -268,9 +268,7 @@ def test_proposal_cache_get_and_keys(tmp_path, image_files):
     boxes = cache.get(image_files[0])
     assert cache.load(cache.key(image_files[0])) is not None
     np.testing.assert_array_equal(cache.get(image_files[0]), boxes)
-    np.testing.assert_array_equal(
-        boxes, selective_search(Image.open(image_files[0]), min_size=4)
-    )
+    np.testing.assert_array_equal(boxes, selective_search(Image.open(image_files[0]), min_size=4))
     other = ProposalCache(tmp_path / "cache", {"min_size": 5})
     assert other.key(image_files[0]) != cache.key(image_files[0])
     assert cache.key(image_files[0]) != cache.key(image_files[1])
@@ -280,16 +278,12 @@ def test_proposal_cache_get_and_keys(tmp_path, image_files):
 
 
 # "spawn" (the default) imports torch in every worker, "forkserver" once.
-@pytest.mark.parametrize(
-    "start_method", ["forkserver", pytest.param("spawn", marks=pytest.mark.slow)]
-)
+@pytest.mark.parametrize("start_method", ["forkserver", pytest.param("spawn", marks=pytest.mark.slow)])
 def test_parallel_workers_match_serial(image_files, start_method):
     paths = image_files + [image_files[0]]
     params = SelectiveSearchParams(min_size=4, max_proposals=50)
     serial = compute_proposals(paths, None, params, workers=0, progress=False)
-    parallel = compute_proposals(
-        paths, None, params, workers=2, progress=False, start_method=start_method
-    )
+    parallel = compute_proposals(paths, None, params, workers=2, progress=False, start_method=start_method)
     assert len(parallel) == len(serial) == 4
     for a, b in zip(serial, parallel):
         assert len(a) > 0
@@ -306,13 +300,22 @@ def test_bad_images_raise_or_are_skipped(tmp_path, image_files):
         compute_proposals([not_image], tmp_path / "cache", progress=False)
     assert not (tmp_path / "cache").exists() or _cache_files(tmp_path / "cache") == []
 
-    with pytest.warns(RuntimeWarning, match="skipping .*missing.jpg"):
-        with pytest.warns(RuntimeWarning, match="skipping .*notes.jpg"):
-            out = compute_proposals(
-                [missing, image_files[0], not_image], None, {"min_size": 4},
-                progress=False, skip_errors=True,
-            )
+    skipped = SkipCounter("images")
+    with (
+        pytest.warns(DataWarning, match="skipping .*missing.jpg"),
+        pytest.warns(DataWarning, match="skipping .*notes.jpg"),
+    ):
+        out = compute_proposals(
+            [missing, image_files[0], not_image],
+            None,
+            {"min_size": 4},
+            progress=False,
+            skip_errors=True,
+            skipped=skipped,
+        )
     assert out[0].shape == (0, 4) and out[2].shape == (0, 4)
+    assert skipped.paths == [str(missing), str(not_image)]
+    assert skipped.counts == {"missing": 1, "not an image": 1}
     _check_valid(out[1], 96, 72, min_size=4)
 
     with pytest.raises(ValueError, match="workers must be an int >= 0, got -1"):
@@ -323,6 +326,71 @@ def test_bad_images_raise_or_are_skipped(tmp_path, image_files):
         compute_proposals(image_files, None, workers=2, start_method="fork")
 
 
+def _no_search(monkeypatch):
+    """Makes any call into OpenCV's selective search fail the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("selective search ran on an image that should have been refused up front")
+
+    monkeypatch.setattr(proposals.cv2.ximgproc.segmentation, "createSelectiveSearchSegmentation", refuse)
+
+
+def test_thin_strip_is_refused_up_front_naming_the_file_and_flag(tmp_path, monkeypatch, image_files):
+    # Issue 18: a 200 KB 20000x10 PNG ran selective search for minutes. Now it is
+    # refused from its header, before it is decoded or searched.
+    strip = tmp_path / "strip.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (10, 20000, 3), dtype=np.uint8)).save(strip)
+    _no_search(monkeypatch)
+    message = r"strip\.png: no proposals: image is 20000x10 pixels, aspect ratio 2000\.0 exceeds .* --max-aspect-ratio"
+    with pytest.raises(ImageError, match=message) as info:
+        compute_proposals([strip], tmp_path / "cache", progress=False)
+    assert info.value.reason == "too elongated"
+    with pytest.raises(ImageError, match="--max-aspect-ratio"):
+        ProposalCache(tmp_path / "cache").get(strip)
+    with pytest.raises(ValueError, match=r"selective search refused: .*--max-aspect-ratio"):
+        selective_search(np.zeros((10, 20000, 3), dtype=np.uint8))
+    assert not (tmp_path / "cache").exists() or _cache_files(tmp_path / "cache") == []
+
+    # In a batch, with skip_errors: the strip is skipped and counted, the others are searched.
+    monkeypatch.undo()
+    skipped = SkipCounter("images")
+    with pytest.warns(DataWarning, match=r"skipping .*strip\.png: no proposals: image is 20000x10"):
+        out = compute_proposals([image_files[0], strip], None, progress=False, skip_errors=True, skipped=skipped)
+    assert len(out[0]) > 0 and out[1].shape == (0, 4)
+    assert skipped.counts == {"too elongated": 1}
+
+
+def test_search_pixel_bound_counts_the_downscaled_copy(tmp_path, monkeypatch):
+    path = tmp_path / "big.png"
+    _synthetic_image(400, 300).save(path)  # 120,000 pixels
+    limits = ImageLimits(max_search_pixels=100_000)
+    _no_search(monkeypatch)
+    message = r"big\.png: no proposals: selective search on the 400x300 image = 120000 pixels exceeds the limit"
+    with pytest.raises(ImageError, match=message + r" of 100000 .*--ss-resize-to or raise --max-search-pixels"):
+        compute_proposals([path], None, progress=False, limits=limits)
+    # A parameter set that searches a 200x150 copy is within the bound (30,000 pixels).
+    assert check_search_limits(path, {"resize_to": 150}, limits) == (400, 300)
+    with pytest.raises(ImageError, match=r"the 400x300 image at 200x150 = 30000 pixels exceeds the limit of 20000"):
+        check_search_limits(path, {"resize_to": 150}, ImageLimits(max_search_pixels=20_000))
+    monkeypatch.undo()
+    boxes = compute_proposals([path], None, {"resize_to": 150}, progress=False, limits=limits)[0]
+    _check_valid(boxes, 400, 300, min_size=16)
+
+
+def test_raised_limits_reach_spawned_workers(tmp_path, monkeypatch):
+    # Spawned workers do not inherit this process's settings; compute_proposals
+    # sends them. A 600x24 strip (aspect ratio 25) needs --max-aspect-ratio 30: a
+    # worker still at the default 20 would refuse it while decoding.
+    path = tmp_path / "strip.png"
+    _synthetic_image(600, 24, rects=[(10, 2, 200, 20)]).save(path)
+    with pytest.raises(ImageError, match="aspect ratio 25.0 exceeds the limit of 20"):
+        compute_proposals([path], None, progress=False)
+    monkeypatch.setattr(limits_module, "_LIMITS", limits_module.get_image_limits())  # restored after the test
+    limits_module.set_image_limits(max_aspect_ratio=30)
+    boxes = compute_proposals([path, path], None, {"min_size": 4}, workers=2, progress=False)
+    _check_valid(boxes[0], 600, 24, min_size=4)
+
+
 # --------------------------------------------------------------------------- #
 # Ground truth and sliding windows
 # --------------------------------------------------------------------------- #
@@ -330,9 +398,7 @@ def test_bad_images_raise_or_are_skipped(tmp_path, image_files):
 
 def test_add_ground_truth_prepends_and_deduplicates():
     gt = np.array([[0, 0, 9, 9], [5, 5, 20, 20], [0, 0, 9, 9]], dtype=np.float32)
-    props = np.array(
-        [[1, 1, 8, 8], [5, 5, 20, 20], [1, 1, 8, 8], [30, 30, 40, 40]], dtype=np.float32
-    )
+    props = np.array([[1, 1, 8, 8], [5, 5, 20, 20], [1, 1, 8, 8], [30, 30, 40, 40]], dtype=np.float32)
     out = add_ground_truth(props, gt)
     expected = np.array(
         [[0, 0, 9, 9], [5, 5, 20, 20], [0, 0, 9, 9], [1, 1, 8, 8], [30, 30, 40, 40]],
@@ -347,9 +413,7 @@ def test_add_ground_truth_prepends_and_deduplicates():
 
 
 def test_sliding_window_proposals():
-    boxes = sliding_window_proposals(
-        100, 60, scales=(20, 40), aspect_ratios=(0.5, 1.0), stride_frac=0.5
-    )
+    boxes = sliding_window_proposals(100, 60, scales=(20, 40), aspect_ratios=(0.5, 1.0), stride_frac=0.5)
     _check_valid(boxes, 100, 60, min_size=1)
     # Square 20 px windows, stride 10: x starts 0..80 (9), y starts 0..40 (5).
     squares = boxes[(boxes[:, 2] - boxes[:, 0] == 19) & (boxes[:, 3] - boxes[:, 1] == 19)]

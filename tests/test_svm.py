@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from sppnet.engine.svm import SVMConfig, feature_scale, fit_linear_svm, train_svms
+from sppnet.engine.detect.svm import SVMConfig, feature_scale, fit_linear_svm, train_svms
 
 K, F, N = 3, 12, 60
 
@@ -73,8 +73,15 @@ def test_resuming_after_an_epoch_gives_the_same_svms():
     cfg = SVMConfig(C=0.1, retrain_limit=50, epochs=2)
     full = train_svms(12, lambda i: feats[i], overlaps, positives, K, cfg)
     saved = []
-    train_svms(12, lambda i: feats[i], overlaps, positives, K, SVMConfig(C=0.1, retrain_limit=50, epochs=1),
-               on_epoch=saved.append)
+    train_svms(
+        12,
+        lambda i: feats[i],
+        overlaps,
+        positives,
+        K,
+        SVMConfig(C=0.1, retrain_limit=50, epochs=1),
+        on_epoch=saved.append,
+    )
     resumed = train_svms(12, lambda i: feats[i], overlaps, positives, K, cfg, state=saved[-1])
     torch.testing.assert_close(resumed.weight, full.weight)
     torch.testing.assert_close(resumed.bias, full.bias)
@@ -89,3 +96,20 @@ def test_fit_linear_svm_weights_positives_and_handles_one_class():
     assert bool(((x @ w + b) * y > 0).all())
     w0, b0 = fit_linear_svm(x[:30], y[:30], C=1.0, pos_weight=2.0, bias_multiplier=10.0)
     assert float(w0.abs().sum()) == 0.0 and b0 == 1.0
+
+
+def test_svm_positives_are_the_non_difficult_ground_truth_boxes():
+    from sppnet.engine.detect.features import build_windows
+    from sppnet.engine.detect.svm import svm_positives
+
+    record = {
+        "boxes": torch.tensor([[0.0, 0.0, 9.0, 9.0], [20.0, 20.0, 39.0, 29.0], [5.0, 5.0, 30.0, 30.0]]),
+        "labels": torch.tensor([2, 0, 1]),
+        "difficult": torch.tensor([False, True, False]),
+        "width": 50,
+        "height": 40,
+    }
+    w = build_windows([[0.0, 0.0, 9.0, 9.0], [1.0, 2.0, 30.0, 20.0]], record, 3)
+    (pos,) = svm_positives([w])
+    expected = [2 if k == 0 else 1 if k == 2 else -1 for k in range(len(w))]  # gt rows first; row 1 is difficult
+    assert pos.tolist() == expected

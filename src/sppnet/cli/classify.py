@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
 
 from sppnet.cli._common import add_common, add_preset
+from sppnet.cli._options import add_config_options, config_overrides
+from sppnet.engine.classify.config import PRESETS, ClassifyConfig
+from sppnet.engine.views import VIEWS
 
 _EPILOG = """examples:
   sppnet classify train --out runs/cls                       # built-in shapes data, small preset on CPU
@@ -19,13 +21,6 @@ _EPILOG = """examples:
   sppnet classify val --run runs/cls --split test --views full --json
   sppnet classify predict --run runs/cls image1.jpg image2.png --views multi
 """
-
-# Flags that map one-to-one onto ClassifyConfig fields (dest -> field).
-_TRAIN_FIELDS = (
-    "data", "model", "width", "fc_dim", "dropout", "init", "size", "small_size", "schedule", "epochs",
-    "batch_size", "lr", "lr_steps", "momentum", "weight_decay", "alphastd", "seed", "workers", "cache_images",
-    "device",
-)  # fmt: skip
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -40,42 +35,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     sub.required = True
 
     t = sub.add_parser(
-        "train", help="train a classifier", epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "train",
+        help="train a classifier",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train an SPP-net classifier. Flags left out take the preset's value.",
     )
-    t.add_argument("--data", help="ImageFolder root with train/<class>/* (and val/); default: the built-in shapes set")
     t.add_argument("--out", required=True, help="run directory (checkpoints, metrics, config)")
     add_preset(t)
-    t.add_argument("--model", help="network: zf5 | convnet5 | overfeat5 | overfeat7 (default zf5)")
-    t.add_argument("--no-spp", dest="spp", action="store_false", default=None,
-                   help="the no-SPP baseline (fixed 6x6 pool5; one input size only)")
-    t.add_argument("--width", type=float, help="channel multiplier (1.0 = the paper's Table 1)")
-    t.add_argument("--fc-dim", type=int, help="width of fc6 / fc7 (paper 4096)")
-    t.add_argument("--dropout", type=float, help="dropout after fc6 and fc7 (paper preset 0.5, small 0)")
-    t.add_argument("--init", choices=("paper", "he"),
-                   help="fc6/fc7 init: paper N(0, 0.01) or he (fan-in normal; small preset default)")
-    t.add_argument("--size", type=int, help="crop side (paper 224); images are resized to short side size*256/224")
-    t.add_argument("--small-size", type=int, help="second size of multi/random schedules (default size*180/224)")
-    t.add_argument("--schedule", choices=("single", "multi", "random"),
-                   help="single size (default), alternate size/small-size epochs, or a random size per epoch")
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--batch-size", type=int, help="global batch size (split over torchrun processes)")
-    t.add_argument("--lr", type=float, help="initial learning rate")
-    t.add_argument("--lr-steps", type=_int_list, help="comma-separated epochs at which lr is divided by 10")
-    t.add_argument("--momentum", type=float)
-    t.add_argument("--weight-decay", type=float)
-    t.add_argument("--alphastd", type=float, help="PCA colour-noise strength (0 disables; default 0.1)")
-    t.add_argument("--seed", type=int)
-    t.add_argument("--workers", type=int, help="DataLoader worker processes (turns the image cache off)")
-    t.add_argument("--cache-images", action=argparse.BooleanOptionalAction, default=None,
-                   help="keep decoded, resized training images in memory (small data sets; needs --workers 0)")
+    add_config_options(t, ClassifyConfig, presets=_preset_configs(), titles={"": "settings"})
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     add_common(t)
     t.set_defaults(func=_train, device=None)
 
-    v = sub.add_parser("val", help="evaluate a trained classifier",
-                       description="Top-1 / top-5 accuracy of a run's model with the paper's test views.")
+    v = sub.add_parser(
+        "val",
+        help="evaluate a trained classifier",
+        description="Top-1 / top-5 accuracy of a run's model with the paper's test views.",
+    )
     v.add_argument("--run", required=True, help="run directory written by 'classify train'")
     v.add_argument("--data", help="ImageFolder root (default: the run's data)")
     v.add_argument("--split", default="val", help="split folder to evaluate (val | test | ...; default val)")
@@ -98,29 +76,33 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _add_views(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--views", choices=("center", "ten", "full", "multi"), default="center",
+        "--views",
+        choices=VIEWS,
+        default="center",
         help="center crop | ten (corners + centre + flips) | full (whole image, SPP only) | "
         "multi (6 scales x 18 windows on the feature maps + 2 full views, SPP only); default center",
     )
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+def _preset_configs() -> dict[str, ClassifyConfig]:
+    """Each preset resolved, for the defaults that ``--help`` shows."""
+    return {name: ClassifyConfig.from_preset(name) for name in PRESETS}
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    """The settings typed on the command line (``--data`` made absolute), as overrides."""
+    overrides = config_overrides(args, ClassifyConfig)
+    if args.device is not None:
+        overrides["device"] = args.device
+    return overrides
 
 
 def _train(args: argparse.Namespace) -> int:
-    from sppnet.engine.classify import ClassifyConfig, train
+    from sppnet.engine.classify import train
     from sppnet.engine.common import resolve_device
-    from sppnet.utils.io import load_json
+    from sppnet.utils import load_json
 
-    explicit = {f: getattr(args, f) for f in _TRAIN_FIELDS if getattr(args, f) is not None}
-    if args.spp is not None:
-        explicit["spp"] = args.spp
-    if "data" in explicit:
-        explicit["data"] = str(Path(explicit["data"]).resolve())
+    overrides = _overrides(args)
     out = Path(args.out)
     if args.resume:
         if not (out / "config.json").is_file():
@@ -128,17 +110,17 @@ def _train(args: argparse.Namespace) -> int:
         saved = ClassifyConfig.from_dict(load_json(out / "config.json"))
         if args.preset is not None and args.preset != saved.preset:
             raise ValueError(f"cannot change the preset when resuming: run used {saved.preset!r}")
-        cfg = dataclasses.replace(saved, **explicit)
+        cfg = saved.with_overrides(overrides)
     else:
         preset = args.preset or ("paper" if resolve_device(args.device or "auto").type == "cuda" else "small")
-        cfg = ClassifyConfig.from_preset(preset, **explicit)
+        cfg = ClassifyConfig.from_preset(preset, overrides)
     train(cfg, out=out, resume=args.resume, verbose=not args.quiet)
     print(f"done: {out / 'model.safetensors'}  (metrics {out / 'metrics.csv'}, curves {out / 'curves.png'})")
     return 0
 
 
 def _val(args: argparse.Namespace) -> int:
-    from sppnet.engine.classify import open_image_folder, builtin_data_root, evaluate, load_classifier
+    from sppnet.engine.classify import builtin_data_root, evaluate, load_classifier, open_image_folder
     from sppnet.engine.common import resolve_device
 
     model, classes, cfg = load_classifier(args.run, resolve_device(args.device))
@@ -147,7 +129,9 @@ def _val(args: argparse.Namespace) -> int:
         raise ValueError(f"data folder {root} does not exist")
     dataset = open_image_folder(root, args.split, classes, verbose=True)
     changes = {k: getattr(args, k) for k in ("batch_size", "workers") if getattr(args, k) is not None}
-    cfg = dataclasses.replace(cfg, **changes).resolved()
+    if changes.get("workers"):
+        changes["cache_images"] = False  # the cache is a training setting; val loads in the workers
+    cfg = cfg.with_overrides(changes).resolved()
     result = evaluate(model, dataset, args.views, cfg, verbose=not args.json)
     if args.json:
         print(json.dumps(result))

@@ -32,8 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from sppnet.engine.demo import DemoConfig, dumps, run_demo
 
-    cfg = DemoConfig(out=args.out, quick=args.quick, seed=args.seed, device=args.device,
-                     data_root=args.data_root, resume=args.resume)  # fmt: skip
+    cfg = DemoConfig(
+        out=args.out, quick=args.quick, seed=args.seed, device=args.device, data_root=args.data_root, resume=args.resume
+    )
     summary = run_demo(cfg)
     if args.json:
         print(dumps(summary))

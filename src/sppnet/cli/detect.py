@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 
 from sppnet.cli._common import add_common, add_preset
+from sppnet.cli._options import add_config_options, config_overrides
+from sppnet.engine.detect.config import PRESETS, DetectConfig
 
 _EPILOG = """examples:
   sppnet detect train --out runs/det                         # built-in shapes data, small preset on CPU
@@ -20,13 +21,6 @@ _EPILOG = """examples:
   sppnet detect calibrate --run runs/det --split val          # per-class score thresholds for predict
   sppnet detect predict --run runs/det image1.jpg image2.png --out runs/det/pred
 """
-
-# Flags that map one-to-one onto DetectConfig fields.
-_TRAIN_FIELDS = (
-    "data", "format", "ann", "split", "method", "model", "width", "fc_dim", "scales", "size_factor", "backbone",
-    "finetune", "scorer", "seed", "workers", "device", "pretrain_epochs", "ft_iterations", "ft_lr", "svm_C",
-    "bbox_lambda", "chunk_size", "max_proposals", "calibrate_split",
-)  # fmt: skip
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -42,66 +36,54 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     sub.required = True
 
     t = sub.add_parser(
-        "train", help="train a detector", epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "train",
+        help="train a detector",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train the SPP-net detector in stages (proposals, backbone, conv5 cache, fine-tuning, "
         "SVMs, box regression). Flags left out take the preset's value.",
     )
-    t.add_argument("--data", help="Pascal VOC root (or COCO image folder with --format coco); default: built-in shapes")
-    t.add_argument("--format", choices=("voc", "coco"), help="layout of --data (default voc)")
-    t.add_argument("--ann", help="COCO annotation JSON (with --format coco)")
-    t.add_argument("--split", help="VOC split to train on (default train)")
     t.add_argument("--out", required=True, help="run directory (stages, caches, metrics, config)")
     add_preset(t)
-    t.add_argument("--method", choices=("spp", "rcnn"), help="spp (default) or the R-CNN baseline (warp every window)")
-    t.add_argument("--model", help="backbone network (default zf5)")
-    t.add_argument("--width", type=float, help="channel multiplier of the conv layers (1.0 = Table 1)")
-    t.add_argument("--fc-dim", type=int, help="width of fc6 / fc7 (paper 4096)")
-    t.add_argument("--scales", type=int, nargs="+", metavar="S",
-                   help="image short sides in the paper's pixels, times --size (paper: 688, or 480 576 688 864 1200)")
-    t.add_argument("--size", dest="size_factor", type=float,
-                   help="multiplies every size: scales, the 224 px window target, warps (small preset 0.5)")
-    t.add_argument("--finetune", choices=("fc", "all"),
-                   help="fc: fc6/fc7/fc8 on cached conv5 (paper); all: also the conv layers (Fast R-CNN)")
-    t.add_argument("--scorer", choices=("svm", "softmax"), help="per-class SVMs (paper) or fc8's softmax")
-    t.add_argument("--backbone", help="classification run (sppnet classify train) or its model.safetensors; "
-                   "default: pretrain one on the training windows")
-    t.add_argument("--pretrain-epochs", type=int, help="epochs of backbone pretraining")
-    t.add_argument("--ft-iterations", type=int, help="fine-tuning iterations (batches of 128 windows)")
-    t.add_argument("--ft-lr", type=float, help="fine-tuning learning rate")
-    t.add_argument("--svm-c", dest="svm_C", type=float, help="SVM C (default 1e-3)")
-    t.add_argument("--bbox-lambda", type=float, help="ridge penalty of box regression (default 4000*12800/D)")
-    t.add_argument("--max-proposals", type=int, help="selective search windows per image (default 2000)")
-    t.add_argument("--calibrate-split", type=_split_or_none, metavar="SPLIT",
-                   help="held-out VOC split for the per-class score thresholds predict uses "
-                   "(default val, skipped when missing or overlapping --split; 'none' skips)")
-    t.add_argument("--chunk-size", type=int, help="windows pooled / scored at a time (memory bound)")
-    t.add_argument("--strict", action="store_true", default=None, help="stop at the first bad annotation or image")
-    t.add_argument("--seed", type=int)
-    t.add_argument("--workers", type=int, help="selective search worker processes")
+    add_config_options(t, DetectConfig, presets={name: DetectConfig.from_preset(name) for name in PRESETS})
     t.add_argument("--resume", action="store_true", help="continue the run in --out (finished stages are skipped)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     add_common(t)
     t.set_defaults(func=_train, device=None)
 
-    v = sub.add_parser("val", help="evaluate a trained detector (VOC07 mAP)",
-                       description="Scores every window, per-class NMS at 0.3, <= 100 per image; VOC07 mAP.")
+    v = sub.add_parser(
+        "val",
+        help="evaluate a trained detector (VOC07 mAP)",
+        description="Scores every window, per-class NMS at 0.3, <= 100 per image; VOC07 mAP.",
+    )
     _add_test_data(v, "test", "VOC split (default test)", "COCO annotation JSON")
-    v.add_argument("--svd-rank", type=int, nargs="+", metavar="R",
-                   help="truncated SVD of fc6 and fc7 at rank R (or R6 R7): fewer multiply-adds "
-                   "(Fast R-CNN Sec. 3.1); compare mAP with and without")
-    v.add_argument("--json", action="store_true",
-                   help='print {"mAP", "ap": {class: AP}, "images", "seconds_per_image"} as JSON')
+    v.add_argument(
+        "--svd-rank",
+        type=int,
+        nargs="+",
+        metavar="R",
+        help="truncated SVD of fc6 and fc7 at rank R (or R6 R7): fewer multiply-adds "
+        "(Fast R-CNN Sec. 3.1); compare mAP with and without",
+    )
+    v.add_argument(
+        "--json", action="store_true", help='print {"mAP", "ap": {class: AP}, "images", "seconds_per_image"} as JSON'
+    )
     add_common(v)
     v.set_defaults(func=_val)
 
     c = sub.add_parser(
-        "calibrate", help="per-class score thresholds (best F1 on a held-out split) for predict",
+        "calibrate",
+        help="per-class score thresholds (best F1 on a held-out split) for predict",
         description="Scores a held-out split, finds each class's best-F1 operating point and writes "
         "RUN/thresholds.json; 'detect predict' then keeps the detections above them. 'detect train' does "
         "this on its own when the data has a 'val' split that it did not train on.",
-    )  # fmt: skip
-    _add_test_data(c, "val", "VOC split (default val); not one the run trained on",
-                   "COCO annotation JSON of held-out images (images in the run's --data unless given)")
+    )
+    _add_test_data(
+        c,
+        "val",
+        "VOC split (default val); not one the run trained on",
+        "COCO annotation JSON of held-out images (images in the run's --data unless given)",
+    )
     c.add_argument("--json", action="store_true", help="print thresholds.json")
     add_common(c)
     c.set_defaults(func=_calibrate)
@@ -110,13 +92,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     r.add_argument("--run", required=True, help="run directory written by 'detect train'")
     r.add_argument("--out", help="output folder (default RUN/predict)")
-    r.add_argument("--score-threshold", type=float, nargs="+", metavar="T",
-                   help="keep detections above it: one value, or one per class (default: the run's calibrated "
-                   "per-class thresholds, else 0 for SVMs and 0.5 for softmax)")
+    r.add_argument(
+        "--score-threshold",
+        type=float,
+        nargs="+",
+        metavar="T",
+        help="keep detections above it: one value, or one per class (default: the run's calibrated "
+        "per-class thresholds, else 0 for SVMs and 0.5 for softmax)",
+    )
     r.add_argument("--scorer", choices=("svm", "softmax"), help="default: the run's")
-    r.add_argument("--svd-rank", type=int, nargs="+", metavar="R",
-                   help="truncated SVD of fc6 and fc7 at rank R (or R6 R7): fewer multiply-adds "
-                   "(Fast R-CNN Sec. 3.1); compare mAP with and without")
+    r.add_argument(
+        "--svd-rank",
+        type=int,
+        nargs="+",
+        metavar="R",
+        help="truncated SVD of fc6 and fc7 at rank R (or R6 R7): fewer multiply-adds "
+        "(Fast R-CNN Sec. 3.1); compare mAP with and without",
+    )
     r.add_argument("--json", action="store_true", help="print the detections as JSON")
     add_common(r)
     r.set_defaults(func=_predict)
@@ -135,17 +127,12 @@ def _add_test_data(p: argparse.ArgumentParser, split: str, split_help: str, ann_
 
 def _train(args: argparse.Namespace) -> int:
     from sppnet.engine.common import resolve_device
-    from sppnet.engine.detect import DetectConfig, TrainingInterrupted, train
-    from sppnet.utils.io import load_json
+    from sppnet.engine.detect import TrainingInterrupted, train
+    from sppnet.utils import load_json
 
-    explicit = {f: getattr(args, f) for f in _TRAIN_FIELDS if getattr(args, f, None) is not None}
-    if args.strict:
-        explicit["strict"] = True
-    for key in ("data", "ann", "backbone"):
-        if key in explicit:
-            explicit[key] = str(Path(explicit[key]).resolve())
-    if "scales" in explicit:
-        explicit["scales"] = tuple(explicit["scales"])
+    overrides = config_overrides(args, DetectConfig)
+    if args.device is not None:
+        overrides["device"] = args.device
     out = Path(args.out)
     if args.resume:
         if not (out / "config.json").is_file():
@@ -153,10 +140,10 @@ def _train(args: argparse.Namespace) -> int:
         saved = DetectConfig.from_dict(load_json(out / "config.json"))
         if args.preset is not None and args.preset != saved.preset:
             raise ValueError(f"cannot change the preset when resuming: run used {saved.preset!r}")
-        cfg = dataclasses.replace(saved, **explicit).resolved()
+        cfg = saved.with_overrides(overrides).resolved()  # train() refuses changes it cannot resume with
     else:
         preset = args.preset or ("paper" if resolve_device(args.device or "auto").type == "cuda" else "small")
-        cfg = DetectConfig.from_preset(preset, **explicit)
+        cfg = DetectConfig.from_preset(preset, overrides)
     try:
         train(cfg, out=out, resume=args.resume, verbose=not args.quiet)
     except TrainingInterrupted:
@@ -177,9 +164,18 @@ def _svd_rank(args: argparse.Namespace) -> int | tuple[int, int] | None:
 def _val(args: argparse.Namespace) -> int:
     from sppnet.engine.detect import json_safe, val
 
-    result = val(args.run, data=args.data, split=args.split, fmt=args.format, ann=args.ann, scorer=args.scorer,
-                 device=args.device, workers=args.workers, verbose=not args.json,
-                 svd_rank=_svd_rank(args))  # fmt: skip
+    result = val(
+        args.run,
+        data=args.data,
+        split=args.split,
+        fmt=args.format,
+        ann=args.ann,
+        scorer=args.scorer,
+        device=args.device,
+        workers=args.workers,
+        verbose=not args.json,
+        svd_rank=_svd_rank(args),
+    )
     result = json_safe(result)
     if args.json:
         print(json.dumps({k: result[k] for k in ("mAP", "ap", "images", "seconds_per_image")}))
@@ -188,21 +184,29 @@ def _val(args: argparse.Namespace) -> int:
     for name, ap in result["ap"].items():
         print(f"{name:<16} {'-' if ap is None else f'{ap:.4f}'}")
     mean = result["mAP"]
-    print(f"{'mAP (VOC07)':<16} {'-' if mean is None else f'{mean:.4f}'}   on {result['images']} images, "
-          f"{result['seconds_per_image']:.3f} s per image ({result['scorer']} scores)")
+    print(
+        f"{'mAP (VOC07)':<16} {'-' if mean is None else f'{mean:.4f}'}   on {result['images']} images, "
+        f"{result['seconds_per_image']:.3f} s per image ({result['scorer']} scores)"
+    )
     return 0
-
-
-def _split_or_none(value: str) -> str | None:
-    return None if value.lower() == "none" else value
 
 
 def _calibrate(args: argparse.Namespace) -> int:
     from sppnet.engine.detect import calibrate, json_safe
 
-    result = json_safe(calibrate(args.run, data=args.data, split=args.split, fmt=args.format, ann=args.ann,
-                                 scorer=args.scorer, device=args.device, workers=args.workers,
-                                 verbose=not args.json))  # fmt: skip
+    result = json_safe(
+        calibrate(
+            args.run,
+            data=args.data,
+            split=args.split,
+            fmt=args.format,
+            ann=args.ann,
+            scorer=args.scorer,
+            device=args.device,
+            workers=args.workers,
+            verbose=not args.json,
+        )
+    )
     if args.json:
         print(json.dumps(result))
         return 0
@@ -210,8 +214,10 @@ def _calibrate(args: argparse.Namespace) -> int:
     for name, point in result["operating_points"].items():
         cells = [f"{point[k]:.3f}" if point[k] is not None else "-" for k in ("f1", "precision", "recall")]
         print(f"{name:<16} {result['thresholds'][name]:>10.4f} {cells[0]:>6} {cells[1]:>6} {cells[2]:>6}")
-    print(f"on {result['images']} {result['split']!r} images ({result['scorer']} scores) -> "
-          f"{Path(args.run) / 'thresholds.json'}")
+    print(
+        f"on {result['images']} {result['split']!r} images ({result['scorer']} scores) -> "
+        f"{Path(args.run) / 'thresholds.json'}"
+    )
     return 0
 
 
@@ -221,9 +227,16 @@ def _predict(args: argparse.Namespace) -> int:
     threshold = args.score_threshold
     if threshold is not None and len(threshold) == 1:
         threshold = threshold[0]
-    results = predict(args.run, args.images, out=args.out, score_threshold=threshold,
-                      scorer=args.scorer, device=args.device, verbose=not args.json,
-                      svd_rank=_svd_rank(args))  # fmt: skip
+    results = predict(
+        args.run,
+        args.images,
+        out=args.out,
+        score_threshold=threshold,
+        scorer=args.scorer,
+        device=args.device,
+        verbose=not args.json,
+        svd_rank=_svd_rank(args),
+    )
     if args.json:
         print(json.dumps(results))
         return 0

@@ -50,13 +50,17 @@ def run(args: argparse.Namespace) -> int:
     suffix = ".onnx" if args.format == "onnx" else ".ts"
     out = args.out or (Path(args.run) / f"model{suffix}")
     if args.format == "onnx":
-        report = export_onnx(model, out, (size, size), dynamic_hw=spp, opset=args.opset, verify_sizes=sizes, atol=1e-4, rtol=1e-4)
+        report = export_onnx(
+            model, out, (size, size), dynamic_hw=spp, opset=args.opset, verify_sizes=sizes, atol=1e-4, rtol=1e-4
+        )
     else:
         report = export_torchscript(model, out, (size, size), verify_sizes=sizes, atol=1e-4, rtol=1e-4)
     report["classes"] = list(classes)
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     else:
-        checked = ", ".join(f"{v['size'][0]}x{v['size'][1]} (max err {v['max_abs_err']:.1e})" for v in report["verified"])
+        checked = ", ".join(
+            f"{v['size'][0]}x{v['size'][1]} (max err {v['max_abs_err']:.1e})" for v in report["verified"]
+        )
         print(f"wrote {report['path']}: {args.format}, dynamic height/width: {spp}; verified at {checked}")
     return 0

@@ -63,13 +63,12 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a leading byte-order mark is not JSON
     except FileNotFoundError:
         raise ValueError(f"annotation file {path} does not exist") from None
     except UnicodeDecodeError as exc:
@@ -77,8 +76,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: "
-                         f"{exc.msg}") from exc
+        raise ValueError(f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
     if not isinstance(data, dict):
         raise ValueError(f"{path}: top level must be a JSON object, got {type(data).__name__}")
     for key in ("images", "categories"):
@@ -94,10 +92,13 @@ def _read_categories(path: Path, categories: list[Any]) -> tuple[list[int], list
         raise ValueError(f"{path}: 'categories' is empty")
     by_id: dict[int, str] = {}
     for index, category in enumerate(categories):
-        if (not isinstance(category, dict) or not _is_int(category.get("id"))
-                or not isinstance(category.get("name"), str) or not category["name"].strip()):
-            raise ValueError(f"{path}: categories[{index}] needs an int 'id' and a non-blank "
-                             f"'name', got {category!r}")
+        if (
+            not isinstance(category, dict)
+            or not _is_int(category.get("id"))
+            or not isinstance(category.get("name"), str)
+            or not category["name"].strip()
+        ):
+            raise ValueError(f"{path}: categories[{index}] needs an int 'id' and a non-blank 'name', got {category!r}")
         if category["id"] in by_id:
             raise ValueError(f"{path}: category id {category['id']} appears twice")
         by_id[category["id"]] = category["name"]
@@ -114,8 +115,7 @@ def _convert_box(bbox: Any, width: int, height: int) -> tuple[float, float, floa
         raise _Skip("invalid box", f"bbox [x, y, w, h] = {bbox} has a non-positive w or h")
     tol = BOX_TOLERANCE
     if x < -tol or y < -tol or x + w > width + tol or y + h > height + tol:
-        raise _Skip("box outside image",
-                    f"bbox [x, y, w, h] = {bbox} lies outside the {width}x{height} image")
+        raise _Skip("box outside image", f"bbox [x, y, w, h] = {bbox} lies outside the {width}x{height} image")
     # Clip the tolerated overshoot to the continuous frame [0, W] x [0, H].
     x0, y0 = max(x, 0.0), max(y, 0.0)
     x1, y1 = min(x + w, float(width)), min(y + h, float(height))
@@ -161,8 +161,7 @@ class COCODetection(Dataset):
         if not self.root.is_dir():
             raise ValueError(f"COCO image folder {self.root} does not exist")
         data = _read_json(self.annotation_json)
-        self.category_ids, self.class_names = _read_categories(self.annotation_json,
-                                                               data["categories"])
+        self.category_ids, self.class_names = _read_categories(self.annotation_json, data["categories"])
         label_of = {cid: label for label, cid in enumerate(self.category_ids)}
 
         images: dict[int, dict[str, Any]] = {}  # image id -> record fields, file order
@@ -190,12 +189,10 @@ class COCODetection(Dataset):
                     raise _Skip("malformed annotation", f"not an object: {ann!r:.60}")
                 image = images.get(ann.get("image_id"))
                 if image is None:
-                    raise _Skip("unknown image id", f"image_id {ann.get('image_id')!r} is not "
-                                                    f"in 'images'")
+                    raise _Skip("unknown image id", f"image_id {ann.get('image_id')!r} is not in 'images'")
                 label = label_of.get(ann.get("category_id"))
                 if label is None:
-                    raise _Skip("unknown category", f"category_id {ann.get('category_id')!r} is "
-                                                    f"not in 'categories'")
+                    raise _Skip("unknown category", f"category_id {ann.get('category_id')!r} is not in 'categories'")
                 crowd = ann.get("iscrowd", 0)
                 if crowd not in (0, 1):
                     raise _Skip("malformed annotation", f"iscrowd must be 0 or 1, got {crowd!r}")
@@ -203,16 +200,16 @@ class COCODetection(Dataset):
             except _Skip as skip:
                 self._skip(self.skipped_objects, skip, f"annotations[{index}]")
                 continue
-            objects[ann["image_id"]].append(
-                {"box": box, "label": label, "difficult": bool(crowd), "truncated": False})
+            objects[ann["image_id"]].append({"box": box, "label": label, "difficult": bool(crowd), "truncated": False})
 
         self.records = [
             make_record(image_id, f["image_path"], f["width"], f["height"], objects[image_id])
             for image_id, f in images.items()
         ]
         if not self.records:
-            raise ValueError(f"{self.annotation_json}: no usable images; "
-                             f"{self.skipped_images.summary(self._seen_images)}")
+            raise ValueError(
+                f"{self.annotation_json}: no usable images; {self.skipped_images.summary(self._seen_images)}"
+            )
 
     def _skip(self, counter: SkipCounter, skip: _Skip, where: str) -> None:
         detail = f"{where}: {skip.detail}"
@@ -220,23 +217,22 @@ class COCODetection(Dataset):
             raise ValueError(f"{self.annotation_json}: {detail}")
         counter.skip(self.annotation_json, skip.reason, detail)
 
-    def _read_image(self, entry: Any,
-                    seen: dict[int, dict[str, Any]]) -> tuple[int, dict[str, Any]]:
+    def _read_image(self, entry: Any, seen: dict[int, dict[str, Any]]) -> tuple[int, dict[str, Any]]:
         if not isinstance(entry, dict):
             raise _Skip("malformed image", f"not an object: {entry!r:.60}")
         image_id, file_name = entry.get("id"), entry.get("file_name")
         width, height = entry.get("width"), entry.get("height")
         if not _is_int(image_id) or not isinstance(file_name, str):
-            raise _Skip("malformed image", f"needs an int 'id' and a str 'file_name', "
-                                           f"got id={image_id!r}, file_name={file_name!r}")
+            raise _Skip(
+                "malformed image",
+                f"needs an int 'id' and a str 'file_name', got id={image_id!r}, file_name={file_name!r}",
+            )
         if not (_is_int(width) and _is_int(height) and width > 0 and height > 0):
-            raise _Skip("malformed image", f"width and height must be positive ints, "
-                                           f"got {width!r} x {height!r}")
+            raise _Skip("malformed image", f"width and height must be positive ints, got {width!r} x {height!r}")
         if image_id in seen:
             raise _Skip("duplicate id", f"image id {image_id} appears twice")
         # Unsafe names are refused (ValueError), whatever `strict` says.
-        path = resolve_inside(self.root, file_name, what=f"file_name of image id {image_id}",
-                              allow_subdirs=True)
+        path = resolve_inside(self.root, file_name, what=f"file_name of image id {image_id}", allow_subdirs=True)
         if not path.is_file():
             raise _Skip("missing image", f"image file {path} not found")
         return image_id, {"image_path": path, "width": width, "height": height}
@@ -255,10 +251,17 @@ class COCODetection(Dataset):
     def summary(self) -> str:
         """Images, objects, crowd (difficult) objects, per-class counts, skips."""
         return describe_records(
-            f"COCODetection({self.annotation_json})", self.records, self.class_names,
-            self.skipped_images, self.skipped_objects, self._seen_images, self._seen_objects,
+            f"COCODetection({self.annotation_json})",
+            self.records,
+            self.class_names,
+            self.skipped_images,
+            self.skipped_objects,
+            self._seen_images,
+            self._seen_objects,
         )
 
     def __repr__(self) -> str:
-        return (f"COCODetection(root={str(self.root)!r}, annotation_json="
-                f"{str(self.annotation_json)!r}, images={len(self)}, classes={self.num_classes})")
+        return (
+            f"COCODetection(root={str(self.root)!r}, annotation_json="
+            f"{str(self.annotation_json)!r}, images={len(self)}, classes={self.num_classes})"
+        )

@@ -30,6 +30,7 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from sppnet.data.images import IMAGE_EXTENSIONS, ImageError, SkipCounter, load_image
+from sppnet.data.limits import ImageLimits
 from sppnet.data.safety import validate_class_names
 
 __all__ = ["ImageFolderDataset", "find_images"]
@@ -91,8 +92,7 @@ class ImageFolderDataset(Dataset):
         if not split_dir.is_dir():
             available = sorted(p.name for p in self.root.iterdir() if p.is_dir())
             raise ValueError(f"split folder {split_dir} does not exist; found {available}")
-        folders = sorted(p.name for p in split_dir.iterdir()
-                         if p.is_dir() and not p.name.startswith("."))
+        folders = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
         if classes is None:
             if not folders:
                 raise ValueError(f"split folder {split_dir} has no class folders")
@@ -101,16 +101,17 @@ class ImageFolderDataset(Dataset):
             self.classes = validate_class_names(classes)
             missing = [c for c in self.classes if c not in folders]
             if missing:
-                raise ValueError(f"class folders {[str(split_dir / c) for c in missing]} "
-                                 f"do not exist")
+                raise ValueError(f"class folders {[str(split_dir / c) for c in missing]} do not exist")
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
 
         self.samples: list[tuple[str, int]] = []
         for label, name in enumerate(self.classes):
             files = find_images(split_dir / name)
             if not files:
-                raise ValueError(f"class folder {split_dir / name} contains no image files "
-                                 f"(extensions {', '.join(IMAGE_EXTENSIONS)})")
+                raise ValueError(
+                    f"class folder {split_dir / name} contains no image files "
+                    f"(extensions {', '.join(IMAGE_EXTENSIONS)})"
+                )
             self.samples.extend((str(f), label) for f in files)
 
     @property
@@ -132,13 +133,17 @@ class ImageFolderDataset(Dataset):
             image = self.transform(image)
         return image, label
 
-    def scan(self, max_pixels: int | None = None) -> SkipCounter:
-        """Decodes every image once and drops the unreadable ones.
+    def scan(self, max_pixels: int | None = None, limits: ImageLimits | None = None) -> SkipCounter:
+        """Decodes every image once and drops the unreadable ones and those outside the size limits.
 
-        Each dropped file is warned about (``DataWarning``) as it is found.
+        Each dropped file is warned about (``DataWarning``, naming it and, for a
+        size limit, the flag that raises it) as it is found.
 
         Args:
-            max_pixels: decompression-bomb limit passed to ``load_image``.
+            max_pixels: decompression-bomb limit passed to ``load_image``
+                (overrides ``limits.max_pixels``).
+            limits: size limits (:mod:`sppnet.data.limits`); ``None``: the
+                process-wide ones.
 
         Returns:
             The :class:`SkipCounter`; ``counter.summary(total)`` with ``total``
@@ -151,18 +156,22 @@ class ImageFolderDataset(Dataset):
         kept = []
         for path, label in self.samples:
             try:
-                load_image(path, max_pixels=max_pixels)
+                load_image(path, max_pixels=max_pixels, limits=limits)
             except ImageError as error:
                 counter.skip_error(error)
                 continue
             kept.append((path, label))
         empty = sorted(set(self.classes) - {self.classes[label] for _, label in kept})
         if empty:
-            raise ValueError(f"{self.root / self.split}: no readable image left in class "
-                             f"folders {empty}; {counter.summary(len(self.samples))}")
+            raise ValueError(
+                f"{self.root / self.split}: no readable image left in class "
+                f"folders {empty}; {counter.summary(len(self.samples))}"
+            )
         self.samples = kept
         return counter
 
     def __repr__(self) -> str:
-        return (f"ImageFolderDataset(root={str(self.root)!r}, split={self.split!r}, "
-                f"images={len(self)}, classes={len(self.classes)})")
+        return (
+            f"ImageFolderDataset(root={str(self.root)!r}, split={self.split!r}, "
+            f"images={len(self)}, classes={len(self.classes)})"
+        )

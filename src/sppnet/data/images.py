@@ -16,10 +16,13 @@ message starts with the path and whose ``reason`` is a short category used by
 :class:`SkipCounter` to summarise a scan ("skipped 3 of 120 images: 2 corrupt,
 1 not an image").
 
-Decompression bombs: a small file can declare a gigantic canvas. Files with more
-than ``max_pixels`` pixels are refused. The default is :data:`MAX_IMAGE_PIXELS`
-(Pillow's own default, about 89 megapixels); raise it for one call with the
-``max_pixels`` argument or for the process with :func:`set_max_image_pixels`.
+Size limits: a small file can declare a gigantic canvas (a decompression bomb)
+or an absurd shape. The header is read first and checked against
+:class:`~sppnet.data.limits.ImageLimits` (pixels, aspect ratio, short side)
+before any pixel is decoded; a refusal names the file and the CLI flag that
+raises the limit (``--max-image-pixels``, ...). Pass ``limits`` for one call, or
+set them for the process with :func:`~sppnet.data.limits.set_image_limits`.
+:func:`read_image_size` reads the upright size from the header alone.
 """
 
 from __future__ import annotations
@@ -32,28 +35,34 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+
+from sppnet.data.limits import ImageLimits, get_image_limits, set_image_limits
 
 __all__ = [
     "IMAGE_EXTENSIONS",
-    "MAX_IMAGE_PIXELS",
     "DataWarning",
     "ImageError",
     "SkipCounter",
+    "check_image_size",
     "load_image",
     "pil_to_tensor",
+    "read_image_size",
     "set_max_image_pixels",
     "to_rgb",
 ]
 
 #: File name endings (lower case) that the folder data sets treat as images.
 IMAGE_EXTENSIONS: tuple[str, ...] = (
-    ".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp",
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".ppm",
+    ".tif",
+    ".tiff",
+    ".webp",
 )
-
-#: Largest accepted image, in pixels (width * height); ``None`` disables the check.
-#: Starts at Pillow's default. Change it with :func:`set_max_image_pixels`.
-MAX_IMAGE_PIXELS: int | None = Image.MAX_IMAGE_PIXELS
 
 # Pillow keeps its own bomb limit in a module global. We only touch it (briefly,
 # under this lock) when the caller explicitly allowed a larger image than Pillow would.
@@ -70,7 +79,9 @@ class ImageError(ValueError):
     Attributes:
         path (str): the file.
         reason (str): short category, one of ``"missing"``, ``"empty"``,
-            ``"not an image"``, ``"corrupt"``, ``"too large"``, ``"unsupported mode"``.
+            ``"not an image"``, ``"corrupt"``, ``"unsupported mode"``, or a limit's
+            (``"too large"``, ``"too elongated"``, ``"too small"``, ``"too large to
+            search"``, see :meth:`~sppnet.data.limits.ImageLimits.problem`).
     """
 
     def __init__(self, path: str | os.PathLike, reason: str, detail: str) -> None:
@@ -81,15 +92,14 @@ class ImageError(ValueError):
 
 
 def set_max_image_pixels(limit: int | None) -> None:
-    """Sets the process-wide decompression-bomb limit used by :func:`load_image`.
+    """Sets the process-wide decompression-bomb limit (``--max-image-pixels``).
+
+    Shorthand for ``set_image_limits(max_pixels=limit)``.
 
     Args:
         limit: largest accepted ``width * height``; ``None`` disables the check.
     """
-    global MAX_IMAGE_PIXELS
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
-        raise ValueError(f"max image pixels must be a positive int or None, got {limit!r}")
-    MAX_IMAGE_PIXELS = limit
+    set_image_limits(max_pixels=limit)
 
 
 def _open_lazily(path: Path, limit: int | None) -> Image.Image:
@@ -102,8 +112,13 @@ def _open_lazily(path: Path, limit: int | None) -> Image.Image:
         except Image.DecompressionBombError as exc:
             pillow_limit = Image.MAX_IMAGE_PIXELS
             if limit is not None and pillow_limit is not None and limit <= 2 * pillow_limit:
-                raise ImageError(path, "too large", f"decompression bomb refused: more than "
-                                                    f"{limit} pixels (Pillow: {exc})") from exc
+                raise ImageError(
+                    path,
+                    "too large",
+                    f"decompression bomb refused: more than {limit} pixels, "
+                    f"raise the limit with --max-image-pixels if the file is "
+                    f"trusted (Pillow: {exc})",
+                ) from exc
         # The caller allowed more pixels than Pillow does: open once more without
         # Pillow's check; ours follows in load_image. (Pillow code running in other
         # threads during these microseconds sees no limit either.)
@@ -167,27 +182,15 @@ def to_rgb(img: Image.Image) -> Image.Image:
         raise ValueError(f"cannot convert Pillow mode {mode!r} to RGB: {exc}") from exc
 
 
-def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.Image:
-    """Reads an image file as an upright, fully decoded 8-bit RGB Pillow image.
+def _resolve_limits(limits: ImageLimits | None, max_pixels: int | None) -> ImageLimits:
+    limits = get_image_limits() if limits is None else limits
+    if not isinstance(limits, ImageLimits):
+        raise ValueError(f"limits must be an ImageLimits or None, got {type(limits).__name__}")
+    return limits if max_pixels is None else limits.replace(max_pixels=max_pixels)
 
-    Args:
-        path: the file.
-        max_pixels: largest accepted ``width * height``; ``None`` uses the module
-            setting :data:`MAX_IMAGE_PIXELS` (see :func:`set_max_image_pixels`).
 
-    Returns:
-        ``PIL.Image.Image`` in mode ``RGB``, EXIF orientation applied (so for
-        orientations 5-8 width and height are swapped relative to the stored pixels).
-
-    Raises:
-        ImageError: the file is missing, empty, not an image, truncated or
-            corrupt, larger than ``max_pixels``, or in a mode that has no RGB form.
-            The message starts with the path.
-    """
-    path = Path(path)
-    limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
-        raise ValueError(f"max_pixels must be a positive int or None, got {limit!r}")
+def _open_header(path: Path, limits: ImageLimits) -> Image.Image:
+    """Opens ``path`` lazily (header only) or raises an :class:`ImageError` naming it."""
     try:
         size = path.stat().st_size
     except FileNotFoundError:
@@ -198,9 +201,8 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.
         raise ImageError(path, "not an image", "not a regular file")
     if size == 0:
         raise ImageError(path, "empty", "empty file (0 bytes)")
-
     try:
-        img = _open_lazily(path, limit)
+        return _open_lazily(path, limits.max_pixels)
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -208,15 +210,83 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.
     except Exception as exc:  # Pillow's plugins raise many types on garbage headers.
         raise ImageError(path, "corrupt", f"cannot read image header: {exc}") from exc
 
-    with img:
-        width, height = img.size
-        if limit is not None and width * height > limit:
-            raise ImageError(
-                path, "too large",
-                f"decompression bomb refused: {width}x{height} = {width * height} pixels "
-                f"exceeds the limit of {limit} (raise it with max_pixels= or "
-                f"sppnet.data.images.set_max_image_pixels)",
-            )
+
+def _upright_size(img: Image.Image) -> tuple[int, int]:
+    """``(width, height)`` after EXIF orientation, from the header (no pixels decoded).
+
+    ``Image.Image.getexif`` is called on the base class: PNG's override decodes
+    the whole image to look for an ``eXIf`` chunk after the pixel data.
+    """
+    width, height = img.size
+    try:
+        orientation = Image.Image.getexif(img).get(ExifTags.Base.Orientation, 1)
+    except Exception:  # a damaged EXIF block: load_image's exif_transpose decides later
+        orientation = 1
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def check_image_size(path: str | os.PathLike, width: int, height: int, limits: ImageLimits | None = None) -> None:
+    """Raises an :class:`ImageError` naming ``path`` if ``width x height`` breaks ``limits``.
+
+    Args:
+        path: the file (only named in the message).
+        width, height: its size in pixels.
+        limits: ``None``: the process-wide limits (:func:`~sppnet.data.limits.get_image_limits`).
+    """
+    problem = _resolve_limits(limits, None).problem(width, height)
+    if problem is not None:
+        raise ImageError(path, *problem)
+
+
+def read_image_size(path: str | os.PathLike, limits: ImageLimits | None = None) -> tuple[int, int]:
+    """The upright ``(width, height)`` of an image file, from its header; no pixels are decoded.
+
+    This is the size :func:`load_image` returns (EXIF orientations 5-8 swap the
+    two), except for a PNG whose EXIF block follows its pixel data.
+
+    Args:
+        path: the file.
+        limits: size limits to check (``None``: the process-wide ones).
+
+    Raises:
+        ImageError: the file is missing, empty, not an image, has a corrupt
+            header, or breaks ``limits`` (naming the flag that raises them).
+    """
+    path = Path(path)
+    limits = _resolve_limits(limits, None)
+    with _open_header(path, limits) as img:
+        width, height = _upright_size(img)
+    check_image_size(path, width, height, limits)
+    return width, height
+
+
+def load_image(
+    path: str | os.PathLike, max_pixels: int | None = None, limits: ImageLimits | None = None
+) -> Image.Image:
+    """Reads an image file as an upright, fully decoded 8-bit RGB Pillow image.
+
+    The header is checked against the size limits before any pixel is decoded.
+
+    Args:
+        path: the file.
+        max_pixels: largest accepted ``width * height``, overriding ``limits.max_pixels``.
+        limits: pixel, aspect-ratio and short-side limits; ``None``: the
+            process-wide ones (:func:`~sppnet.data.limits.set_image_limits`).
+
+    Returns:
+        ``PIL.Image.Image`` in mode ``RGB``, EXIF orientation applied (so for
+        orientations 5-8 width and height are swapped relative to the stored pixels).
+
+    Raises:
+        ImageError: the file is missing, empty, not an image, truncated or
+            corrupt, outside the limits (the message names the flag that raises
+            them, e.g. ``--max-image-pixels``), or in a mode that has no RGB form.
+            The message starts with the path.
+    """
+    path = Path(path)
+    limits = _resolve_limits(limits, max_pixels)
+    with _open_header(path, limits) as img:
+        check_image_size(path, *img.size, limits)
         try:
             img.load()  # decode now: truncated data fails here, not in a transform
             upright = ImageOps.exif_transpose(img)

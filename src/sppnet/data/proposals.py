@@ -21,6 +21,13 @@ Images are read with :func:`sppnet.data.images.load_image`, the loader every dat
 set uses (EXIF orientation applied), so proposals live in the same pixel frame
 as the images the detector sees.
 
+Bounded time. Selective search takes minutes on a large image and longer on a
+thin strip (a 20000 x 10 PNG ran for over three minutes at 5 GB). Every image
+is checked against :class:`~sppnet.data.limits.ImageLimits` from its header,
+before it is decoded or searched: pixels, aspect ratio, short side, and the
+pixels of the copy actually searched (``max_search_pixels``, after
+``resize_to``). A refusal names the file and the flag that raises the limit.
+
 :func:`sliding_window_proposals` is a cheap, deterministic stand-in (dense boxes
 at a few scales and aspect ratios) for tests and benchmarks.
 """
@@ -40,26 +47,28 @@ import threading
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import cv2
 import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from sppnet.data.images import load_image
-from sppnet.utils.io import file_digest, load_cache, save_cache
+from sppnet.data.images import ImageError, SkipCounter, load_image, read_image_size
+from sppnet.data.limits import ImageLimits, get_image_limits, search_size
+from sppnet.utils import file_digest, load_cache, save_cache
 
 __all__ = [
     "ProposalCache",
     "SelectiveSearchParams",
     "add_ground_truth",
+    "check_search_limits",
     "compute_proposals",
     "selective_search",
     "sliding_window_proposals",
 ]
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 _MODES = ("fast", "quality", "single")
 
@@ -152,9 +161,7 @@ def _as_params(params: SelectiveSearchParams | Mapping[str, Any] | None) -> Sele
         if unknown:
             raise ValueError(f"unknown selective search parameters {unknown}")
         return SelectiveSearchParams(**params)
-    raise ValueError(
-        f"params must be a SelectiveSearchParams, a mapping or None, got {type(params).__name__}"
-    )
+    raise ValueError(f"params must be a SelectiveSearchParams, a mapping or None, got {type(params).__name__}")
 
 
 # --------------------------------------------------------------------------- #
@@ -192,9 +199,7 @@ def _to_bgr(image: np.ndarray | Image.Image) -> np.ndarray:
     if isinstance(image, Image.Image):
         image = np.asarray(image.convert("RGB"))
     if not isinstance(image, np.ndarray):
-        raise ValueError(
-            f"image must be a numpy array or PIL image, got {type(image).__name__}"
-        )
+        raise ValueError(f"image must be a numpy array or PIL image, got {type(image).__name__}")
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(
             f"image must be an RGB uint8 array of shape [H, W, 3], got dtype {image.dtype} "
@@ -223,6 +228,7 @@ def selective_search(
     min_size: int | None = None,
     resize_to: int | None = None,
     seed: int = 0,
+    limits: ImageLimits | None = None,
 ) -> np.ndarray:
     """Selective search proposals for one image (SPP-net Sec. 4: "fast" mode, ~2k windows).
 
@@ -248,6 +254,8 @@ def selective_search(
             resizing (images whose short side is already <= ``resize_to`` are
             never upscaled).
         seed: seed of the ranking.
+        limits: size limits checked before searching (see
+            :mod:`sppnet.data.limits`); ``None``: the process-wide ones.
 
     Returns:
         np.ndarray[K, 4]: ``float32`` boxes ``(x1, y1, x2, y2)``, 0-based
@@ -255,19 +263,23 @@ def selective_search(
         ``0 <= y1 <= y2 <= H - 1``, integer-valued, unique, best ranked first.
 
     Raises:
-        ValueError: On a malformed image or an invalid parameter (naming it).
+        ValueError: On a malformed image, an image outside ``limits`` (refused
+            before searching; the message names the flag that raises the limit),
+            or an invalid parameter (naming it).
     """
     global _warned_unseeded
     _check_params(mode, base_k, inc_k, sigma, max_proposals, min_size, resize_to, seed)
     bgr = _to_bgr(image)
     height, width = bgr.shape[:2]
+    problem = (get_image_limits() if limits is None else limits).search_problem(width, height, resize_to)
+    if problem is not None:
+        raise ValueError(f"selective search refused: {problem[1]}")
     if min_size is None:
         min_size = max(1, math.ceil(_RCNN_MIN_BOX * max(height, width) / _RCNN_IMAGE_SIDE))
 
     work = bgr
-    if resize_to is not None and min(height, width) > resize_to:
-        scale = resize_to / min(height, width)
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))  # (w, h)
+    size = search_size(width, height, resize_to)  # (w, h)
+    if size != (width, height):
         work = cv2.resize(bgr, size, interpolation=cv2.INTER_AREA)
 
     ss = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
@@ -326,7 +338,7 @@ class ProposalCache:
     parameters include :attr:`VERSION` and the OpenCV version, so renaming or
     moving images keeps their entries while changing a parameter, the image
     content, or OpenCV misses. Entries carry a checksum (see
-    :func:`sppnet.utils.io.save_cache`); corrupt or stale ones are deleted and
+    :func:`sppnet.utils.save_cache`); corrupt or stale ones are deleted and
     recomputed, never trusted.
 
     Args:
@@ -388,18 +400,57 @@ class ProposalCache:
         boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
         save_cache(self.path(key), {"boxes": boxes}, key=key, version=self.VERSION)
 
-    def get(self, image_path: PathLike) -> np.ndarray:
+    def get(self, image_path: PathLike, limits: ImageLimits | None = None) -> np.ndarray:
         """Proposals for one image file, from the cache or computed (and stored) now.
 
+        Args:
+            image_path: the image file.
+            limits: size limits (checked from the header, also for cached
+                entries); ``None``: the process-wide ones.
+
         Raises:
-            ValueError: If the image cannot be read (the message names the file).
+            ImageError: If the image cannot be read or is outside ``limits``
+                (the message names the file).
         """
+        limits = get_image_limits() if limits is None else limits
+        check_search_limits(image_path, self.params, limits)
         key = self.key(image_path)
         boxes = self.load(key)
         if boxes is None:
-            boxes = selective_search(load_image(image_path), **dataclasses.asdict(self.params))
+            boxes = selective_search(
+                load_image(image_path, limits=limits), **dataclasses.asdict(self.params), limits=limits
+            )
             self.save(key, boxes)
         return boxes
+
+
+def check_search_limits(
+    image_path: PathLike,
+    params: SelectiveSearchParams | Mapping[str, Any] | None = None,
+    limits: ImageLimits | None = None,
+) -> tuple[int, int]:
+    """Refuses, from its header alone, an image that selective search could not finish in bounded time.
+
+    Args:
+        image_path: the image file.
+        params: the search settings (their ``resize_to`` decides the searched size).
+        limits: ``None``: the process-wide limits.
+
+    Returns:
+        The image's upright ``(width, height)``.
+
+    Raises:
+        ImageError: unreadable header, or the image breaks ``limits`` (pixels,
+            aspect ratio, short side, searched pixels); the message names the
+            file and the flag that raises the limit.
+    """
+    params = _as_params(params)
+    limits = get_image_limits() if limits is None else limits
+    width, height = read_image_size(image_path, limits)
+    problem = limits.search_problem(width, height, params.resize_to)
+    if problem is not None:
+        raise ImageError(image_path, *problem)
+    return width, height
 
 
 # --------------------------------------------------------------------------- #
@@ -417,18 +468,22 @@ def _init_worker() -> None:
     cv2.setNumThreads(1)
 
 
-def _compute_one(path: str, params: dict[str, Any]) -> tuple[str | None, np.ndarray | None, str]:
-    """Worker task: ``(sha256 of the file bytes, boxes, "")`` or ``(None, None, error)``.
+def _compute_one(
+    path: str, params: dict[str, Any], limits: ImageLimits
+) -> tuple[str | None, np.ndarray | None, tuple[str, str] | None]:
+    """Worker task: ``(sha256 of the file bytes, boxes, None)`` or ``(None, None, (reason, detail))``.
 
     Every failure is returned as text so that the parent can attribute it to
     the file (and skip it when asked) instead of losing the pool.
     """
     try:
         digest = file_digest(path)
-        boxes = selective_search(load_image(path), **params)
-        return digest, boxes, ""
+        boxes = selective_search(load_image(path, limits=limits), **params, limits=limits)
+        return digest, boxes, None
+    except ImageError as e:
+        return None, None, (e.reason, e.detail)
     except Exception as e:  # any failure belongs to this file
-        return None, None, f"{type(e).__name__}: {e}"
+        return None, None, ("selective search failed", f"{type(e).__name__}: {e}")
 
 
 def compute_proposals(
@@ -439,6 +494,8 @@ def compute_proposals(
     progress: bool = True,
     skip_errors: bool = False,
     start_method: str = "spawn",
+    limits: ImageLimits | None = None,
+    skipped: SkipCounter | None = None,
 ) -> list[np.ndarray]:
     """Selective search proposals for many image files, cached and in parallel.
 
@@ -454,8 +511,9 @@ def compute_proposals(
         params: Selective search settings; ``None`` for the defaults.
         workers: Worker processes; ``0`` computes in this process.
         progress: Show a tqdm progress bar over the images to compute.
-        skip_errors: On an unreadable image, warn and return an empty
-            ``[0, 4]`` array for it instead of raising.
+        skip_errors: On an unreadable image or one outside ``limits``, warn
+            (:class:`~sppnet.data.images.DataWarning` naming the file) and
+            return an empty ``[0, 4]`` array for it instead of raising.
         start_method: ``multiprocessing`` start method of the workers:
             ``"spawn"`` (default) or ``"forkserver"`` (POSIX; its server
             process imports this module once, so later pools start in
@@ -463,6 +521,13 @@ def compute_proposals(
             started its thread pool deadlocks in its first OpenCV call. As
             always with these start methods, a script that calls this with
             ``workers > 0`` needs the ``if __name__ == "__main__":`` guard.
+        limits: size limits, checked from each header before anything is
+            decoded or searched (cached entries included) and sent to the
+            workers; ``None``: this process's limits
+            (:func:`~sppnet.data.limits.get_image_limits`).
+        skipped: with ``skip_errors``, records every skipped file (path,
+            reason, detail) so that the caller knows which empty results are
+            failures; ``None``: a private counter (the warnings still come).
 
     Returns:
         list[np.ndarray[K_i, 4]]: ``float32`` boxes per image, in the order of
@@ -470,10 +535,15 @@ def compute_proposals(
         depend on ``workers`` or on whether the cache was used.
 
     Raises:
-        ValueError: If an image is missing or unreadable (naming the file)
-            and ``skip_errors`` is False, or on invalid arguments.
+        ImageError: If an image is missing, unreadable or outside ``limits``
+            (naming the file) and ``skip_errors`` is False.
+        ValueError: On invalid arguments.
     """
     params = _as_params(params)
+    limits = get_image_limits() if limits is None else limits
+    if not isinstance(limits, ImageLimits):
+        raise ValueError(f"limits must be an ImageLimits or None, got {type(limits).__name__}")
+    skipped = SkipCounter("images") if skipped is None else skipped
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise ValueError(f"workers must be an int >= 0, got {workers!r}")
     allowed = [m for m in _START_METHODS if m in multiprocessing.get_all_start_methods()]
@@ -485,18 +555,22 @@ def compute_proposals(
     paths = [str(p) for p in image_paths]
     results: list[np.ndarray | None] = [None] * len(paths)
 
-    def fail(path: str, message: str) -> None:
+    def fail(path: str, reason: str, detail: str) -> None:
         if not skip_errors:
-            raise ValueError(f"cannot compute proposals for {path!r}: {message}")
-        warnings.warn(f"skipping {path!r} (no proposals): {message}", RuntimeWarning, stacklevel=3)
+            raise ImageError(path, reason, f"no proposals: {detail}")
+        skipped.skip(path, reason, f"no proposals: {detail}")
 
-    # 1. Hash every file; identical contents are computed once.
+    # 1. Check every header, then hash the file; identical contents are computed once.
     groups: dict[str, list[int]] = {}  # sha256 of the file bytes -> indices in `paths`
     for i, path in enumerate(paths):
         try:
+            check_search_limits(path, params, limits)
             groups.setdefault(file_digest(path), []).append(i)
+        except ImageError as e:
+            fail(path, e.reason, e.detail)
+            results[i] = np.zeros((0, 4), dtype=np.float32)
         except ValueError as e:
-            fail(path, str(e))
+            fail(path, "missing", str(e))
             results[i] = np.zeros((0, 4), dtype=np.float32)
 
     def assign(digest: str, boxes: np.ndarray) -> None:
@@ -513,12 +587,12 @@ def compute_proposals(
             jobs.append(digest)
 
     # 3. Compute the rest; store each result as soon as it arrives.
-    def store(digest: str, found_digest: str | None, boxes: np.ndarray | None, error: str) -> None:
-        path = paths[groups[digest][0]]
-        if not error and found_digest != digest:
-            error = "the file changed while its proposals were computed"
-        if error:
-            fail(path, error)
+    def store(digest: str, found_digest: str | None, boxes: np.ndarray | None, error: tuple[str, str] | None) -> None:
+        if error is None and found_digest != digest:
+            error = ("changed", "the file changed while its proposals were computed")
+        if error is not None:
+            for i in groups[digest]:  # the same bytes under other names fail alike
+                fail(paths[i], *error)
             boxes = np.zeros((0, 4), dtype=np.float32)
         elif cache is not None:
             cache.save(cache.key_from_digest(digest), boxes)
@@ -527,7 +601,7 @@ def compute_proposals(
     with tqdm(total=len(jobs), desc="selective search", unit="img", disable=not progress) as bar:
         if workers == 0 or not jobs:
             for digest in jobs:
-                store(digest, *_compute_one(paths[groups[digest][0]], params_dict))
+                store(digest, *_compute_one(paths[groups[digest][0]], params_dict, limits))
                 bar.update()
         else:
             context = multiprocessing.get_context(start_method)
@@ -537,9 +611,7 @@ def compute_proposals(
             with concurrent.futures.ProcessPoolExecutor(
                 max_workers=min(workers, len(jobs)), mp_context=context, initializer=_init_worker
             ) as pool:
-                futures = {
-                    pool.submit(_compute_one, paths[groups[d][0]], params_dict): d for d in jobs
-                }
+                futures = {pool.submit(_compute_one, paths[groups[d][0]], params_dict, limits): d for d in jobs}
                 try:
                     for future in concurrent.futures.as_completed(futures):
                         store(futures[future], *future.result())
@@ -628,9 +700,7 @@ def sliding_window_proposals(
     if len(scales) == 0 or any(not s > 0 for s in scales):
         raise ValueError(f"scales must be non-empty and positive, got {tuple(scales)}")
     if len(aspect_ratios) == 0 or any(not r > 0 for r in aspect_ratios):
-        raise ValueError(
-            f"aspect_ratios must be non-empty and positive, got {tuple(aspect_ratios)}"
-        )
+        raise ValueError(f"aspect_ratios must be non-empty and positive, got {tuple(aspect_ratios)}")
     if not 0 < stride_frac <= 1:
         raise ValueError(f"stride_frac must be in (0, 1], got {stride_frac!r}")
 

@@ -67,6 +67,24 @@ class _Skip(Exception):
         self.detail = detail
 
 
+def read_text_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 text file (a leading byte-order mark is dropped, not read as text).
+
+    Raises:
+        ValueError: the file is not UTF-8, naming it, the line and the byte.
+    """
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")  # Windows editors start files with a BOM
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ValueError(
+            f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}, line {line}); "
+            f"save it as UTF-8"
+        ) from None
+    return text.splitlines()
+
+
 def _text(element: ET.Element, tag: str, required: bool = True) -> str | None:
     child = element.find(tag)
     if child is None or child.text is None or not child.text.strip():
@@ -147,8 +165,7 @@ def _parse(xml_path: Path) -> dict[str, Any]:
         raise _Skip("malformed XML", "no <size> element")
     width, height = _number(size, "width"), _number(size, "height")
     if width < 1 or height < 1 or not width.is_integer() or not height.is_integer():
-        raise _Skip("malformed XML", f"image size must be positive integers, "
-                                     f"got width={width:g}, height={height:g}")
+        raise _Skip("malformed XML", f"image size must be positive integers, got width={width:g}, height={height:g}")
     objects = []
     for index, obj in enumerate(root.findall("object")):
         try:
@@ -158,12 +175,14 @@ def _parse(xml_path: Path) -> dict[str, Any]:
                 raise _Skip("malformed XML", "no <bndbox>")
             # VOC XML is 1-based inclusive; records are 0-based inclusive.
             box = tuple(_number(bndbox, tag) - 1.0 for tag in ("xmin", "ymin", "xmax", "ymax"))
-            objects.append({
-                "name": name,
-                "box": box,
-                "difficult": _flag(obj, "difficult"),
-                "truncated": _flag(obj, "truncated"),
-            })
+            objects.append(
+                {
+                    "name": name,
+                    "box": box,
+                    "difficult": _flag(obj, "difficult"),
+                    "truncated": _flag(obj, "truncated"),
+                }
+            )
         except _Skip as skip:
             objects.append({"error": f"object {index}: {skip.detail}"})
     return {
@@ -278,8 +297,7 @@ def box_problem(box: Sequence[float], width: int, height: int) -> tuple[str, str
         return "invalid box", f"box (x1, y1, x2, y2) = {list(box)} has x2 < x1 or y2 < y1"
     if x1 < 0 or y1 < 0 or x2 > width - 1 or y2 > height - 1:
         return "box outside image", (
-            f"box (x1, y1, x2, y2) = {list(box)} (0-based) lies outside the "
-            f"{width}x{height} image"
+            f"box (x1, y1, x2, y2) = {list(box)} (0-based) lies outside the {width}x{height} image"
         )
     return None
 
@@ -303,8 +321,13 @@ def load_sample(
 
 
 def describe_records(
-    name: str, records: Sequence[Mapping[str, Any]], class_names: Sequence[str],
-    skipped_images: SkipCounter, skipped_objects: SkipCounter, seen_images: int, seen_objects: int,
+    name: str,
+    records: Sequence[Mapping[str, Any]],
+    class_names: Sequence[str],
+    skipped_images: SkipCounter,
+    skipped_objects: SkipCounter,
+    seen_images: int,
+    seen_objects: int,
 ) -> str:
     """Multi-line summary shared by the detection data sets."""
     num_objects = sum(len(r["labels"]) for r in records)
@@ -313,8 +336,7 @@ def describe_records(
     for r in records:
         per_class.update(r["labels"].tolist())
     lines = [
-        f"{name}: {len(records)} images, {num_objects} objects ({num_difficult} difficult), "
-        f"{len(class_names)} classes",
+        f"{name}: {len(records)} images, {num_objects} objects ({num_difficult} difficult), {len(class_names)} classes",
         "  per class: " + ", ".join(f"{c} {per_class[i]}" for i, c in enumerate(class_names)),
         "  " + skipped_images.summary(seen_images),
         "  " + skipped_objects.summary(seen_objects),
@@ -382,8 +404,7 @@ class VOCDetection(Dataset):
         split_file = resolve_inside(sets_dir, f"{split}.txt", what="split file")
         if not split_file.is_file():
             available = sorted(p.stem for p in sets_dir.glob("*.txt"))
-            raise ValueError(f"split file {split_file} does not exist; "
-                             f"available splits: {available}")
+            raise ValueError(f"split file {split_file} does not exist; available splits: {available}")
         ids, self._seen_images = self._read_ids(split_file)
         if not ids:
             raise ValueError(f"split file {split_file} lists no image ids")
@@ -407,29 +428,30 @@ class VOCDetection(Dataset):
             for obj in objects:
                 label = self.class_to_idx.get(obj["name"])
                 if label is None:
-                    self._skip_object(obj["xml"], "unknown class",
-                                      f"class {obj['name']!r} is not in classes {self.class_names}")
+                    self._skip_object(
+                        obj["xml"], "unknown class", f"class {obj['name']!r} is not in classes {self.class_names}"
+                    )
                     continue
                 if obj["difficult"] and not use_difficult:
                     continue
                 kept.append({**obj, "label": label})
             self.records.append(make_record(image_id, image_path, width, height, kept))
         if not self.records:
-            raise ValueError(f"{self.root} split {split!r}: no usable images; "
-                             f"{self.skipped_images.summary(self._seen_images)}")
+            raise ValueError(
+                f"{self.root} split {split!r}: no usable images; {self.skipped_images.summary(self._seen_images)}"
+            )
 
     def _read_ids(self, split_file: Path) -> tuple[list[str], int]:
         """Unique ids of the split file (first column), and the number of listed lines."""
         ids, seen, listed = [], set(), 0
-        for line_no, line in enumerate(split_file.read_text(encoding="utf-8").splitlines(), 1):
+        for line_no, line in enumerate(read_text_lines(split_file), 1):
             fields = line.split()
             if not fields:
                 continue
             listed += 1
             image_id = fields[0]
             if image_id in seen:
-                self._skip_image(split_file, "duplicate id",
-                                 f"line {line_no}: image id {image_id!r} listed twice")
+                self._skip_image(split_file, "duplicate id", f"line {line_no}: image id {image_id!r} listed twice")
                 continue
             seen.add(image_id)
             ids.append(image_id)
@@ -445,29 +467,29 @@ class VOCDetection(Dataset):
             raise ValueError(f"{path}: {detail}")
         self.skipped_objects.skip(path, reason, detail)
 
-    def _parse_image(self, image_id: str, annotations_dir: Path,
-                     images_dir: Path) -> tuple[str, Path, int, int, list[dict]] | None:
+    def _parse_image(
+        self, image_id: str, annotations_dir: Path, images_dir: Path
+    ) -> tuple[str, Path, int, int, list[dict]] | None:
         """Reads and checks one image's annotation; None if the image is skipped."""
         # Unsafe ids are refused (ValueError), whatever `strict` says.
         resolve_inside(annotations_dir, image_id, what="image id")
-        xml_path = resolve_inside(annotations_dir, f"{image_id}.xml",
-                                  what=f"annotation file of image id {image_id!r}")
+        xml_path = resolve_inside(annotations_dir, f"{image_id}.xml", what=f"annotation file of image id {image_id!r}")
         try:
             info = _parse(xml_path)
         except _Skip as skip:
             self._skip_image(xml_path, skip.reason, skip.detail)
             return None
 
-        candidates = [resolve_inside(images_dir, f"{image_id}.jpg",
-                                     what=f"image file of image id {image_id!r}")]
+        candidates = [resolve_inside(images_dir, f"{image_id}.jpg", what=f"image file of image id {image_id!r}")]
         if info["filename"] and info["filename"] != f"{image_id}.jpg":
-            candidates.append(resolve_inside(images_dir, info["filename"],
-                                             what=f"<filename> in {xml_path}"))
+            candidates.append(resolve_inside(images_dir, info["filename"], what=f"<filename> in {xml_path}"))
         image_path = next((p for p in candidates if p.is_file()), None)
         if image_path is None:
-            self._skip_image(candidates[0], "missing image",
-                             f"image file not found (annotated by {xml_path}; looked for "
-                             f"{', '.join(str(p) for p in candidates)})")
+            self._skip_image(
+                candidates[0],
+                "missing image",
+                f"image file not found (annotated by {xml_path}; looked for {', '.join(str(p) for p in candidates)})",
+            )
             return None
 
         objects = []
@@ -501,11 +523,17 @@ class VOCDetection(Dataset):
     def summary(self) -> str:
         """Images, objects, difficult objects, per-class counts and what was skipped."""
         return describe_records(
-            f"VOCDetection({self.root}, split={self.split!r})", self.records, self.class_names,
-            self.skipped_images, self.skipped_objects,
-            self._seen_images, self._seen_objects,
+            f"VOCDetection({self.root}, split={self.split!r})",
+            self.records,
+            self.class_names,
+            self.skipped_images,
+            self.skipped_objects,
+            self._seen_images,
+            self._seen_objects,
         )
 
     def __repr__(self) -> str:
-        return (f"VOCDetection(root={str(self.root)!r}, split={self.split!r}, "
-                f"images={len(self)}, classes={self.num_classes})")
+        return (
+            f"VOCDetection(root={str(self.root)!r}, split={self.split!r}, "
+            f"images={len(self)}, classes={self.num_classes})"
+        )

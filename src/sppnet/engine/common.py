@@ -12,25 +12,25 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import torch
 from torch import nn
 
-from sppnet.utils.io import atomic_write_text, flatten_state, load_checkpoint, save_checkpoint
+from sppnet.utils import atomic_write_text, flatten_state, load_checkpoint, save_checkpoint
 
 __all__ = [
-    "resolve_device",
-    "seed_everything",
-    "MetricsLog",
     "GracefulInterrupt",
-    "save_weights",
-    "load_weights",
-    "save_state",
-    "load_state",
-    "progress",
+    "MetricsLog",
     "UserError",
+    "load_state",
+    "load_weights",
+    "progress",
+    "resolve_device",
+    "save_state",
+    "save_weights",
+    "seed_everything",
 ]
 
 
@@ -71,7 +71,7 @@ class MetricsLog:
         self.rows: list[dict] = list(rows or [])
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "MetricsLog":
+    def load(cls, path: str | os.PathLike) -> MetricsLog:
         path = Path(path)
         if not path.exists():
             return cls(path)
@@ -126,13 +126,13 @@ class GracefulInterrupt:
         self.requested = False
         self._previous: Any = None
 
-    def _handler(self, signum, frame) -> None:  # noqa: ARG002
+    def _handler(self, signum, frame) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
         print("\ninterrupt received: finishing the current step and writing a checkpoint...", file=sys.stderr)
 
-    def __enter__(self) -> "GracefulInterrupt":
+    def __enter__(self) -> Self:
         try:
             self._previous = signal.signal(signal.SIGINT, self._handler)
         except ValueError:  # not in the main thread
@@ -192,7 +192,7 @@ def progress(iterable: Iterable, desc: str = "", total: int | None = None, enabl
 class Timer:
     """``with Timer() as t: ...; t.seconds``."""
 
-    def __enter__(self) -> "Timer":
+    def __enter__(self) -> Self:
         self.start = time.perf_counter()
         self.seconds = 0.0
         return self

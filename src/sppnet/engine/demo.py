@@ -15,7 +15,6 @@ embedded, readable without a server), the PNGs it shows, ``summary.json``.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 import time
@@ -25,7 +24,7 @@ from typing import Any
 
 import torch
 
-from sppnet.utils.io import load_json, save_json
+from sppnet.utils import load_json, save_json
 
 __all__ = ["DemoConfig", "run_demo"]
 
@@ -48,19 +47,31 @@ class DemoConfig:
         if self.quick:
             return dict(
                 cls_counts=dict(train_per_class=24, val_per_class=6, test_per_class=6),
-                cls_epochs=2, cls_width=0.125, cls_fc=128,
+                cls_epochs=2,
+                cls_width=0.125,
+                cls_fc=128,
                 det_counts=dict(num_train=16, num_val=4, num_test=8),
-                det=dict(ft_iterations=40, ft_lr_steps=(30,), checkpoint_every=20, max_proposals=300,
-                         svm_retrain_limit=500, workers=0),
+                det={
+                    "finetune": {"iterations": 40, "lr_steps": (30,), "checkpoint_every": 20},
+                    "proposals": {"max_proposals": 300},
+                    "svm": {"retrain_limit": 500},
+                    "workers": 0,
+                },
                 timing_images=2,
-            )  # fmt: skip
+            )
         return dict(
             cls_counts=dict(train_per_class=200, val_per_class=25, test_per_class=25),
-            cls_epochs=30, cls_width=0.125, cls_fc=256,
+            cls_epochs=30,
+            cls_width=0.125,
+            cls_fc=256,
             det_counts=dict(num_train=100, num_val=20, num_test=40),
-            det=dict(ft_iterations=800, ft_lr_steps=(600,), max_proposals=1000, workers=2),
+            det={
+                "finetune": {"iterations": 800, "lr_steps": (600,)},
+                "proposals": {"max_proposals": 1000},
+                "workers": 2,
+            },
             timing_images=3,
-        )  # fmt: skip
+        )
 
 
 def _say(msg: str) -> None:
@@ -128,12 +139,22 @@ def _classification(cfg: DemoConfig, sizes: dict, data_root: Path, out: Path, fi
     # The small preset as tuned (classify.py: Overfeat-5, He-initialised fc, no
     # dropout, lr 0.02), with multi-size training.
     ccfg = ClassifyConfig.from_preset(
-        "small", schedule="multi", epochs=sizes["cls_epochs"], width=sizes["cls_width"], fc_dim=sizes["cls_fc"],
-        lr_steps=(max(1, sizes["cls_epochs"] - 2),), seed=cfg.seed, device=cfg.device, workers=0, data=str(root),
-    )  # fmt: skip
+        "small",
+        schedule="multi",
+        epochs=sizes["cls_epochs"],
+        width=sizes["cls_width"],
+        fc_dim=sizes["cls_fc"],
+        lr_steps=(max(1, sizes["cls_epochs"] - 2),),
+        seed=cfg.seed,
+        device=cfg.device,
+        workers=0,
+        data=str(root),
+    )
     if not (cfg.resume and (run / "model.safetensors").is_file()):
-        _say(f"classification: training {ccfg.model} (width {ccfg.width}) with multi-size training "
-             f"{ccfg.size}/{ccfg.small_size}, {ccfg.epochs} epochs")
+        _say(
+            f"classification: training {ccfg.model} (width {ccfg.width}) with multi-size training "
+            f"{ccfg.size}/{ccfg.small_size}, {ccfg.epochs} epochs"
+        )
         train(ccfg, out=run, resume=cfg.resume and (run / "last.safetensors").is_file())
     model, classes, saved = load_classifier(run, "cpu")
     test = ImageFolderDataset(root, "test", classes=classes)
@@ -158,15 +179,24 @@ def _classification(cfg: DemoConfig, sizes: dict, data_root: Path, out: Path, fi
         f"{list(saved.levels)}) gives fc6 the same {model.pooled_dim}-long input for any image size, so "
         f"the full-image test feeds each whole image, aspect ratio kept."
     )
-    s.tables.append((["test views", "top-1", "top-5", "images"],
-                     [[v, r["top1"], r["top5"], r["images"]] for v, r in results.items()]))  # fmt: skip
+    s.tables.append(
+        (
+            ["test views", "top-1", "top-5", "images"],
+            [[v, r["top1"], r["top5"], r["images"]] for v, r in results.items()],
+        )
+    )
     s.figures.append((grid, "Test images of different sizes and aspect ratios, each fed whole to the same network"))
     curves = run / "curves.png"
     if curves.is_file():
         s.figures.append((curves, "Classification training curves (loss, accuracy per epoch)"))
-    return {"run": str(run), "center": results["center"], "full": results["full"],
-            "predictions": [{"image": str(p), "top": r["top"][:3]} for p, r in zip(picks, preds)],
-            "test_image": str(picks[0]), "model": model}  # fmt: skip
+    return {
+        "run": str(run),
+        "center": results["center"],
+        "full": results["full"],
+        "predictions": [{"image": str(p), "top": r["top"][:3]} for p, r in zip(picks, preds)],
+        "test_image": str(picks[0]),
+        "model": model,
+    }
 
 
 def _prediction_grid(paths: list[Path], preds: list[dict], png: Path) -> Path:
@@ -203,20 +233,25 @@ def _detection(cfg: DemoConfig, sizes: dict, data_root: Path, out: Path, figs: P
     root = make_detection_dataset(data_root / "detect", seed=cfg.seed, **sizes["det_counts"])
     run = out / "detect"
     ccfg = load_json(Path(cls["run"]) / "config.json")
+    backbone = {
+        "checkpoint": str(Path(cls["run"]).resolve()),
+        **{k: ccfg[k] for k in ("model", "width", "fc_dim", "dropout")},  # the classifier's architecture
+    }
     dcfg = D.DetectConfig.from_preset(
-        "small", data=str(root), seed=cfg.seed, device=cfg.device, backbone=str(Path(cls["run"]).resolve()),
-        model=ccfg["model"], width=ccfg["width"], fc_dim=ccfg["fc_dim"], dropout=ccfg["dropout"], **sizes["det"],
-    )  # fmt: skip
+        "small", sizes["det"], data=str(root), seed=cfg.seed, device=cfg.device, backbone=backbone
+    )
     if not (cfg.resume and (run / "detector.safetensors").is_file()):
-        _say("detection: training from the classifier above as the pretrained backbone "
-             "(proposals, features, fine-tuning, SVMs, box regression)")
+        _say(
+            "detection: training from the classifier above as the pretrained backbone "
+            "(proposals, features, fine-tuning, SVMs, box regression)"
+        )
         D.train(dcfg, out=run, resume=cfg.resume and (run / "config.json").is_file())
     detector, classes, saved = D.load_detector(run, "cpu")
     test = VOCDetection(root, "test", classes=classes or CLASSES)
-    props = D._proposals(test.records, saved, run / "cache" / "proposals", verbose=True)
-    scorer = saved.scorer if bool(detector.trained_heads[0]) else "softmax"
+    props = D.proposals(test.records, saved, run / "cache" / "proposals", verbose=True)
+    scorer = D.usable_scorer(saved.scorer, detector)
     _say(f"detection: evaluating on {len(test.records)} test images ({scorer} scores)")
-    result = D.evaluate(detector, test.records, classes, props, scorer, saved.bbox_regression, verbose=True)
+    result = D.evaluate(detector, test.records, classes, props, scorer, saved.bbox.enabled, verbose=True)
     gts = [{"boxes": r["boxes"], "labels": r["labels"], "difficult": r["difficult"]} for r in test.records]
     curves = precision_recall(result["predictions"], gts, classes)
     pr_png = plot_pr_curves(curves, figs / "pr_curves.png", result["ap"], title=f"VOC07 mAP {result['mAP']:.3f}")
@@ -226,14 +261,21 @@ def _detection(cfg: DemoConfig, sizes: dict, data_root: Path, out: Path, figs: P
     # scores have no natural cut-off, and mAP ranks them all).
     thresholds = D.run_thresholds(run, classes, scorer)
     if thresholds is None:
-        thresholds = torch.full((len(classes),), D._default_threshold(scorer))
+        thresholds = torch.full((len(classes),), D.default_threshold(scorer))
     drawn = []
     for i, r in enumerate(test.records[:4]):
         img = load_image(r["image_path"])
         det = result["predictions"][i]
         keep = det["scores"] > thresholds[det["labels"]]
-        p = draw_detections(img, det["boxes"][keep], det["labels"][keep], det["scores"][keep], classes,
-                            figs / f"detections_{i}.png", ground_truth=r["boxes"])  # fmt: skip
+        p = draw_detections(
+            img,
+            det["boxes"][keep],
+            det["labels"][keep],
+            det["scores"][keep],
+            classes,
+            figs / f"detections_{i}.png",
+            ground_truth=r["boxes"],
+        )
         g = draw_detections(img, r["boxes"], r["labels"], None, classes, figs / f"ground_truth_{i}.png")
         drawn.append((figs / f"detections_{i}.png", figs / f"ground_truth_{i}.png"))
         del p, g
@@ -255,8 +297,9 @@ def _detection(cfg: DemoConfig, sizes: dict, data_root: Path, out: Path, figs: P
     windows = sum(len(p) for p in props[:n_time]) / n_time
     from sppnet.viz.figures import plot_time_bars
 
-    bars = plot_time_bars(timing, figs / "time_per_image.png",
-                          title=f"seconds per image, {windows:.0f} windows each (proposals excluded)")  # fmt: skip
+    bars = plot_time_bars(
+        timing, figs / "time_per_image.png", title=f"seconds per image, {windows:.0f} windows each (proposals excluded)"
+    )
 
     s = report.section("2. Object detection: conv5 once per image, a pyramid per window")
     s.paragraphs.append(
@@ -270,8 +313,13 @@ def _detection(cfg: DemoConfig, sizes: dict, data_root: Path, out: Path, figs: P
     s.tables.append((["class", "AP"], [[c, a] for c, a in result["ap"].items()] + [["mAP", result["mAP"]]]))
     s.figures.append((pr_png, "Precision-recall per class (VOC07 11-point AP in the legend)"))
     for det_png, gt_png in drawn:
-        s.figures.append((det_png, "Detections (colour, class and score; each class drawn from its best-F1 "
-                                   "score on the test split) with the ground truth in white"))
+        s.figures.append(
+            (
+                det_png,
+                "Detections (colour, class and score; each class drawn from its best-F1 "
+                "score on the test split) with the ground truth in white",
+            )
+        )
         s.figures.append((gt_png, "Ground truth"))
     ft = run / "finetune.png"
     if ft.is_file():
@@ -284,9 +332,17 @@ def _detection(cfg: DemoConfig, sizes: dict, data_root: Path, out: Path, figs: P
     )
     s2.tables.append((["method", "seconds / image"], [[k, v] for k, v in timing.items()]))
     s2.figures.append((bars, "Time per image, SPP-net vs R-CNN"))
-    return {"run": str(run), "mAP": result["mAP"], "ap": result["ap"], "images": result["images"],
-            "seconds_per_image": result["seconds_per_image"], "timing": timing, "windows": windows,
-            "test_image": test.records[0]["image_path"], "detector": detector}  # fmt: skip
+    return {
+        "run": str(run),
+        "mAP": result["mAP"],
+        "ap": result["ap"],
+        "images": result["images"],
+        "seconds_per_image": result["seconds_per_image"],
+        "timing": timing,
+        "windows": windows,
+        "test_image": test.records[0]["image_path"],
+        "detector": detector,
+    }
 
 
 # ------------------------------------------------------------------------ pictures
@@ -302,8 +358,9 @@ def _pictures(cls: dict, det: dict, figs: Path, report) -> None:
     image = pil_to_tensor(load_image(det["test_image"]))
     with torch.no_grad():
         maps = detector.backbone.forward_features(detector.normalize(image)[None])[0]
-    fm = plot_feature_maps(image, maps, figs / "feature_maps.png", k=4,
-                           title="conv5 of the detector's backbone: the 4 strongest filters")  # fmt: skip
+    fm = plot_feature_maps(
+        image, maps, figs / "feature_maps.png", k=4, title="conv5 of the detector's backbone: the 4 strongest filters"
+    )
     h, w = image.shape[-2:]
     window = (w * 0.2, h * 0.2, w * 0.7, h * 0.75)
     lengths = {}
@@ -312,9 +369,18 @@ def _pictures(cls: dict, det: dict, figs: Path, report) -> None:
         with torch.no_grad():
             x = torch.randn(1, 3, side, int(side * 1.5))
             lengths[f"input {side}x{int(side * 1.5)}"] = spatial_pyramid_pool(
-                backbone.forward_features(x), detector.levels).shape[1]  # fmt: skip
-    pb = plot_pyramid_bins(image, maps, detector.stride, detector.offset, window, figs / "pyramid_bins.png",
-                           levels=detector.levels, other_sizes=lengths)  # fmt: skip
+                backbone.forward_features(x), detector.levels
+            ).shape[1]
+    pb = plot_pyramid_bins(
+        image,
+        maps,
+        detector.stride,
+        detector.offset,
+        window,
+        figs / "pyramid_bins.png",
+        levels=detector.levels,
+        other_sizes=lengths,
+    )
     s = report.section("4. Inside the network (the paper's Fig. 2 and Fig. 3)")
     s.paragraphs.append(
         "Left: conv5 feature maps of one test image, the most strongly activated filters overlaid. "
@@ -323,11 +389,6 @@ def _pictures(cls: dict, det: dict, figs: Path, report) -> None:
     )
     s.figures.append((fm, "conv5 feature maps (Fig. 2)"))
     s.figures.append((pb, "Spatial pyramid bins over the image and over one window (Fig. 3)"))
-
-
-def config_from_args(**kwargs) -> DemoConfig:
-    known = {f.name for f in dataclasses.fields(DemoConfig)}
-    return DemoConfig(**{k: v for k, v in kwargs.items() if k in known and v is not None})
 
 
 def dumps(summary: dict) -> str:

@@ -90,8 +90,7 @@ def check_size(model: nn.Module, size: int, what: str = "size") -> None:
         )
     if not model.spp and size != model.input_size:
         raise ValueError(
-            f"the no-SPP {model.name} accepts only {model.input_size}x{model.input_size} inputs, "
-            f"got {what}={size}"
+            f"the no-SPP {model.name} accepts only {model.input_size}x{model.input_size} inputs, got {what}={size}"
         )
 
 

@@ -1,12 +1,20 @@
 """Bin arithmetic shared by the pyramid operators.
 
-Two rules for cutting an axis of length ``a`` into ``n`` bins (SPEC Sec. 1):
+Two rules for cutting an axis of length ``a`` into ``n`` bins (SPP-net Sec. 2.3
+and Appendix):
 
 * adaptive (paper Appendix, released code): bin ``i`` covers
   ``[floor(i*a/n), ceil((i+1)*a/n))``. Always ``n`` non-empty bins, also when
   ``a < n`` (cells repeat). Identical to PyTorch's adaptive pooling.
 * sliding (paper Sec. 2.3): a pooling window ``win = ceil(a/n)`` moved with
   ``stride = floor(a/n)``. Gives exactly ``n`` bins only for some ``a``.
+
+Adaptive bins nest, which every max-pooling path uses (:func:`level_sources`):
+a coarser level ``m`` that divides a finer level ``n`` is the max over
+``n/m x n/m`` blocks of the finer bins. Bin ``i`` of ``m`` is the union of bins
+``k*i .. k*i+k-1`` of ``n`` (``k = n/m``): ``floor(k*i*a/n) = floor(i*a/m)``, and
+consecutive adaptive bins touch or overlap. For the paper's levels
+``(6, 3, 2, 1)`` the map is read once instead of four times.
 """
 
 from __future__ import annotations
@@ -57,6 +65,27 @@ def check_bins(bins: str) -> str:
     return bins
 
 
+def level_sources(levels: Sequence[int]) -> dict[int, int | None]:
+    """The coarse-from-fine plan of a max pyramid with adaptive bins.
+
+    Args:
+        levels: bins per side of each level (any order, repeats allowed).
+
+    Returns:
+        ``{n: source}`` for each distinct level, finest first (an order in which
+        every source comes before the levels made from it). ``source`` is the
+        smallest finer level of the pyramid that ``n`` divides -- level ``n`` is
+        then the max over ``source/n x source/n`` blocks of its bins -- or None
+        where ``n`` must read the map. ``(6, 3, 2, 1)`` gives
+        ``{6: None, 3: 6, 2: 6, 1: 2}``.
+    """
+    sources: dict[int, int | None] = {}
+    for n in sorted(set(levels), reverse=True):
+        finer = [m for m in sources if m % n == 0]
+        sources[n] = min(finer) if finer else None
+    return sources
+
+
 def adaptive_bins(a: int, n: int) -> list[tuple[int, int]]:
     """The Appendix bins of an axis: ``[(start, end), ...]``, end exclusive."""
     return [((i * a) // n, -((-(i + 1) * a) // n)) for i in range(n)]
@@ -101,6 +130,20 @@ def regular_adaptive(a: int, n: int) -> tuple[int, int] | None:
         if lo != i * s or hi - lo != k:
             return None
     return k, s
+
+
+def bin_edges(start: torch.Tensor, length: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adaptive bins of many windows: ``(lo, hi)``, each ``LongTensor[K, n]``, hi exclusive.
+
+    Args:
+        start (LongTensor[K]): first cell of each window along the axis.
+        length (LongTensor[K]): cells of each window along the axis.
+        n: bins per side.
+    """
+    i = torch.arange(n, device=start.device)
+    lo = start[:, None] + torch.div(i[None] * length[:, None], n, rounding_mode="floor")
+    hi = start[:, None] + torch.div((i[None] + 1) * length[:, None] + n - 1, n, rounding_mode="floor")
+    return lo, hi
 
 
 def adaptive_masks(a: torch.Tensor | int, n: int, device: torch.device) -> torch.Tensor:

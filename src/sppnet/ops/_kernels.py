@@ -1,7 +1,8 @@
 """CPU kernels (numba) for max pyramid pooling over windows, with argmax.
 
 Three kernels, all exact and all deriving each coarser level that divides a
-finer one from the finer bins (adaptive bins nest: see ``ops/spp.py``):
+finer one from the finer bins (adaptive bins nest: ``level_sources`` in
+``ops/_bins.py``):
 
 * ``scan_*``: channels-last, parallel over windows; each bin row is the
   elementwise max of its map rows, then each bin the max of its columns.
@@ -25,6 +26,8 @@ float32 / float64, and never while tracing or exporting.
 from __future__ import annotations
 
 import numpy as np
+
+from sppnet.ops._bins import level_sources
 
 try:  # numba is a hard dependency, but the operators keep working without it.
     import numba
@@ -52,16 +55,17 @@ def make_plan(levels: tuple[int, ...], channels: int) -> tuple[np.ndarray, ...]:
     for i, n in enumerate(levels):
         out_off[i] = acc
         acc += channels * n * n
+    sources = level_sources(levels)
+    first: dict[int, int] = {}  # level size -> index of its first occurrence
+    for i, n in enumerate(levels):
+        first.setdefault(n, i)
     src = np.full(len(levels), -1, dtype=np.int64)
-    order: list[int] = []
-    done: dict[int, int] = {}  # level size -> index of its first occurrence
-    for i in sorted(range(len(levels)), key=lambda i: (-levels[i], i)):
-        n = levels[i]
-        cands = [done[m] for m in done if m % n == 0]
-        if cands:
-            src[i] = min(cands, key=lambda j: levels[j])
-        done.setdefault(n, i)
-        order.append(i)
+    for i, n in enumerate(levels):
+        if i != first[n]:
+            src[i] = first[n]  # a repeated level copies its first occurrence
+        elif sources[n] is not None:
+            src[i] = first[sources[n]]
+    order = sorted(range(len(levels)), key=lambda i: (-levels[i], i))
     buf_off = np.concatenate([[0], np.cumsum(lv * lv)]).astype(np.int64)
     return lv, src, out_off, buf_off, np.asarray(order, dtype=np.int64)
 
@@ -78,7 +82,7 @@ if HAVE_NUMBA:
     # Elementwise max of channel rows, written as plain loops that LLVM
     # vectorises: a select for the values and an arithmetic blend
     # ``a + m * (b - a)`` for the argmax (a select on the int32 index stops
-    # the vectoriser: measured 10x slower). NaN rule: a NaN wins over a number
+    # the vectoriser). NaN rule: a NaN wins over a number
     # and, once there, stays (torch's pooling propagates NaN); between equal
     # values the first row wins.
 
@@ -267,8 +271,16 @@ if HAVE_NUMBA:
                         t = val[ka, kb, b]
                         ta = arg[ka, kb, b]
                         _max4_rows(
-                            t[rs, cs], ta[rs, cs], t[rs, c1], ta[rs, c1], t[r1, cs], ta[r1, cs], t[r1, c1], ta[r1, c1],
-                            buf[buf_off[li] + i * n + j], bufa[buf_off[li] + i * n + j],
+                            t[rs, cs],
+                            ta[rs, cs],
+                            t[rs, c1],
+                            ta[rs, c1],
+                            t[r1, cs],
+                            ta[r1, cs],
+                            t[r1, c1],
+                            ta[r1, c1],
+                            buf[buf_off[li] + i * n + j],
+                            bufa[buf_off[li] + i * n + j],
                         )
             _derive_and_write(k, buf, bufa, lv, src, out_off, buf_off, order, out, out_arg)
 
@@ -408,7 +420,9 @@ if HAVE_NUMBA:
                 y = t - n * height
                 y2 = min(y + s, height - 1)
                 for b in range(lb):
-                    _max_rows_values(val[a - 1, b, n, y].reshape(-1), val[a - 1, b, n, y2].reshape(-1), val[a, b, n, y].reshape(-1))
+                    _max_rows_values(
+                        val[a - 1, b, n, y].reshape(-1), val[a - 1, b, n, y2].reshape(-1), val[a, b, n, y].reshape(-1)
+                    )
 
     @njit(parallel=True, cache=True, nogil=True)
     def roi_pyramid_max_values(val, rois, lv, src, out_off, buf_off, order, out):  # pragma: no cover

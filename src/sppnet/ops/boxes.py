@@ -81,9 +81,7 @@ def validate_boxes(boxes: Tensor, name: str = "boxes") -> None:
     bad = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
-        raise ValueError(
-            f"{name} must satisfy x1 <= x2 and y1 <= y2, got row {i} = {boxes[i].tolist()}"
-        )
+        raise ValueError(f"{name} must satisfy x1 <= x2 and y1 <= y2, got row {i} = {boxes[i].tolist()}")
 
 
 def box_area(boxes: Tensor, inclusive: bool = False) -> Tensor:
@@ -152,8 +150,7 @@ def _check_nms_inputs(boxes: Tensor, scores: Tensor, iou_threshold: float) -> No
     _check_boxes_shape(boxes, "boxes")
     if scores.dim() != 1 or scores.shape[0] != boxes.shape[0]:
         raise ValueError(
-            f"scores must be a Tensor[K] with K = {boxes.shape[0]} (one per box), "
-            f"got shape {tuple(scores.shape)}"
+            f"scores must be a Tensor[K] with K = {boxes.shape[0]} (one per box), got shape {tuple(scores.shape)}"
         )
     if not 0.0 <= iou_threshold <= 1.0:
         raise ValueError(f"iou_threshold must be in [0, 1], got {iou_threshold}")
@@ -210,8 +207,7 @@ def batched_nms(
     _check_nms_inputs(boxes, scores, iou_threshold)
     if labels.dim() != 1 or labels.shape[0] != boxes.shape[0]:
         raise ValueError(
-            f"labels must be a Tensor[K] with K = {boxes.shape[0]} (one per box), "
-            f"got shape {tuple(labels.shape)}"
+            f"labels must be a Tensor[K] with K = {boxes.shape[0]} (one per box), got shape {tuple(labels.shape)}"
         )
     order = torch.argsort(scores, descending=True, stable=True)  # [K], rank -> index
     sorted_boxes, sorted_labels = boxes[order], labels[order]
@@ -332,8 +328,10 @@ def _score_thresholds(value: Any, num_classes: int, scores: Tensor) -> Tensor:
         except (TypeError, ValueError, RuntimeError):
             raise ValueError(f"score_threshold must be a number or one number per class, got {value!r}") from None
         if t.dim() > 1 or (t.dim() == 1 and t.numel() != num_classes):
-            raise ValueError(f"score_threshold must be a number or a sequence of {num_classes} per-class values "
-                             f"(one per column of scores), got shape {tuple(t.shape)}")
+            raise ValueError(
+                f"score_threshold must be a number or a sequence of {num_classes} per-class values "
+                f"(one per column of scores), got shape {tuple(t.shape)}"
+            )
     if bool(torch.isnan(t).any()):
         raise ValueError(f"score_threshold must not be NaN, got {value!r}")
     return t
@@ -350,9 +348,7 @@ def _check_positive_sizes(widths: Tensor, heights: Tensor, boxes: Tensor, name: 
     bad = (widths <= 0) | (heights <= 0)
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
-        raise ValueError(
-            f"{name} must have positive widths and heights, got row {i} = {boxes[i].tolist()}"
-        )
+        raise ValueError(f"{name} must have positive widths and heights, got row {i} = {boxes[i].tolist()}")
 
 
 def encode_boxes(
@@ -369,7 +365,7 @@ def encode_boxes(
         dx = wx * (gx - px) / pw        dw = ww * log(gw / pw)
         dy = wy * (gy - py) / ph        dh = wh * log(gh / ph)
 
-    SPP-net Sec. 4 (SPEC Sec. 3 item 8) trains this regression on the pooled
+    SPP-net Sec. 4 trains this regression on the pooled
     conv5 features. With ``inclusive=True`` (the R-CNN / SPP-net code),
     ``pw = x2 - x1 + 1`` and ``px = x1 + 0.5 * pw``.
 
@@ -391,8 +387,7 @@ def encode_boxes(
     _check_boxes_shape(gt, "gt")
     if proposals.shape != gt.shape:
         raise ValueError(
-            f"proposals and gt must have the same shape, got {tuple(proposals.shape)} "
-            f"and {tuple(gt.shape)}"
+            f"proposals and gt must have the same shape, got {tuple(proposals.shape)} and {tuple(gt.shape)}"
         )
     wx, wy, ww, wh = _check_weights(weights)
     proposals, gt = _upcast(proposals), _upcast(gt)

@@ -1,25 +1,28 @@
-"""Utilities shared by every layer: safe persistence (:mod:`sppnet.utils.io`)."""
+"""Utilities shared by every layer: safe persistence.
 
-from sppnet.utils.io import (
+* :mod:`sppnet.utils.atomic` -- atomic file writes, JSON.
+* :mod:`sppnet.utils.digest` -- SHA-256 of files and tensor payloads.
+* :mod:`sppnet.utils.checkpoint` -- nested state in safetensors checkpoints, RNG
+  state, plain-tensor ``torch.load``.
+* :mod:`sppnet.utils.cache` -- self-checking caches of derived arrays.
+
+Import from the package (``from sppnet.utils import save_json``), not from the files.
+"""
+
+from sppnet.utils.atomic import atomic_path, atomic_write_bytes, atomic_write_text, load_json, save_json
+from sppnet.utils.cache import load_cache, save_cache
+from sppnet.utils.checkpoint import (
     CHECKPOINT_FORMAT_VERSION,
-    atomic_path,
-    atomic_write_bytes,
-    atomic_write_text,
     capture_rng_state,
-    file_digest,
     flatten_state,
-    load_cache,
     load_checkpoint,
-    load_json,
     load_torch_weights_only,
     read_checkpoint,
     restore_rng_state,
-    save_cache,
     save_checkpoint,
-    save_json,
-    tensor_digest,
     unflatten_state,
 )
+from sppnet.utils.digest import file_digest, tensor_digest
 
 __all__ = [
     "CHECKPOINT_FORMAT_VERSION",

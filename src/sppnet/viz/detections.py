@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from sppnet.utils.io import atomic_path  # noqa: E402
+from sppnet.utils import atomic_path  # noqa: E402
 from sppnet.viz.plots import save_figure  # noqa: E402
 
 __all__ = ["class_colour", "draw_detections", "plot_pr_curves"]

@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from sppnet.utils.io import atomic_path  # noqa: E402
+from sppnet.utils import atomic_path  # noqa: E402
 
 
 def save_figure(fig, png: str | os.PathLike, dpi: int = 110, **kwargs) -> Path:

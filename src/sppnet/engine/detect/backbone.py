@@ -28,10 +28,19 @@ from torch.utils.data import Dataset
 from sppnet.data.images import load_image
 from sppnet.data.transforms import resize_side
 from sppnet.engine.common import UserError
-from sppnet.engine.det_features import WindowSet
+from sppnet.engine.detect.config import DetectConfig
+from sppnet.engine.detect.features import WindowSet
 from sppnet.models.sppnet import SPPNet
 
-__all__ = ["WindowCrops", "window_crops", "pretrain_backbone", "load_backbone", "BACKGROUND"]
+__all__ = [
+    "BACKGROUND",
+    "WindowCrops",
+    "init_fc8_from_classifier",
+    "load_backbone",
+    "pretrain_backbone",
+    "pretrain_config",
+    "window_crops",
+]
 
 BACKGROUND = "__background__"
 CONTEXT = 16 / 224  # R-CNN's context padding (16 px around a 224 warp), per side
@@ -100,6 +109,35 @@ def window_crops(
     if not items:
         raise UserError("no objects or background windows to pretrain the backbone on")
     return WindowCrops(items, resize_side(size), [*classes, BACKGROUND])
+
+
+def pretrain_config(cfg: DetectConfig):
+    """The :class:`~sppnet.engine.classify.ClassifyConfig` of the backbone pretraining:
+    the detector's architecture, multi-size training of window crops, lr / 10 at 5/6
+    and 11/12 of the epochs."""
+    from sppnet.engine.classify import ClassifyConfig
+
+    b = cfg.backbone
+    return ClassifyConfig(
+        model=b.model,
+        spp=True,
+        levels=cfg.features.levels,
+        width=b.width,
+        fc_dim=b.fc_dim,
+        dropout=b.dropout,
+        size=cfg.crop_size,
+        small_size=None,
+        schedule="multi",
+        epochs=b.epochs,
+        batch_size=b.batch_size,
+        lr=b.lr,
+        lr_steps=(int(b.epochs * 5 / 6), int(b.epochs * 11 / 12)),
+        seed=cfg.seed,
+        workers=min(cfg.workers, 1),
+        device=cfg.device,
+        preset=cfg.preset,
+        cache_images=False,  # the crops are already in memory; a loader worker prepares the batches
+    ).resolved()
 
 
 def pretrain_backbone(crops: WindowCrops, classify_cfg, out: str | os.PathLike, verbose: bool = True) -> Path:

@@ -2,7 +2,8 @@
 
 As in R-CNN's ``rcnn_train.m`` (which SPP-net's release reuses):
 
-* positives: the ground-truth boxes of the class (difficult ones left out);
+* positives: the ground-truth boxes of the class (difficult ones left out,
+  :func:`svm_positives`);
 * negatives: windows whose IoU with every ground truth of the class is < 0.3
   (difficult objects count as ground truth here, so they are never negatives);
 * features scaled so that their mean L2 norm is 20;
@@ -22,28 +23,42 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["SVMConfig", "SVMResult", "fit_linear_svm", "feature_scale", "train_svms"]
+from sppnet.engine.config import Config, option
+from sppnet.engine.detect.features import WindowSet
+
+__all__ = [
+    "SVMConfig",
+    "SVMResult",
+    "feature_scale",
+    "fit_linear_svm",
+    "svm_positives",
+    "train_svms",
+    "train_window_svms",
+]
 
 
 @dataclass
-class SVMConfig:
-    """Settings of :func:`train_svms` (defaults: R-CNN / SPP-net release)."""
+class SVMConfig(Config):
+    """SVMs: one linear SVM per class on fc7, hard-negative mining (R-CNN / SPP-net release)."""
 
-    C: float = 1e-3
-    pos_weight: float = 2.0
-    bias_multiplier: float = 10.0
-    neg_iou: float = 0.3
-    hard_threshold: float = -1.0001
-    evict_threshold: float = -1.2
-    retrain_limit: int = 2000
-    epochs: int = 1
-    target_norm: float = 20.0
-    max_iter: int = 10000
+    flag_prefix: ClassVar[str] = "svm-"
+
+    C: float = option(1e-3, flag="--svm-c", min=0, min_open=True, help="SVM C (liblinear's -c)")
+    pos_weight: float = option(2.0, min=0, min_open=True, help="loss weight of the positives (-w1)")
+    bias_multiplier: float = option(10.0, min=0, help="liblinear's bias term (-B)")
+    neg_iou: float = option(0.3, min=0, max=1, help="negatives: IoU below this with every object of the class")
+    hard_threshold: float = option(-1.0001, help="a negative scoring above this is hard (inside the margin)")
+    evict_threshold: float = option(-1.2, help="cached negatives scoring below this are evicted after a retrain")
+    retrain_limit: int = option(2000, min=1, help="new hard negatives of a class that trigger a retrain")
+    epochs: int = option(1, min=1, help="passes of hard-negative mining over the images")
+    target_norm: float = option(20.0, min=0, min_open=True, help="features scaled to this mean L2 norm")
+    max_iter: int = option(10000, min=1, help="liblinear iterations per fit")
 
 
 @dataclass
@@ -82,9 +97,17 @@ def fit_linear_svm(
         # liblinear needs both classes; with one, the best hinge solution is a constant.
         return torch.zeros(x.shape[1]), (1.0 if labels.size and labels[0] > 0 else -1.0)
     svm = LinearSVC(
-        penalty="l2", loss="hinge", dual=True, C=C, class_weight={1: pos_weight, -1: 1.0},
-        fit_intercept=True, intercept_scaling=bias_multiplier, max_iter=max_iter, tol=1e-4, random_state=0,
-    )  # fmt: skip
+        penalty="l2",
+        loss="hinge",
+        dual=True,
+        C=C,
+        class_weight={1: pos_weight, -1: 1.0},
+        fit_intercept=True,
+        intercept_scaling=bias_multiplier,
+        max_iter=max_iter,
+        tol=1e-4,
+        random_state=0,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         svm.fit(x.double().numpy(), labels)
@@ -192,8 +215,48 @@ def train_svms(
             if pending[c]:
                 retrain(c)
         if on_epoch is not None:
-            on_epoch({
-                "epoch": epoch + 1, "scale": scale, "pos": pos, "weight": weight, "bias": bias,
-                "neg_keys": neg_keys, "neg_feats": neg_feats, "retrains": retrains,
-            })  # fmt: skip
+            on_epoch(
+                {
+                    "epoch": epoch + 1,
+                    "scale": scale,
+                    "pos": pos,
+                    "weight": weight,
+                    "bias": bias,
+                    "neg_keys": neg_keys,
+                    "neg_feats": neg_feats,
+                    "retrains": retrains,
+                }
+            )
     return SVMResult(weight, bias, float(scale), neg_keys, [len(p) for p in pos], retrains)
+
+
+def svm_positives(windows: Sequence[WindowSet]) -> list[Tensor]:
+    """Per image ``LongTensor[N_i]``: the class of each window that is a positive, else -1.
+
+    The positives are the non-difficult ground-truth boxes (``rcnn_train.m``).
+    """
+    return [torch.where(w.is_gt & ~w.difficult, w.label, torch.full_like(w.label, -1)) for w in windows]
+
+
+def train_window_svms(
+    features: Callable[[int], Tensor],
+    windows: Sequence[WindowSet],
+    num_classes: int,
+    cfg: SVMConfig | None = None,
+    progress: Callable | None = None,
+    state: dict | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> SVMResult:
+    """:func:`train_svms` on the training windows: positives from :func:`svm_positives`,
+    negatives by their overlaps with each class's objects.
+
+    Args:
+        features: ``features(i) -> Tensor[N_i, F]`` of every window of image ``i``
+            (fc7 for the detector's SVMs; Table 9 also trains them on pool5).
+        windows: the training images' :class:`WindowSet`.
+        num_classes, cfg, progress, state, on_epoch: as in :func:`train_svms`.
+    """
+    overlaps = [w.overlaps for w in windows]
+    return train_svms(
+        len(windows), features, overlaps, svm_positives(windows), num_classes, cfg, progress, state, on_epoch
+    )

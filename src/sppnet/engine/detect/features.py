@@ -9,14 +9,14 @@
   features of the training set are cached"):
 
   - ``method="spp"``: conv5 of the image at every scale, and of the image
-    FLIPPED horizontally at every scale (flips for fine-tuning, SPEC Sec. 3
-    item 6). Flipping the conv5 map instead would be cheaper but wrong: conv
+    FLIPPED horizontally at every scale (fine-tuning flips its windows, as
+    the released code does). Flipping the conv5 map instead would be cheaper but wrong: conv
     filters are not mirror-symmetric, so conv5(flip(I)) != flip(conv5(I)). We
     pay one more conv pass per image and scale, once.
   - ``method="rcnn"``: pool5 of every warped window (and of its mirror image),
     the R-CNN counterpart of a cached conv5.
 
-  One safetensors file per image (``sppnet.utils.io.save_cache``, atomic, with a
+  One safetensors file per image (``sppnet.utils.save_cache``, atomic, with a
   checksum). The key mixes the image file's SHA-256, the conv weights, the
   normalisation, the scales / warp size and a layout version: a stale or
   corrupt entry is rebuilt, never trusted. Loaded entries stay in RAM up to
@@ -40,10 +40,10 @@ from torch import Tensor
 from sppnet.data.images import load_image, pil_to_tensor
 from sppnet.data.proposals import add_ground_truth
 from sppnet.models.detector import Scale, SPPDetector
-from sppnet.ops import box_iou, roi_spatial_pyramid_pool
-from sppnet.utils.io import file_digest, load_cache, save_cache, tensor_digest
+from sppnet.ops import box_iou
+from sppnet.utils import file_digest, load_cache, save_cache, tensor_digest
 
-__all__ = ["WindowSet", "build_windows", "flip_boxes", "load_record_image", "FeatureCache", "conv_digest"]
+__all__ = ["FeatureCache", "WindowSet", "build_windows", "conv_digest", "flip_boxes", "load_record_image"]
 
 
 @dataclass
@@ -103,8 +103,18 @@ def build_windows(proposals: np.ndarray | Tensor, record: dict, num_classes: int
     is_gt[:g] = True
     difficult = torch.zeros(n, dtype=torch.bool)
     difficult[:g] = record["difficult"].bool()
-    return WindowSet(boxes, overlaps, max_overlap.float(), gt_index, label, is_gt, difficult, gt,
-                     int(record["width"]), int(record["height"]))
+    return WindowSet(
+        boxes,
+        overlaps,
+        max_overlap.float(),
+        gt_index,
+        label,
+        is_gt,
+        difficult,
+        gt,
+        int(record["width"]),
+        int(record["height"]),
+    )
 
 
 def flip_boxes(boxes: Tensor, width: int) -> Tensor:
@@ -168,10 +178,18 @@ class FeatureCache:
     def refresh(self) -> None:
         """Recompute the keys (call after the conv weights change) and drop what is in RAM."""
         d = self.detector
-        self._salt = json.dumps({
-            "conv": conv_digest(d), "method": d.method, "scales": list(d.scales), "warp": d.warp_size,
-            "levels": list(d.levels), "flips": self.flips, "version": self.VERSION,
-        }, sort_keys=True)  # fmt: skip
+        self._salt = json.dumps(
+            {
+                "conv": conv_digest(d),
+                "method": d.method,
+                "scales": list(d.scales),
+                "warp": d.warp_size,
+                "levels": list(d.levels),
+                "flips": self.flips,
+                "version": self.VERSION,
+            },
+            sort_keys=True,
+        )
         self._keys = {}
         self._lru.clear()
         self._bytes = 0
@@ -274,44 +292,31 @@ class FeatureCache:
     def pool5_many(self, requests: Sequence[tuple[int, Tensor, bool, Tensor | None]]) -> Tensor:
         """:meth:`pool5` of several ``(image, index, flip, scale_index)`` requests, rows concatenated.
 
-        SPP: one ``roi_spatial_pyramid_pool`` call per (image, flip, scale) map
-        that some window of the batch uses, on that map as it is (no padded
-        copy of every scale of every image: with five scales that copy cost more
-        than the pooling).
+        SPP: each image's windows are pooled by :meth:`SPPDetector.pool_windows`
+        from that image's cached maps as they are (no padded batch of every
+        scale of every image).
         """
         d = self.detector
         dev = d.pixel_mean.device
+        if any(flip and not self.flips for _, _, flip, _ in requests):
+            raise ValueError("this feature cache holds no flipped images")
         if d.method == "rcnn":
-            parts = []
-            for i, index, flip, _ in requests:
-                if flip and not self.flips:
-                    raise ValueError("this feature cache holds no flipped images")
-                parts.append(self.get(i)["pool5_flip" if flip else "pool5"][index])
+            parts = [self.get(i)["pool5_flip" if flip else "pool5"][index] for i, index, flip, _ in requests]
             return torch.cat(parts).to(dev, torch.float32)
-        total = sum(len(index) for _, index, _, _ in requests)
-        out = torch.empty((total, d.pooled_dim), device=dev)
-        start = 0
+        parts = []
         for i, index, flip, scale_index in requests:
-            if flip and not self.flips:
-                raise ValueError("this feature cache holds no flipped images")
             entry = self.get(i)
             scales = self.scales(i)
             suffix = "_flip" if flip else ""
-            image_maps = [entry[f"s{k}{suffix}"] for k in range(len(scales))]
+            maps = [entry[f"s{k}{suffix}"].to(dev, torch.float32) for k in range(len(scales))]  # [C5, h_s, w_s]
             boxes = self.windows[i].boxes[index]
             if flip:
                 boxes = flip_boxes(boxes, self.windows[i].width)
             if scale_index is None:
                 scale_index = d.assign_scales(boxes, scales)
-            r = d.map_windows(boxes, scales, [m.shape[-2:] for m in image_maps], scale_index)
-            for k in torch.unique(r[:, 0]).tolist():
-                rows = (r[:, 0] == k).nonzero().squeeze(1)
-                one = r[rows].clone()
-                one[:, 0] = 0
-                pooled = roi_spatial_pyramid_pool(image_maps[k][None].to(dev, torch.float32), one.to(dev), d.levels)
-                out[start + rows.to(dev)] = pooled
-            start += len(index)
-        return out
+            rois = d.map_windows(boxes, scales, [m.shape[-2:] for m in maps], scale_index)  # [n, 5]
+            parts.append(d.pool_windows(maps, rois.to(dev)))  # [n, D]
+        return torch.cat(parts) if parts else torch.empty((0, d.pooled_dim), device=dev)
 
 
 def describe(windows: Sequence[WindowSet]) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 For each class, a ridge regression from the pooled conv5 features of a window
 to the R-CNN deltas ``(dx, dy, dw, dh)`` (``ops.encode_boxes``) that move it onto
 its ground truth. Training windows: IoU >= 0.5 with a ground truth of the class
-(SPEC Sec. 3 item 8; R-CNN used 0.6), ground-truth boxes included.
+(the released code's threshold; R-CNN used 0.6), ground-truth boxes included
+(:func:`regression_samples`).
 
 Features are scaled to a mean L2 norm of 20 as for the SVMs. The released code
 uses lambda = 4000 for 12,800-d features (ZF-5). With features of mean norm 20,
@@ -16,15 +17,43 @@ The intercept is not regularised (the features and targets are centred first).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["default_lambda", "fit_ridge", "train_box_regressors", "PAPER_LAMBDA", "PAPER_DIM"]
+from sppnet.engine.config import Config, option
+from sppnet.engine.detect.features import WindowSet
+from sppnet.ops import encode_boxes
+
+__all__ = [
+    "PAPER_DIM",
+    "PAPER_LAMBDA",
+    "BoxRegressionConfig",
+    "default_lambda",
+    "fit_ridge",
+    "regression_samples",
+    "train_box_regressors",
+]
 
 PAPER_LAMBDA = 4000.0  # released SPP-net code
 PAPER_DIM = 12800  # ZF-5 pool5 with the 50-bin pyramid
+
+
+@dataclass
+class BoxRegressionConfig(Config):
+    """Box regression: ridge regression on pool5 (SPP-net Sec. 4, R-CNN Appendix C)."""
+
+    flag_prefix: ClassVar[str] = "bbox-"
+
+    enabled: bool = option(True, flag="--bbox-regression", help="train and apply the box regressors")
+    iou: float = option(0.5, min=0, max=1, help="training windows: IoU >= this with a ground truth")
+    lam: float | None = option(
+        None, flag="--bbox-lambda", min=0, min_open=True, help="ridge penalty; none: 4000*12800/D"
+    )
+    target_norm: float = option(20.0, min=0, min_open=True, help="pool5 scaled to this mean L2 norm")
 
 
 def default_lambda(dim: int) -> float:
@@ -93,3 +122,46 @@ def train_box_regressors(
         if len(x):
             weight[c], bias[c] = fit_ridge(x.float() * feature_scale, t.float(), lam)
     return weight, bias
+
+
+def regression_samples(
+    windows: Sequence[WindowSet],
+    pool5: Callable[[int, Tensor], Tensor],
+    num_classes: int,
+    dim: int,
+    iou: float = 0.5,
+    progress: Callable | None = None,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """The training set of :func:`train_box_regressors`: every window with IoU >= ``iou``
+    with a ground truth, as a sample of that ground truth's class.
+
+    Args:
+        windows: the training images' :class:`WindowSet`.
+        pool5: ``pool5(i, index) -> Tensor[n, D]`` of windows ``index`` of image ``i``.
+        num_classes: ``K``.
+        dim: ``D``, for classes without samples.
+        iou: the overlap threshold.
+        progress: ``progress(iterable, desc=, total=)`` wrapper.
+
+    Returns:
+        ``(features, targets)``: per class ``Tensor[N_c, D]`` and ``Tensor[N_c, 4]``
+        deltas ``(dx, dy, dw, dh)`` onto the ground truth (:func:`~sppnet.ops.encode_boxes`).
+    """
+    wrap = progress or (lambda it, **_: it)
+    feats: list[list[Tensor]] = [[] for _ in range(num_classes)]
+    targets: list[list[Tensor]] = [[] for _ in range(num_classes)]
+    for i in wrap(range(len(windows)), desc="box regression", total=len(windows)):
+        w = windows[i]
+        idx = (w.max_overlap >= iou).nonzero().squeeze(1)
+        if len(idx) == 0:
+            continue
+        x = pool5(i, idx).cpu()  # [n, D]
+        deltas = encode_boxes(w.boxes[idx], w.gt_boxes[w.gt_index[idx]])  # [n, 4]
+        for c in w.label[idx].unique().tolist():
+            sel = w.label[idx] == c
+            feats[c].append(x[sel])
+            targets[c].append(deltas[sel])
+    return (
+        [torch.cat(f) if f else torch.zeros((0, dim)) for f in feats],
+        [torch.cat(t) if t else torch.zeros((0, 4)) for t in targets],
+    )

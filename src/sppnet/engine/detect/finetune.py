@@ -10,7 +10,7 @@ varied while pooling from 8 maps instead of ~110 -- the per-map overhead, not
 the arithmetic, dominates a batch on a CPU.
 
 * ``mode="fc"`` (the paper): the conv layers are frozen, so every window is
-  pooled from the CACHED conv5 maps (:class:`~sppnet.engine.det_features.FeatureCache`),
+  pooled from the CACHED conv5 maps (:class:`~sppnet.engine.detect.features.FeatureCache`),
   each at a random scale (one of the cached scales; released code) and each
   taken from the flipped image with probability 1/2 (its mirrored box on the
   cached conv5 of the flipped image).
@@ -27,11 +27,13 @@ iterations and on Ctrl-C; metrics go to ``finetune.csv`` / ``finetune.png``.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -39,11 +41,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sppnet.engine.common import GracefulInterrupt, MetricsLog, load_state, progress, save_state
-from sppnet.engine.det_features import FeatureCache, WindowSet, flip_boxes, load_record_image
+from sppnet.engine.config import Config, ConfigError, option
+from sppnet.engine.detect.features import FeatureCache, WindowSet, flip_boxes, load_record_image
 from sppnet.models.detector import SPPDetector
-from sppnet.utils.io import capture_rng_state, restore_rng_state
+from sppnet.utils import capture_rng_state, restore_rng_state
 
-__all__ = ["FinetuneConfig", "finetune", "FinetuneInterrupted"]
+__all__ = ["FinetuneConfig", "FinetuneInterrupted", "finetune"]
 
 
 class FinetuneInterrupted(KeyboardInterrupt):
@@ -51,25 +54,79 @@ class FinetuneInterrupted(KeyboardInterrupt):
 
 
 @dataclass
-class FinetuneConfig:
-    mode: str = "fc"  # fc | all
-    iterations: int = 1500
-    lr: float = 1e-3
-    lr_steps: tuple[int, ...] = (1000,)
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    batch_size: int = 128
-    fg_fraction: float = 0.25
-    fg_iou: float = 0.5
-    bg_iou: tuple[float, float] = (0.1, 0.5)
-    flip: bool = True
-    images_per_batch: int = 8
-    checkpoint_every: int = 250
-    log_every: int = 50
-    seed: int = 0
+class FinetuneConfig(Config):
+    """Fine-tuning: fc6, fc7 and fc8 on pooled windows (SPP-net Sec. 4.1)."""
+
+    flag_prefix: ClassVar[str] = "ft-"
+
+    mode: str = option(
+        "fc",
+        flag="--finetune",
+        choices=("fc", "all"),
+        help="fc: fc6/fc7/fc8 on cached conv5 (paper); all: also the conv layers (Fast R-CNN)",
+    )
+    iterations: int = option(1500, min=1, help="fine-tuning iterations (batches of --ft-batch windows)")
+    lr: float = option(3e-3, min=0, min_open=True, help="fine-tuning learning rate")
+    lr_steps: tuple[int, ...] = option(
+        (1000,), min=0, nonempty=False, metavar="IT", help="iterations from which lr is divided by another 10"
+    )
+    momentum: float = option(0.9, min=0, max=1, max_open=True, help="SGD momentum")
+    weight_decay: float = option(5e-4, min=0, help="SGD weight decay")
+    batch_size: int = option(128, flag="--ft-batch", min=1, help="windows per batch (Sec. 4.1: 128)")
+    fg_fraction: float = option(0.25, min=0, min_open=True, max=1, help="foreground share of a batch (Sec. 4.1: 25%)")
+    fg_iou: float = option(0.5, min=0, max=1, help="foreground: IoU >= this with a ground truth")
+    bg_iou: tuple[float, ...] = option(
+        (0.1, 0.5), length=2, min=0, max=1, metavar="IOU", help="background: max IoU in [low, high)"
+    )
+    flip: bool = option(True, help="windows of the horizontally flipped image, half of the time (cached too)")
+    images_per_batch: int | None = option(
+        None, min=1, help="images a batch draws its windows from; none: 8 for --finetune fc, 2 for all"
+    )
+    checkpoint_every: int = option(250, flag="--checkpoint-every", min=1, help="iterations between checkpoints")
+    log_every: int = option(50, min=1, help="iterations between rows of finetune.csv")
+
+    def complete(self) -> FinetuneConfig:
+        if self.images_per_batch is not None:
+            return self
+        # 8 images x 16 windows keeps a batch varied; the conv layers of mode "all"
+        # run on every image of the batch, so it takes 2 (Fast R-CNN's 2 x 64).
+        return dataclasses.replace(self, images_per_batch=8 if self.mode == "fc" else 2)
+
+    def check(self) -> None:
+        if self.images_per_batch is not None and not self.images_per_batch <= self.batch_size:
+            raise ConfigError(
+                f"--ft-images-per-batch must be in [1, --ft-batch = {self.batch_size}], got {self.images_per_batch}"
+            )
 
     def lr_at(self, iteration: int) -> float:
         return self.lr * 0.1 ** sum(1 for s in self.lr_steps if iteration >= s)
+
+
+@dataclass
+class _Running:
+    """Training statistics since the last row of ``finetune.csv``."""
+
+    loss_sum: float = 0.0
+    correct: float = 0.0
+    seen: float = 0.0
+    fg_correct: float = 0.0
+    fg_seen: float = 0.0
+
+    def add(self, loss: Tensor, logits: Tensor, y: Tensor) -> None:
+        pred = logits.detach().argmax(1)
+        is_fg = y > 0
+        self.loss_sum += float(loss.detach()) * len(y)
+        self.correct += float((pred == y).sum())
+        self.seen += len(y)
+        self.fg_correct += float((pred[is_fg] == y[is_fg]).sum())
+        self.fg_seen += float(is_fg.sum())
+
+    def row(self) -> dict[str, float]:
+        return {
+            "train_loss": self.loss_sum / max(self.seen, 1),
+            "train_acc": self.correct / max(self.seen, 1),
+            "fg_acc": self.fg_correct / max(self.fg_seen, 1),
+        }
 
 
 def _window_pools(windows: Sequence[WindowSet], cfg: FinetuneConfig) -> tuple[Tensor, Tensor]:
@@ -83,10 +140,13 @@ def _window_pools(windows: Sequence[WindowSet], cfg: FinetuneConfig) -> tuple[Te
     fg_t = torch.cat(fg) if fg else torch.zeros((0, 3), dtype=torch.long)
     bg_t = torch.cat(bg) if bg else torch.zeros((0, 2), dtype=torch.long)
     if len(bg_t) == 0:  # no window in [0.1, 0.5): fall back to every window below 0.5
-        bg_t = torch.cat([
-            torch.stack([torch.full_like(b, i), b], dim=1)
-            for i, w in enumerate(windows) for b in [(w.max_overlap < cfg.bg_iou[1]).nonzero().squeeze(1)]
-        ])  # fmt: skip
+        bg_t = torch.cat(
+            [
+                torch.stack([torch.full_like(b, i), b], dim=1)
+                for i, w in enumerate(windows)
+                for b in [(w.max_overlap < cfg.bg_iou[1]).nonzero().squeeze(1)]
+            ]
+        )
     if len(fg_t) == 0 or len(bg_t) == 0:
         raise ValueError(f"fine-tuning needs foreground and background windows, got {len(fg_t)} and {len(bg_t)}")
     return fg_t, bg_t
@@ -94,7 +154,7 @@ def _window_pools(windows: Sequence[WindowSet], cfg: FinetuneConfig) -> tuple[Te
 
 def _image_rows(rng: np.random.Generator, f: Tensor, b: Tensor, n: int, fg_fraction: float) -> Tensor:
     """``[n, 3]`` (image, window, label) rows of one image: ``fg_fraction`` foreground, the rest background."""
-    n_fg = min(int(round(n * fg_fraction)), len(f)) if len(b) else n
+    n_fg = min(round(n * fg_fraction), len(f)) if len(b) else n
     pick_f = f[torch.from_numpy(rng.integers(0, len(f), n_fg))]
     pick_b = b[torch.from_numpy(rng.integers(0, max(len(b), 1), n - n_fg))]
     return torch.cat([pick_f, torch.cat([pick_b, torch.zeros((len(pick_b), 1), dtype=torch.long)], 1)])
@@ -104,8 +164,10 @@ def _sample_rows(rng: np.random.Generator, fg: Tensor, bg: Tensor, cfg: Finetune
     """Per sampled image its ``[n, 3]`` rows; ``images_per_batch`` images, ``batch_size`` rows in all."""
     images = torch.unique(fg[:, 0])
     chosen = images[torch.from_numpy(rng.integers(0, len(images), cfg.images_per_batch))]
-    sizes = [cfg.batch_size // cfg.images_per_batch + (k < cfg.batch_size % cfg.images_per_batch)
-             for k in range(cfg.images_per_batch)]  # fmt: skip
+    sizes = [
+        cfg.batch_size // cfg.images_per_batch + (k < cfg.batch_size % cfg.images_per_batch)
+        for k in range(cfg.images_per_batch)
+    ]
     return [
         _image_rows(rng, fg[fg[:, 0] == i], bg[bg[:, 0] == i][:, :2], n, cfg.fg_fraction)
         for i, n in zip(chosen.tolist(), sizes)
@@ -134,8 +196,13 @@ def _cached_batch(
 
 
 def _image_batch(
-    detector: SPPDetector, records: Sequence[dict], windows: Sequence[WindowSet], rng: np.random.Generator,
-    fg: Tensor, bg: Tensor, cfg: FinetuneConfig,
+    detector: SPPDetector,
+    records: Sequence[dict],
+    windows: Sequence[WindowSet],
+    rng: np.random.Generator,
+    fg: Tensor,
+    bg: Tensor,
+    cfg: FinetuneConfig,
 ) -> tuple[Tensor, Tensor]:
     """Mode ``all``: conv layers run (with gradients) on each sampled image, flipped or not, at one scale."""
     xs, ys = [], []
@@ -166,45 +233,53 @@ def finetune(
     cfg: FinetuneConfig,
     out: str | Path,
     verbose: bool = True,
+    seed: int = 0,
 ) -> None:
     """Fine-tunes ``detector`` in place (see the module docstring).
+
+    ``seed`` seeds the batch sampling (numpy) and dropout (torch).
 
     Raises:
         FinetuneInterrupted: after Ctrl-C, once a checkpoint is written.
     """
     out = Path(out)
     ckpt = out / "finetune_last.safetensors"
-    if cfg.mode not in ("fc", "all"):
-        raise ValueError(f"fine-tuning mode must be fc or all, got {cfg.mode!r}")
-    if not 1 <= cfg.images_per_batch <= cfg.batch_size:
-        raise ValueError(f"images_per_batch must be in [1, batch_size], got {cfg.images_per_batch}")
+    cfg = cfg.resolved()
     fg, bg = _window_pools(windows, cfg)
     params = list(detector.backbone.fc.parameters()) + list(detector.cls_score.parameters())
     if cfg.mode == "all":
         params = list(detector.backbone.features.parameters()) + params
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    rng = np.random.Generator(np.random.PCG64(cfg.seed))
-    torch.manual_seed(cfg.seed)
+    rng = np.random.Generator(np.random.PCG64(seed))
+    torch.manual_seed(seed)
     metrics = MetricsLog(out / "finetune.csv")
-    start, running = 0, [0.0, 0.0, 0.0, 0.0, 0.0]  # loss sum, correct, seen, fg correct, fg seen
+    start, running = 0, _Running()
     if ckpt.is_file():
         state = load_state(ckpt)
         detector.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         rng.bit_generator.state = state["numpy_rng"]
         restore_rng_state(state["rng"])
-        start, running = int(state["iteration"]), [float(v) for v in state["running"]]
+        start = int(state["iteration"])
+        saved = state["running"]  # a list of the five counters before they had names
+        running = _Running(**saved) if isinstance(saved, dict) else _Running(*map(float, saved))
         metrics = MetricsLog.load(out / "finetune.csv")
         metrics = MetricsLog(metrics.path, [r for r in metrics.rows if int(r["iteration"]) <= start])
         if verbose:
             print(f"resuming fine-tuning at iteration {start + 1} of {cfg.iterations}", file=sys.stderr)
 
     def checkpoint(iteration: int) -> None:
-        save_state(ckpt, {
-            "model": detector.state_dict(), "optimizer": optimizer.state_dict(),
-            "numpy_rng": rng.bit_generator.state, "rng": capture_rng_state(),
-            "iteration": iteration, "running": list(running),
-        })  # fmt: skip
+        save_state(
+            ckpt,
+            {
+                "model": detector.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "numpy_rng": rng.bit_generator.state,
+                "rng": capture_rng_state(),
+                "iteration": iteration,
+                "running": dataclasses.asdict(running),
+            },
+        )
 
     if verbose:
         print(
@@ -231,21 +306,13 @@ def finetune(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            pred = logits.detach().argmax(1)
-            is_fg = y > 0
-            running[0] += float(loss.detach()) * len(y)
-            running[1] += float((pred == y).sum())
-            running[2] += len(y)
-            running[3] += float((pred[is_fg] == y[is_fg]).sum())
-            running[4] += float(is_fg.sum())
+            running.add(loss, logits, y)
             done = it + 1
             if done % cfg.log_every == 0 or done == cfg.iterations:
-                metrics.append({
-                    "iteration": done, "lr": lr, "train_loss": running[0] / max(running[2], 1),
-                    "train_acc": running[1] / max(running[2], 1), "fg_acc": running[3] / max(running[4], 1),
-                    "seconds": round(time.perf_counter() - t0, 2),
-                })  # fmt: skip
-                running = [0.0] * 5
+                metrics.append(
+                    {"iteration": done, "lr": lr, **running.row(), "seconds": round(time.perf_counter() - t0, 2)}
+                )
+                running = _Running()
                 metrics.plot(out / "finetune.png", x="iteration", title="fine-tuning fc6, fc7, fc8")
             if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
                 checkpoint(done)

@@ -1,0 +1,372 @@
+"""Training an SPP-net classifier (Sec. 2.3, 3.1): crops as in
+:mod:`sppnet.data.transforms`, SGD with momentum and weight decay, the learning
+rate divided by 10 at ``lr_steps``, the input size of each epoch from
+:class:`~sppnet.engine.classify.schedules.SizeSchedule`; the same call runs
+under ``torchrun`` (DDP).
+
+Determinism (CPU): the data are seeded per sample and epoch
+(:mod:`sppnet.engine.classify.data`); dropout draws from torch's global
+generator, whose state (per rank) is checkpointed. Resuming therefore
+reproduces an uninterrupted run bit for bit on CPU.
+
+Run directory (``out``)::
+
+    config.json          the resolved ClassifyConfig
+    last.safetensors     resumable state: model, optimizer, RNG states, epoch, step,
+                         size schedule (written atomically after every epoch, and
+                         mid-epoch on Ctrl-C)
+    model.safetensors    weights + meta for inference (model name and config,
+                         classes, size, normalisation, the config)
+    metrics.csv          per epoch: size, lr, train loss / accuracy, val top-1 /
+                         top-5 (centre view), seconds
+    curves.png           the metrics as curves (redrawn at most every 30 s, and at the end)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from sppnet.data.transforms import TrainTransform
+from sppnet.engine.classify.config import ClassifyConfig
+from sppnet.engine.classify.data import AugmentedDataset, builtin_data_root, make_loader, open_image_folder
+from sppnet.engine.classify.inference import evaluate_counts, inference_meta
+from sppnet.engine.classify.schedules import SizeSchedule
+from sppnet.engine.common import (
+    GracefulInterrupt,
+    MetricsLog,
+    UserError,
+    load_state,
+    progress,
+    save_state,
+    save_weights,
+    seed_everything,
+)
+from sppnet.engine.distributed import (
+    DistContext,
+    ShardedEpochSampler,
+    all_gather_objects,
+    all_reduce_sum,
+    barrier,
+    derive_seed,
+    init_distributed,
+    shutdown_distributed,
+    wrap_model,
+)
+from sppnet.engine.views import check_size
+from sppnet.models import get_model
+from sppnet.utils import capture_rng_state, load_json, restore_rng_state, save_json
+
+__all__ = ["TrainingInterrupted", "build_model", "train"]
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Raised by :func:`train` after Ctrl-C, once the checkpoint is written."""
+
+
+def build_model(cfg: ClassifyConfig, num_classes: int) -> nn.Module:
+    """The network of ``cfg`` (random init), checked against ``cfg.size`` / ``small_size``."""
+    cfg = cfg.resolved()
+    model = get_model(cfg.model, **cfg.model_kwargs(num_classes))
+    if cfg.init == "he":
+        for layer in model.fc:
+            if isinstance(layer, nn.Linear):  # fc6, fc7; the classifier keeps N(0, 0.01)
+                nn.init.kaiming_normal_(layer.weight, mode="fan_in", nonlinearity="relu")
+    check_size(model, cfg.size, "size")
+    if cfg.schedule != "single":
+        check_size(model, cfg.small_size, "small_size")
+    return model
+
+
+@dataclass
+class EpochTotals:
+    """Running sums of one rank's partial epoch (checkpointed mid-epoch as a list)."""
+
+    loss_sum: float = 0.0  # cross-entropy summed over samples
+    correct: float = 0.0  # top-1 hits on the augmented training crops
+    seen: float = 0.0  # samples
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        self.loss_sum += float(loss.detach()) * len(y)
+        self.correct += float((logits.detach().argmax(1) == y).sum())
+        self.seen += len(y)
+
+    def as_list(self) -> list[float]:
+        return [self.loss_sum, self.correct, self.seen]
+
+    @classmethod
+    def from_list(cls, values: Sequence[float]) -> EpochTotals:
+        return cls(*(float(v) for v in values))
+
+
+def _stop_requested(interrupt: GracefulInterrupt, ctx: DistContext) -> bool:
+    if not ctx.distributed:
+        return interrupt.requested
+    return all_reduce_sum([float(interrupt.requested)], ctx)[0] > 0
+
+
+def train(
+    cfg: ClassifyConfig | None = None,
+    train_set: Dataset | None = None,
+    val_set: Dataset | None = None,
+    classes: Sequence[str] | None = None,
+    out: str | os.PathLike = "runs/classify",
+    resume: bool = False,
+    verbose: bool = True,
+) -> Path:
+    """Trains an SPP-net classifier; the same call works under ``torchrun`` (DDP).
+
+    Args:
+        cfg: the run's settings (``None``: the saved config when resuming, else
+            the ``small`` preset).
+        train_set, val_set: data sets yielding ``(PIL.Image RGB, int label)``;
+            ``None``: the ImageFolder splits ``train`` / ``val`` of ``cfg.data``
+            (or of the built-in set). ``val_set`` may be absent (no validation).
+        classes: class names in label order (default: ``train_set.classes``).
+        out: run directory (see the module docstring).
+        resume: continue the run in ``out`` from ``last.safetensors``.
+        verbose: progress bar and one line per epoch (rank 0 only).
+
+    Returns:
+        ``out``, with ``model.safetensors`` holding the final weights.
+
+    Raises:
+        UserError / ValueError: bad settings or data (one-line messages).
+        TrainingInterrupted: after Ctrl-C, once a checkpoint is written.
+    """
+    out = Path(out)
+    ckpt_path = out / "last.safetensors"
+    if resume:
+        if not (out / "config.json").is_file():
+            raise UserError(f"nothing to resume: {out / 'config.json'} does not exist")
+        cfg = ClassifyConfig.from_dict(load_json(out / "config.json")).check_resume(cfg)
+    else:
+        cfg = (cfg or ClassifyConfig()).resolved()
+        if ckpt_path.exists():
+            raise UserError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
+    import torch.distributed as dist
+
+    owns_group = not (dist.is_available() and dist.is_initialized())
+    ctx = init_distributed(cfg.device)
+    try:
+        return _train(cfg, ctx, train_set, val_set, classes, out, resume and ckpt_path.exists(), verbose)
+    finally:
+        if owns_group:
+            shutdown_distributed(ctx)
+
+
+def _open_data(
+    cfg: ClassifyConfig,
+    ctx: DistContext,
+    train_set: Dataset | None,
+    val_set: Dataset | None,
+    classes: Sequence[str] | None,
+    verbose: bool,
+) -> tuple[Dataset, Dataset | None, list[str]]:
+    """``(train_set, val_set, classes)``: the given sets, or the ImageFolder splits of ``cfg.data``."""
+    if train_set is None:
+        if cfg.data is None:
+            root = builtin_data_root() if ctx.is_main else None
+            barrier(ctx)  # rank 0 generates the cached set, then everyone reads it
+            root = root or builtin_data_root()
+        else:
+            root = Path(cfg.data)
+            if not root.is_dir():
+                raise UserError(f"data folder {root} does not exist")
+        train_set = open_image_folder(root, "train", classes, verbose)
+        classes = train_set.classes
+        if val_set is None and (root / "val").is_dir():
+            val_set = open_image_folder(root, "val", classes, verbose)
+    if classes is None:
+        classes = getattr(train_set, "classes", None)
+        if classes is None:
+            raise ValueError("pass classes=[...] (names in label order) with a train_set that has no .classes")
+    if len(train_set) == 0:
+        raise UserError("the training set is empty")
+    return train_set, val_set, [str(c) for c in classes]
+
+
+def _train(
+    cfg: ClassifyConfig,
+    ctx: DistContext,
+    train_set: Dataset | None,
+    val_set: Dataset | None,
+    classes: Sequence[str] | None,
+    out: Path,
+    resume: bool,
+    verbose: bool,
+) -> Path:
+    say = verbose and ctx.is_main
+    if cfg.batch_size % ctx.world_size:
+        raise UserError(f"batch_size {cfg.batch_size} must be divisible by the {ctx.world_size} processes")
+    local_batch = cfg.batch_size // ctx.world_size
+    train_set, val_set, classes = _open_data(cfg, ctx, train_set, val_set, classes, say)
+
+    # ---- model, optimiser, schedule
+    seed_everything(cfg.seed)
+    model = build_model(cfg, len(classes)).to(ctx.device)  # same initial weights on every rank
+    if ctx.rank:
+        torch.manual_seed(derive_seed(cfg.seed, ctx.rank))  # own dropout masks per rank
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    schedule = SizeSchedule(cfg.schedule, cfg.size, cfg.small_size, cfg.seed)
+    metrics = MetricsLog(out / "metrics.csv")
+    start_epoch, start_step, totals, elapsed = 0, 0, EpochTotals(), 0.0
+    if resume:
+        state = load_state(out / "last.safetensors")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        start_epoch, start_step = int(state["epoch"]), int(state["step"])
+        rngs = state["rng"]
+        if len(rngs) == ctx.world_size:
+            restore_rng_state(rngs[ctx.rank])
+        else:  # resumed on another number of processes: exactness is lost, determinism kept
+            seed_everything(derive_seed(cfg.seed, start_epoch, start_step, ctx.rank))
+        if start_step and len(state["running"]) == ctx.world_size:
+            totals = EpochTotals.from_list(state["running"][ctx.rank])
+            elapsed = float(state["elapsed"])
+        else:
+            start_step = 0
+        metrics = MetricsLog.load(out / "metrics.csv")
+        metrics.truncate(start_epoch)
+        if say:
+            where = f"epoch {start_epoch + 1}" + (f", batch {start_step + 1}" if start_step else "")
+            print(f"resuming {out} at {where} of {cfg.epochs}", file=sys.stderr)
+    elif ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_json(out / "config.json", cfg.to_dict())
+    ddp_model = wrap_model(model, ctx)
+
+    if say:
+        print(
+            f"training {cfg.model} ({'SPP ' + str(list(cfg.levels)) if cfg.spp else 'no SPP'}, width {cfg.width}) "
+            f"on {len(train_set)} images of {len(classes)} classes, schedule {cfg.schedule} "
+            f"(sizes {cfg.size}/{cfg.small_size}), {cfg.epochs} epochs, {ctx.world_size} process(es) on {ctx.device}",
+            file=sys.stderr,
+        )
+    if start_epoch >= cfg.epochs and say:
+        print(f"{out} already finished {start_epoch} epochs; nothing to do", file=sys.stderr)
+
+    train_cache = {} if cfg.cache_images else None
+    val_cache = {} if cfg.cache_images else None
+    interrupt = GracefulInterrupt()
+    last_plot = time.monotonic()
+    with interrupt:
+        for epoch in range(start_epoch, cfg.epochs):
+            epoch_size = schedule.size_for(epoch)
+            lr = cfg.lr_at(epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            transform = TrainTransform(cfg.size, epoch_size, alphastd=cfg.alphastd)
+            data = AugmentedDataset(train_set, transform, cfg.seed, epoch, train_cache)
+            sampler = ShardedEpochSampler(
+                len(data), cfg.seed, epoch, ctx.rank, ctx.world_size, start=start_step * local_batch
+            )
+            loader = make_loader(
+                data,
+                local_batch,
+                cfg.workers,
+                derive_seed(cfg.seed, epoch, 7),
+                sampler=sampler,
+                cuda=ctx.device.type == "cuda",
+            )
+            t0 = time.perf_counter() - elapsed
+            model.train()
+            steps = start_step + len(loader)
+            bar = progress(loader, desc=f"epoch {epoch + 1}/{cfg.epochs} @{epoch_size}", total=len(loader), enabled=say)
+            step = start_step
+            for x, y in bar:
+                x = x.to(ctx.device, non_blocking=True)
+                y = y.to(ctx.device, non_blocking=True)
+                logits = ddp_model(x)
+                loss = F.cross_entropy(logits, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                totals.add(loss, logits, y)
+                step += 1
+                if step < steps and _stop_requested(interrupt, ctx):
+                    _checkpoint(out, ctx, model, optimizer, schedule, epoch, step, totals, time.perf_counter() - t0)
+                    _interrupted(out, ctx, epoch, step)
+            del bar, loader
+            loss_sum, correct, seen = all_reduce_sum(totals.as_list(), ctx)
+            row: dict[str, Any] = {
+                "epoch": epoch + 1,
+                "size": epoch_size,
+                "lr": lr,
+                "train_loss": loss_sum / max(seen, 1),
+                "train_acc": correct / max(seen, 1),
+            }
+            if val_set is not None and len(val_set):
+                top1, top5, n, _ = evaluate_counts(model, val_set, cfg.views, cfg, ctx, cache=val_cache)
+                row["val_top1"], row["val_top5"] = top1 / n, top5 / n
+            row["seconds"] = round(time.perf_counter() - t0, 3)
+            start_step, totals, elapsed = 0, EpochTotals(), 0.0
+            if ctx.is_main:
+                save_weights(out / "model.safetensors", model, inference_meta(cfg, model, classes, epoch + 1))
+                metrics.append(row)
+                if epoch + 1 == cfg.epochs or time.monotonic() - last_plot > 30:  # a plot costs ~0.5 s
+                    metrics.plot(out / "curves.png", title=f"{cfg.model} {cfg.schedule}-size")
+                    last_plot = time.monotonic()
+            _checkpoint(out, ctx, model, optimizer, schedule, epoch + 1, 0, totals, 0.0)
+            if say:
+                val = f" val top-1 {row['val_top1']:.3f} top-5 {row['val_top5']:.3f}" if "val_top1" in row else ""
+                print(
+                    f"epoch {epoch + 1}/{cfg.epochs} size {epoch_size} lr {lr:.2g} loss {row['train_loss']:.4f} "
+                    f"acc {row['train_acc']:.3f}{val} ({row['seconds']:.1f}s)",
+                    file=sys.stderr,
+                )
+            if epoch + 1 < cfg.epochs and _stop_requested(interrupt, ctx):
+                _interrupted(out, ctx, epoch + 1, 0)
+    barrier(ctx)
+    return out
+
+
+def _checkpoint(
+    out: Path,
+    ctx: DistContext,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: SizeSchedule,
+    epoch: int,
+    step: int,
+    totals: EpochTotals,
+    elapsed: float,
+) -> None:
+    """``last.safetensors``: the resumable state (all ranks' RNG states and counters)."""
+    rngs = all_gather_objects(capture_rng_state(), ctx)
+    runs = all_gather_objects(totals.as_list(), ctx)
+    if ctx.is_main:
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(),
+            "rng": rngs,
+            "epoch": int(epoch),  # epochs completed
+            "step": int(step),  # batches done in the next epoch (0 at an epoch boundary)
+            "running": runs,  # per rank: EpochTotals.as_list() of the partial epoch
+            "elapsed": float(elapsed),
+        }
+        save_state(out / "last.safetensors", state)
+    barrier(ctx)
+
+
+def _interrupted(out: Path, ctx: DistContext, epoch: int, step: int):
+    if ctx.is_main:
+        where = f"after epoch {epoch}" if step == 0 else f"in epoch {epoch + 1} after batch {step}"
+        print(
+            f"\ninterrupted {where}: checkpoint written to {out / 'last.safetensors'}\n"
+            f"resume with: sppnet classify train --out {out} --resume",
+            file=sys.stderr,
+        )
+    raise TrainingInterrupted()

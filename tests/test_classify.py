@@ -296,6 +296,9 @@ def test_train_on_given_pil_datasets(tmp_path):
     out = train(cfg, items, items[:2], classes=["bg", "fg"], out=tmp_path / "given", verbose=False)
     model, classes, _ = load_classifier(out)
     assert classes == ["bg", "fg"] and model.num_classes == 2
+    # no validation set (the detector's pretraining): the last epoch's weights are kept
+    out = train(dataclasses.replace(cfg, epochs=3), items, classes=["bg", "fg"], out=tmp_path / "noval", verbose=False)
+    assert load_weights(out / "model.safetensors")[1]["epoch"] == 3
     with pytest.raises(ValueError, match="pass classes="):
         train(cfg, items, out=tmp_path / "noclasses", verbose=False)
     with pytest.raises(ValueError, match="must yield \\(PIL.Image, int\\) pairs, item \\d+ holds Tensor"):
@@ -369,7 +372,13 @@ def test_cli_train_val_predict(data, tmp_path, capsys):
     ]
     assert main(args) == 0
     cfg = load_json(out / "config.json")
-    assert (cfg["preset"], cfg["size"], cfg["small_size"], cfg["epochs"], cfg["lr"]) == ("small", 64, 51, 1, ClassifyConfig().lr)
+    assert (cfg["preset"], cfg["size"], cfg["small_size"], cfg["epochs"], cfg["lr"]) == (
+        "small",
+        64,
+        51,
+        1,
+        ClassifyConfig().lr,
+    )
     capsys.readouterr()
     assert main(["classify", "val", "--run", str(out), "--split", "test", "--views", "ten", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)

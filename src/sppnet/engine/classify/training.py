@@ -19,7 +19,7 @@ Run directory (``out``)::
                          size schedule (written atomically after every epoch, and
                          mid-epoch on Ctrl-C)
     model.safetensors    the weights of the epoch with the best validation top-1
-                         (without a validation set: the lowest training loss)
+                         (without a validation set: of the last epoch)
                          + meta for inference (model name and config, classes,
                          size, normalisation, the config, the epoch)
     metrics.csv          per epoch: size, lr, train loss / accuracy, val top-1 /
@@ -362,10 +362,11 @@ def _train(
             row["seconds"] = round(time.perf_counter() - t0, 3)
             trained += row["seconds"]
             start_step, totals, elapsed = 0, EpochTotals(), 0.0
-            # the plateau rule and the kept weights follow validation top-1 (else the training loss)
+            # the plateau rule and the kept weights follow validation top-1; without a validation
+            # set the rule follows the training loss and the last epoch's weights are kept
             best = lr_schedule.end_epoch(epoch, row.get("val_top1", -row["train_loss"]))
             if ctx.is_main:
-                if best:
+                if best or "val_top1" not in row:
                     save_weights(out / "model.safetensors", model, inference_meta(cfg, model, classes, epoch + 1))
                 metrics.append(row)
                 if (

@@ -2,13 +2,14 @@
 
 For every data set, in one run on the same machine:
 
-* ``sppnet small (defaults)``: ``sppnet.engine.classify`` with
-  ``ClassifyConfig.from_preset("small", data=root)`` exactly as a user gets it
-  (its own epoch count; the time it took is printed), tested with
+* ``sppnet small (defaults)``: ``sppnet.engine.classify.train`` with
+  ``ClassifyConfig.from_preset("small", data=root, time_budget=budget)``, what
+  ``sppnet classify train --data D --time-budget B`` runs (the plateau rule
+  may stop it earlier; the best validation epoch is kept), tested with
   ``load_classifier`` / ``evaluate`` on the test split;
-* ``sppnet small (recipe)``: the recipe of :data:`RECIPE` trained by
-  ``benchmarks/recipe_proto.py`` (the prototype loop of the recipe search,
-  reusing the project's models, transforms and test views) within ``--budget``;
+* ``sppnet small (old defaults)``: the same with the settings of the ``small``
+  preset before issue 13 (:data:`OLD_SMALL`: LRN, the paper's five crops, 18
+  epochs at lr 0.02 divided by 10 at epoch 16), also within the budget;
 * ``reference``: what a user would write instead -- a plain 5-conv batch-norm
   CNN with global max pooling and the standard modern recipe (random-resized
   crops, flips, colour jitter, AdamW, one-cycle over the budget, label
@@ -23,7 +24,7 @@ folder unless ``--sets-dir`` holds them).
 Usage::
 
     python benchmarks/bench_training.py                      # every set, 300 s budget each
-    python benchmarks/bench_training.py --quick              # 40 s budget, 2-epoch defaults
+    python benchmarks/bench_training.py --quick              # 40 s budget
     python benchmarks/bench_training.py --sets digits --budget 200 --json out.json
 """
 
@@ -47,18 +48,15 @@ from torchvision import transforms as T
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import datasets as real_sets
-import recipe_proto
 
 from sppnet.data.imagefolder import ImageFolderDataset
 from sppnet.engine.classify import ClassifyConfig, builtin_data_root, evaluate, load_classifier, train
+from sppnet.engine.classify.config import PAPER_RECIPE
 
 SETS = ("shapes", "digits", "objects")
 
-#: The recipe found by the search (see benchmarks/README.md).
-RECIPE = recipe_proto.Recipe(
-    norm="bn", fc_norm=True, dropout=0.2, crop="random", jitter=0.3, optimizer="adamw", lr=0.002,
-    weight_decay=0.05, lr_rule="onecycle", label_smoothing=0.1, epochs=1000,
-)  # fmt: skip
+#: The ``small`` preset before issue 13: the paper's recipe at small scale.
+OLD_SMALL = {**PAPER_RECIPE, "lr": 0.02, "epochs": 18, "lr_steps": (16,)}
 
 
 # ------------------------------------------------------------------ reference
@@ -74,11 +72,15 @@ class ReferenceCNN(nn.Module):
             return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
         self.features = nn.Sequential(
-            *block(3, 32, 2), nn.MaxPool2d(2),  # 112 -> 28
-            *block(32, 64), nn.MaxPool2d(2),  # 14
-            *block(64, 128), *block(128, 128), nn.MaxPool2d(2),  # 7
+            *block(3, 32, 2),
+            nn.MaxPool2d(2),  # 112 -> 28
+            *block(32, 64),
+            nn.MaxPool2d(2),  # 14
+            *block(64, 128),
+            *block(128, 128),
+            nn.MaxPool2d(2),  # 7
             *block(128, 256),
-        )  # fmt: skip
+        )
         self.head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(256, num_classes))
 
     def forward(self, x):
@@ -88,10 +90,15 @@ class ReferenceCNN(nn.Module):
 def train_reference(root: Path, budget: float, size: int = 112, seed: int = 0) -> dict:
     torch.manual_seed(seed)
     norm = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    train_tf = T.Compose([
-        T.RandomResizedCrop(size, scale=(0.25, 1.0)), T.RandomHorizontalFlip(),
-        T.ColorJitter(0.3, 0.3, 0.3), T.ToTensor(), norm,
-    ])  # fmt: skip
+    train_tf = T.Compose(
+        [
+            T.RandomResizedCrop(size, scale=(0.25, 1.0)),
+            T.RandomHorizontalFlip(),
+            T.ColorJitter(0.3, 0.3, 0.3),
+            T.ToTensor(),
+            norm,
+        ]
+    )
     side = round(size * 256 / 224)
     train_set = ImageFolderDataset(root, "train", transform=train_tf)
     classes = train_set.classes
@@ -136,38 +143,36 @@ def train_reference(root: Path, budget: float, size: int = 112, seed: int = 0) -
 # --------------------------------------------------------------------- sppnet
 
 
-def train_defaults(root: Path, out: Path, epochs: int | None) -> dict:
-    cfg = ClassifyConfig.from_preset("small", data=str(root), epochs=epochs)
+def train_sppnet(root: Path, out: Path, budget: float, overrides: dict) -> dict:
+    """``small`` preset + ``overrides`` through the public API, within ``budget`` seconds; test top-1."""
+    cfg = ClassifyConfig.from_preset("small", overrides, data=str(root), time_budget=budget)
     t0 = time.perf_counter()
     train(cfg, out=out, verbose=False)
     seconds = time.perf_counter() - t0
     model, classes, cfg = load_classifier(out)
     test = ImageFolderDataset(root, "test", classes=classes)
+    epochs = len((out / "metrics.csv").read_text().splitlines()) - 1
     return {
         "full": evaluate(model, test, "full", cfg)["top1"],
         "center": evaluate(model, test, "center", cfg)["top1"],
         "seconds": seconds,
-        "epochs": cfg.epochs,
+        "epochs": epochs,
     }
-
-
-def train_recipe(root: Path, budget: float) -> dict:
-    res = recipe_proto.train(RECIPE, recipe_proto.load_data(root, RECIPE.size), budget=budget, log=lambda s: None)
-    return {"full": res["test_full"], "center": res["test_center"], "seconds": res["train_seconds"],
-            "epochs": res["epochs"]}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS)
     ap.add_argument("--budget", type=float, default=300.0, help="training seconds per set for the budgeted rows")
-    ap.add_argument("--quick", action="store_true", help="40 s budget, defaults trained for 2 epochs")
+    ap.add_argument("--quick", action="store_true", help="40 s budget")
     ap.add_argument("--sets-dir", type=Path, default=None, help="folder with the sets of benchmarks/datasets.py")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     budget = 40.0 if args.quick else args.budget
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}, budget {budget:g} s per set")  # fmt: skip
+    print(
+        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}, budget {budget:g} s per set"
+    )
     tmp = tempfile.TemporaryDirectory()
     sets_dir = args.sets_dir or Path(tmp.name) / "sets"
     rows = []
@@ -179,8 +184,8 @@ def main(argv: list[str] | None = None) -> None:
             if not root.is_dir():
                 real_sets.build(sets_dir, [name], verbose=False)
         results = {
-            "sppnet small (defaults)": train_defaults(root, Path(tmp.name) / f"run-{name}", 2 if args.quick else None),
-            "sppnet small (recipe)": train_recipe(root, budget),
+            "sppnet small (old defaults)": train_sppnet(root, Path(tmp.name) / f"old-{name}", budget, OLD_SMALL),
+            "sppnet small (defaults)": train_sppnet(root, Path(tmp.name) / f"new-{name}", budget, {}),
             "reference (BN CNN, modern recipe)": train_reference(root, budget),
         }
         ref = results["reference (BN CNN, modern recipe)"]["full"]
@@ -190,8 +195,10 @@ def main(argv: list[str] | None = None) -> None:
     print("\n| set | method | top-1 full | top-1 centre | train s | epochs | full / reference |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['set']} | {r['method']} | {r['full']:.3f} | {r['center']:.3f} | {r['seconds']:.0f} | "
-              f"{r['epochs']} | {r['ratio']:.2f} |")  # fmt: skip
+        print(
+            f"| {r['set']} | {r['method']} | {r['full']:.3f} | {r['center']:.3f} | {r['seconds']:.0f} | "
+            f"{r['epochs']} | {r['ratio']:.2f} |"
+        )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     tmp.cleanup()

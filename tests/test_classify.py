@@ -19,13 +19,15 @@ from sppnet.data.synthetic import CLASSES, make_classification_dataset
 from sppnet.engine.classify import (
     PRESETS,
     ClassifyConfig,
+    LRSchedule,
     SizeSchedule,
     evaluate,
     load_classifier,
     predict,
     train,
 )
-from sppnet.engine.common import UserError, load_weights
+from sppnet.engine.classify.config import PAPER_RECIPE
+from sppnet.engine.common import UserError, load_state, load_weights
 from sppnet.engine.config import ConfigError, leaves
 from sppnet.utils import load_json
 
@@ -114,10 +116,14 @@ OLD_CONFIG_JSON = """{"model": "overfeat5", "spp": true, "levels": [6, 3, 2, 1],
 def test_old_config_json_loads_and_round_trips():
     old = json.loads(OLD_CONFIG_JSON)
     cfg = ClassifyConfig.from_dict(old)
-    expected = ClassifyConfig(**{**TINY, "epochs": 2}, schedule="multi", data="/data/shapes").resolved()
+    # written before the recipe settings existed: trained with the paper's recipe
+    expected = ClassifyConfig(
+        **{**TINY, "epochs": 2}, **PAPER_RECIPE, lr=0.02, schedule="multi", data="/data/shapes"
+    ).resolved()
     assert cfg == expected and cfg.levels == (6, 3, 2, 1) and cfg.lr_steps == ()
     today = json.loads(json.dumps(cfg.to_dict()))
-    assert {k: today[k] for k in old} == old, "today's config.json has the same keys and values (and new settings)"
+    assert {k: today[k] for k in old} == old, "today's config.json has the same keys and values"
+    assert ClassifyConfig.from_dict(today) == cfg
     del old["views"], old["alphastd"]  # a file from before a setting existed: the default fills in
     assert ClassifyConfig.from_dict(old) == expected
     with pytest.raises(ConfigError, match=r"unknown ClassifyConfig settings \['colour'\]"):
@@ -150,6 +156,34 @@ def test_every_float_setting_must_be_finite(leaf):
         value = (1.0, bad, 1.0) if leaf.sequence else bad  # mean / std: each element
         with pytest.raises(ConfigError, match=rf"{name} \({leaf.flag}\) must be a finite number"):
             ClassifyConfig().with_overrides({name: value}).resolved()
+
+
+def test_plateau_rule_divides_then_stops():
+    s = LRSchedule("plateau", 0.1, patience=2, max_reductions=1)
+    lrs = []
+    for epoch, score in enumerate([0.2, 0.5, 0.5, 0.4, 0.6, 0.6, 0.6]):
+        lrs.append(round(s.lr(epoch), 10))
+        best = s.end_epoch(epoch, score)
+        assert best == (epoch in (0, 1, 4))
+        assert s.stopped == (epoch == 6)
+    # two epochs without a better score after epoch 2: lr / 10; the next plateau stops
+    assert lrs == [0.1, 0.1, 0.1, 0.1, 0.01, 0.01, 0.01] and s.best_epoch == 5 and s.best == 0.6
+    restored = LRSchedule("plateau", 0.1, patience=2, max_reductions=1)
+    restored.load_state_dict(json.loads(json.dumps(s.state_dict())))
+    assert restored.state_dict() == s.state_dict()
+
+
+def test_plateau_rule_judges_multi_size_after_full_pairs():
+    s = LRSchedule("plateau", 1.0, patience=1, max_reductions=3, check_every=2)
+    for epoch, score in enumerate([0.5, 0.4, 0.3, 0.2]):
+        s.end_epoch(epoch, score)
+        assert s.reductions == (epoch >= 1) + (epoch >= 3)  # only after epochs 2 and 4 (1-based)
+
+
+def test_warmup_is_linear_then_the_schedule():
+    s = LRSchedule("steps", 0.4, lr_steps=(3,), warmup_epochs=2)
+    assert [s.lr(0, f) for f in (0.25, 1.0)] == pytest.approx([0.05, 0.2])
+    assert [s.lr(1, 0.5), s.lr(2, 0.5), s.lr(3, 0.5)] == pytest.approx([0.3, 0.4, 0.04])
 
 
 def test_lr_steps_divide_by_ten():
@@ -192,7 +226,36 @@ def test_train_writes_a_complete_run(run):
     assert float(first["val_top1"]) <= float(first["val_top5"]) <= 1.0
     state, meta = load_weights(out / "model.safetensors")
     assert meta["classes"] == sorted(CLASSES) and meta["size"] == 64 and meta["resize"] == 73
-    assert meta["model"] == "overfeat5" and meta["epoch"] == 2 and meta["model_config"]["width"] == 0.1
+    val = [float(r.split(",")[5]) for r in rows[1:]]
+    assert meta["epoch"] == 1 + val.index(max(val)), "model.safetensors holds the best validation epoch"
+    assert meta["model"] == "overfeat5" and meta["model_config"]["width"] == 0.1
+
+
+def _val_top1(out) -> list[float]:
+    lines = (out / "metrics.csv").read_text().splitlines()
+    col = lines[0].split(",").index("val_top1")
+    return [float(r.split(",")[col]) for r in lines[1:]]
+
+
+def test_plateau_rule_stops_training_and_keeps_the_best_epoch(data, tmp_path):
+    cfg = ClassifyConfig(**{**TINY, "epochs": 12}, patience=1, max_reductions=0, data=str(data))
+    train(cfg, out=tmp_path / "r", verbose=False)
+    val = _val_top1(tmp_path / "r")
+    # the first epoch without a better val top-1 ends training (8 val images: at most 9 distinct scores)
+    stop = next(e for e in range(1, 12) if val[e] <= max(val[:e])) if len(val) < 12 else None
+    assert stop is not None and len(val) == stop + 1
+    _, meta = load_weights(tmp_path / "r" / "model.safetensors")
+    assert meta["epoch"] == 1 + val.index(max(val))
+    state = load_state(tmp_path / "r" / "last.safetensors")
+    assert state["lr_schedule"]["stopped"] and state["epoch"] == len(val)
+    train(cfg, out=tmp_path / "r", resume=True, verbose=False)  # a finished run stays finished
+    assert _val_top1(tmp_path / "r") == val
+
+
+def test_time_budget_ends_training(data, tmp_path):
+    cfg = ClassifyConfig(**{**TINY, "epochs": 5}, time_budget=1e-3, data=str(data))
+    train(cfg, out=tmp_path / "r", verbose=False)
+    assert len(_val_top1(tmp_path / "r")) == 1
 
 
 def test_load_evaluate_predict(run, data):
@@ -237,6 +300,9 @@ def test_train_on_given_pil_datasets(tmp_path):
     out = train(cfg, items, items[:2], classes=["bg", "fg"], out=tmp_path / "given", verbose=False)
     model, classes, _ = load_classifier(out)
     assert classes == ["bg", "fg"] and model.num_classes == 2
+    # no validation set (the detector's pretraining): the last epoch's weights are kept
+    out = train(dataclasses.replace(cfg, epochs=3), items, classes=["bg", "fg"], out=tmp_path / "noval", verbose=False)
+    assert load_weights(out / "model.safetensors")[1]["epoch"] == 3
     with pytest.raises(ValueError, match="pass classes="):
         train(cfg, items, out=tmp_path / "noclasses", verbose=False)
     with pytest.raises(ValueError, match="must yield \\(PIL.Image, int\\) pairs, item \\d+ holds Tensor"):
@@ -310,7 +376,13 @@ def test_cli_train_val_predict(data, tmp_path, capsys):
     ]
     assert main(args) == 0
     cfg = load_json(out / "config.json")
-    assert (cfg["preset"], cfg["size"], cfg["small_size"], cfg["epochs"], cfg["lr"]) == ("small", 64, 51, 1, 0.02)
+    assert (cfg["preset"], cfg["size"], cfg["small_size"], cfg["epochs"], cfg["lr"]) == (
+        "small",
+        64,
+        51,
+        1,
+        ClassifyConfig().lr,
+    )
     capsys.readouterr()
     assert main(["classify", "val", "--run", str(out), "--split", "test", "--views", "ten", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -381,6 +453,12 @@ TRAIN_FLAGS = [
     (["--cache-images"], {"cache_images": True}),
     (["--no-cache-images"], {"cache_images": False}),
     (["--device", "cpu"], {"device": "cpu"}),
+    (["--norm", "lrn", "--no-fc-norm"], {"norm": "lrn", "fc_norm": False}),
+    (["--optimizer", "adamw", "--label-smoothing", "0.1"], {"optimizer": "adamw", "label_smoothing": 0.1}),
+    (["--lr-schedule", "steps", "--warmup-epochs", "0"], {"lr_schedule": "steps", "warmup_epochs": 0.0}),
+    (["--patience", "5", "--max-reductions", "1"], {"patience": 5, "max_reductions": 1}),
+    (["--time-budget", "90"], {"time_budget": 90.0}),
+    (["--crop", "paper", "--crop-scale", "0.5", "--jitter", "0"], {"crop": "paper", "crop_scale": 0.5, "jitter": 0.0}),
     ([], {}),
 ]
 
@@ -412,6 +490,10 @@ def test_train_flags_keep_their_names_and_meaning(argv, expected, tmp_path, monk
         ("--lr-steps", "4,-1", "argument --lr-steps: must be >= 0, got -1"),
         ("--batch-size", "0", "argument --batch-size: must be >= 1, got 0"),
         ("--schedule", "double", "argument --schedule: must be one of single, multi, random, got 'double'"),
+        ("--crop-scale", "0", "argument --crop-scale: must be > 0 and <= 1, got 0.0"),
+        ("--label-smoothing", "1", "argument --label-smoothing: must be >= 0 and < 1, got 1.0"),
+        ("--time-budget", "0", "argument --time-budget: must be > 0, got 0.0"),
+        ("--lr-schedule", "cosine", "argument --lr-schedule: must be one of plateau, steps, got 'cosine'"),
     ],
 )
 def test_bad_values_are_refused_where_they_are_parsed(flag, value, message, tmp_path, capsys):

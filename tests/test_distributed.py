@@ -86,7 +86,11 @@ def test_two_gloo_processes_match_one_process(tmp_path):
         tmp_path / "data", seed=2, train_per_class=3, val_per_class=1, test_per_class=0, min_size=48, max_size=80
     )
     # Dropout off: each process draws its own masks, so only then is the math identical.
+    # LRN, no batch norm: each process would normalise by its own half batch's statistics.
     flags = [
+        "--norm",
+        "lrn",
+        "--no-fc-norm",
         "--data",
         str(data),
         "--width",
@@ -151,7 +155,8 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=f"parameter {k}")
     torch.manual_seed(0)  # the runs' initial weights (seed 0)
-    fresh = build_model(ClassifyConfig(width=0.1, fc_dim=32, dropout=0.0, size=64, schedule="multi"), 8).state_dict()
+    cfg = ClassifyConfig(width=0.1, fc_dim=32, dropout=0.0, size=64, schedule="multi", norm="lrn", fc_norm=False)
+    fresh = build_model(cfg, 8).state_dict()
     moved = max(float((a[k] - fresh[k]).abs().max()) for k in a)
     assert moved > 1e-3, "6 SGD steps must change the weights"
     rows_a, rows_b = _metrics(tmp_path / "one" / "metrics.csv"), _metrics(tmp_path / "two" / "metrics.csv")

@@ -14,7 +14,8 @@ One module per job, in the order the data flows:
 
 * :mod:`~sppnet.engine.classify.config`: :class:`ClassifyConfig` (every setting,
   saved as ``config.json``) and the ``small`` / ``paper`` presets;
-* :mod:`~sppnet.engine.classify.schedules`: the input size of each epoch (Sec. 2.3);
+* :mod:`~sppnet.engine.classify.schedules`: the input size of each epoch (Sec. 2.3),
+  the learning rate of each step and the plateau rule (Sec. 3.1);
 * :mod:`~sppnet.engine.classify.data`: ImageFolder splits, seeded augmentation,
   test-view datasets, loaders;
 * :mod:`~sppnet.engine.classify.training`: :func:`train` (the loop, checkpoints,
@@ -26,12 +27,14 @@ One module per job, in the order the data flows:
 from sppnet.engine.classify.config import PRESETS, ClassifyConfig
 from sppnet.engine.classify.data import builtin_data_root, open_image_folder
 from sppnet.engine.classify.inference import evaluate, load_classifier, predict
-from sppnet.engine.classify.schedules import SCHEDULES, SizeSchedule
+from sppnet.engine.classify.schedules import LR_SCHEDULES, SCHEDULES, LRSchedule, SizeSchedule
 from sppnet.engine.classify.training import TrainingInterrupted, build_model, train
 
 __all__ = [
     "ClassifyConfig",
     "PRESETS",
+    "LR_SCHEDULES",
+    "LRSchedule",
     "SCHEDULES",
     "SizeSchedule",
     "TrainingInterrupted",

@@ -1,21 +1,31 @@
-"""Per-epoch schedules of classification training: the input size (Sec. 2.3).
+"""Schedules of classification training: the input size of each epoch (Sec. 2.3)
+and the learning rate of each step with the stopping rule (Sec. 3.1).
 
 ``single``: every epoch at ``size``; ``multi``: one FULL epoch at ``size``, then
 one at ``small_size``, alternating (the small input is the ``size`` crop RESIZED:
 same content, lower resolution); ``random``: each epoch's size drawn uniformly
 from ``[small_size, size]`` (integers) by a seeded generator whose state is in
 the checkpoint. One set of weights serves every size.
+
+:class:`LRSchedule`: ``steps`` divides the learning rate by 10 at fixed epochs;
+``plateau`` is the paper's rule, "the learning rate is divided by 10 when the
+error plateaus" (Sec. 3.1): after ``patience`` epochs without a better
+validation score it divides by 10, at most ``max_reductions`` times, and the
+plateau after that ends training. Both start with an optional linear warm-up.
 """
 
 from __future__ import annotations
 
+import math
 import random
+from collections.abc import Sequence
 
 from sppnet.engine.distributed import derive_seed
 
-__all__ = ["SCHEDULES", "SizeSchedule"]
+__all__ = ["LR_SCHEDULES", "SCHEDULES", "LRSchedule", "SizeSchedule"]
 
 SCHEDULES: tuple[str, ...] = ("single", "multi", "random")
+LR_SCHEDULES: tuple[str, ...] = ("plateau", "steps")
 
 
 class SizeSchedule:
@@ -52,3 +62,90 @@ class SizeSchedule:
         self.sizes = [int(s) for s in state["sizes"]]
         rng = state["rng"]
         self.rng.setstate(tuple(tuple(p) if isinstance(p, list) else p for p in rng))
+
+
+class LRSchedule:
+    """Learning rate of every step, best epoch and stopping rule (Sec. 3.1); checkpointable.
+
+    Args:
+        kind: ``plateau`` or ``steps`` (see the module docstring).
+        lr: the initial learning rate.
+        lr_steps: ``steps``: 0-based epochs from which lr is divided by another 10.
+        warmup_epochs: the rate rises linearly from 0 over this many epochs.
+        patience: ``plateau``: epochs without a better score before lr / 10.
+        max_reductions: ``plateau``: reductions before the next plateau stops training.
+        check_every: ``plateau`` decides only after every ``check_every``-th epoch
+            (2 in multi-size training: a full epoch at each size, Sec. 2.3).
+
+    :meth:`end_epoch` takes each epoch's score (higher is better: validation
+    top-1) and says whether it is the best so far; :attr:`stopped` turns true
+    when the plateau rule ends training.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        lr: float,
+        lr_steps: Sequence[int] = (),
+        warmup_epochs: float = 0.0,
+        patience: int = 3,
+        max_reductions: int = 2,
+        check_every: int = 1,
+    ) -> None:
+        if kind not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {kind!r}")
+        if patience < 1 or max_reductions < 0 or check_every < 1 or warmup_epochs < 0:
+            raise ValueError(
+                f"need patience >= 1, max_reductions >= 0, check_every >= 1, warmup_epochs >= 0; got "
+                f"{patience}, {max_reductions}, {check_every}, {warmup_epochs}"
+            )
+        self.kind, self.base_lr, self.lr_steps = kind, float(lr), tuple(int(s) for s in lr_steps)
+        self.warmup_epochs, self.patience = float(warmup_epochs), int(patience)
+        self.max_reductions, self.check_every = int(max_reductions), int(check_every)
+        self.reductions = 0  # plateau: divisions by 10 so far
+        self.best = -math.inf  # best score so far
+        self.best_epoch = 0  # 1-based epoch of the best score (0: none yet)
+        self.since_best = 0  # epochs since the best score
+        self.stopped = False
+
+    def lr(self, epoch: int, fraction: float = 1.0) -> float:
+        """The rate of the step that completes ``fraction`` (in (0, 1]) of 0-based ``epoch``."""
+        if self.kind == "steps":
+            divisions = sum(1 for s in self.lr_steps if epoch >= s)
+        else:
+            divisions = self.reductions
+        lr = self.base_lr * 0.1**divisions
+        progress = epoch + fraction
+        if progress < self.warmup_epochs:
+            lr *= progress / self.warmup_epochs
+        return lr
+
+    def end_epoch(self, epoch: int, score: float) -> bool:
+        """Records 0-based ``epoch``'s score; returns whether it is the best so far."""
+        improved = score > self.best
+        if improved:
+            self.best, self.best_epoch, self.since_best = float(score), epoch + 1, 0
+        else:
+            self.since_best += 1
+        if self.kind == "plateau" and (epoch + 1) % self.check_every == 0 and self.since_best >= self.patience:
+            if self.reductions >= self.max_reductions:
+                self.stopped = True
+            else:
+                self.reductions += 1
+                self.since_best = 0
+        return improved
+
+    def state_dict(self) -> dict:
+        return {
+            "reductions": self.reductions,
+            "best": self.best if math.isfinite(self.best) else None,
+            "best_epoch": self.best_epoch,
+            "since_best": self.since_best,
+            "stopped": self.stopped,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.reductions = int(state["reductions"])
+        self.best = -math.inf if state["best"] is None else float(state["best"])
+        self.best_epoch, self.since_best = int(state["best_epoch"]), int(state["since_best"])
+        self.stopped = bool(state["stopped"])

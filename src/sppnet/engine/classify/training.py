@@ -1,8 +1,11 @@
 """Training an SPP-net classifier (Sec. 2.3, 3.1): crops as in
-:mod:`sppnet.data.transforms`, SGD with momentum and weight decay, the learning
-rate divided by 10 at ``lr_steps``, the input size of each epoch from
-:class:`~sppnet.engine.classify.schedules.SizeSchedule`; the same call runs
-under ``torchrun`` (DDP).
+:mod:`sppnet.data.transforms`, SGD with momentum (or AdamW) and weight decay,
+the learning rate of :class:`~sppnet.engine.classify.schedules.LRSchedule`
+(divided by 10 when validation top-1 plateaus, then stop; or at fixed
+``lr_steps``), the input size of each epoch from
+:class:`~sppnet.engine.classify.schedules.SizeSchedule`; training ends at
+``epochs``, when the plateau rule stops it, or before an epoch that would end
+past ``time_budget`` seconds. The same call runs under ``torchrun`` (DDP).
 
 Determinism (CPU): the data are seeded per sample and epoch
 (:mod:`sppnet.engine.classify.data`); dropout draws from torch's global
@@ -15,8 +18,10 @@ Run directory (``out``)::
     last.safetensors     resumable state: model, optimizer, RNG states, epoch, step,
                          size schedule (written atomically after every epoch, and
                          mid-epoch on Ctrl-C)
-    model.safetensors    weights + meta for inference (model name and config,
-                         classes, size, normalisation, the config)
+    model.safetensors    the weights of the epoch with the best validation top-1
+                         (without a validation set: of the last epoch)
+                         + meta for inference (model name and config, classes,
+                         size, normalisation, the config, the epoch)
     metrics.csv          per epoch: size, lr, train loss / accuracy, val top-1 /
                          top-5 (centre view), seconds
     curves.png           the metrics as curves (redrawn at most every 30 s, and at the end)
@@ -45,7 +50,7 @@ from sppnet.engine.amp import autocast_context, grad_scaler
 from sppnet.engine.classify.config import ClassifyConfig
 from sppnet.engine.classify.data import AugmentedDataset, builtin_data_root, make_loader, open_image_folder
 from sppnet.engine.classify.inference import evaluate_counts, inference_meta
-from sppnet.engine.classify.schedules import SizeSchedule
+from sppnet.engine.classify.schedules import LRSchedule, SizeSchedule
 from sppnet.engine.common import (
     GracefulInterrupt,
     MetricsLog,
@@ -84,7 +89,7 @@ from sppnet.utils import (
     save_json,
 )
 
-__all__ = ["TrainingInterrupted", "build_model", "train"]
+__all__ = ["TrainingInterrupted", "build_model", "build_optimizer", "build_lr_schedule", "train"]
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -112,6 +117,33 @@ def build_model(cfg: ClassifyConfig, num_classes: int, pretrained: bool = True) 
     if cfg.schedule != "single":
         check_size(model, cfg.small_size, "small_size")
     return model
+
+
+def build_optimizer(cfg: ClassifyConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD with momentum, weight decay on every parameter (Sec. 3.1); or AdamW
+    with decoupled weight decay on the conv / fc weights only (not on biases
+    and batch-norm parameters)."""
+    params = [p for p in model.parameters() if p.requires_grad]  # --freeze: frozen layers stay out
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    groups = [
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def build_lr_schedule(cfg: ClassifyConfig) -> LRSchedule:
+    """The learning-rate schedule of ``cfg``; multi-size runs judge plateaus after full pairs of epochs."""
+    return LRSchedule(
+        cfg.lr_schedule,
+        cfg.lr,
+        cfg.lr_steps,
+        cfg.warmup_epochs,
+        cfg.patience,
+        cfg.max_reductions,
+        check_every=2 if cfg.schedule == "multi" else 1,
+    )
 
 
 @dataclass
@@ -304,16 +336,20 @@ def _train(
     model = build_model(cfg, len(classes), pretrained=not resume).to(ctx.device)  # same initial weights on every rank
     if ctx.rank:
         torch.manual_seed(derive_seed(cfg.seed, ctx.rank))  # own dropout masks per rank
-    trainable = [p for p in model.parameters() if p.requires_grad]  # --freeze: frozen layers stay out
-    optimizer = torch.optim.SGD(trainable, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(cfg, model)
     schedule = SizeSchedule(cfg.schedule, cfg.size, cfg.small_size, cfg.seed)
+    lr_schedule = build_lr_schedule(cfg)
     metrics = MetricsLog(out / "metrics.csv")
     start_epoch, start_step, totals, elapsed = 0, 0, EpochTotals(), 0.0
+    trained = 0.0  # seconds of training (epochs with their validation) before this one
     if resume:
         state = load_state(out / "last.safetensors")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
+        if "lr_schedule" in state:  # absent in runs written before the plateau rule (fixed steps only)
+            lr_schedule.load_state_dict(state["lr_schedule"])
+            trained = float(state["trained"])
         start_epoch, start_step = int(state["epoch"]), int(state["step"])
         rngs = state["rng"]
         if len(rngs) == ctx.world_size:
@@ -342,8 +378,8 @@ def _train(
             f"(sizes {cfg.size}/{cfg.small_size}), {cfg.epochs} epochs, {ctx.world_size} process(es) on {ctx.device}",
             file=sys.stderr,
         )
-    if start_epoch >= cfg.epochs and say:
-        print(f"{out} already finished {start_epoch} epochs; nothing to do", file=sys.stderr)
+    if (start_epoch >= cfg.epochs or lr_schedule.stopped) and say:
+        print(f"{out} already finished ({start_epoch} epochs); nothing to do", file=sys.stderr)
 
     train_cache = {} if cfg.cache_images else None
     val_cache = {} if cfg.cache_images else None
@@ -351,11 +387,19 @@ def _train(
     last_plot = time.monotonic()
     with interrupt:
         for epoch in range(start_epoch, cfg.epochs):
+            if lr_schedule.stopped:
+                break
             epoch_size = schedule.size_for(epoch)
-            lr = cfg.lr_at(epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            transform = TrainTransform(cfg.size, epoch_size, alphastd=cfg.alphastd, mean=cfg.mean, std=cfg.std)
+            transform = TrainTransform(
+                cfg.size,
+                epoch_size,
+                alphastd=cfg.alphastd,
+                crop=cfg.crop,
+                scale=(cfg.crop_scale, 1.0),
+                jitter=cfg.jitter,
+                mean=cfg.mean,
+                std=cfg.std,
+            )
             data = AugmentedDataset(train_set, transform, cfg.seed, epoch, train_cache)
             sampler = ShardedEpochSampler(
                 len(data), cfg.seed, epoch, ctx.rank, ctx.world_size, start=start_step * local_batch
@@ -375,11 +419,14 @@ def _train(
             bar = progress(loader, desc=f"epoch {epoch + 1}/{cfg.epochs} @{epoch_size}", total=len(loader), enabled=say)
             step = start_step
             for x, y in bar:
+                lr = lr_schedule.lr(epoch, (step + 1) / steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
                 x = x.to(ctx.device, non_blocking=True)
                 y = y.to(ctx.device, non_blocking=True)
                 with autocast_context(ctx.device, cfg.amp):
                     logits = ddp_model(x)
-                    loss = F.cross_entropy(logits.float(), y)
+                    loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
@@ -388,14 +435,17 @@ def _train(
                 step += 1
                 _check_loss(float(loss.detach()), ctx, out, epoch, step, steps, lr)
                 if step < steps and _stop_requested(interrupt, ctx):
-                    _checkpoint(out, ctx, model, optimizer, schedule, epoch, step, totals, time.perf_counter() - t0)
+                    seconds = time.perf_counter() - t0
+                    _checkpoint(
+                        out, ctx, model, optimizer, schedule, lr_schedule, epoch, step, totals, seconds, trained
+                    )
                     _interrupted(out, ctx, epoch, step, resume_hint)
             del bar, loader
             loss_sum, correct, seen = all_reduce_sum(totals.as_list(), ctx)
             row: dict[str, Any] = {
                 "epoch": epoch + 1,
                 "size": epoch_size,
-                "lr": lr,
+                "lr": lr_schedule.lr(epoch),
                 "train_loss": loss_sum / max(seen, 1),
                 "train_acc": correct / max(seen, 1),
             }
@@ -403,22 +453,33 @@ def _train(
                 top1, top5, n, _ = evaluate_counts(model, val_set, cfg.views, cfg, ctx, cache=val_cache)
                 row["val_top1"], row["val_top5"] = top1 / n, top5 / n
             row["seconds"] = round(time.perf_counter() - t0, 3)
+            trained += row["seconds"]
             start_step, totals, elapsed = 0, EpochTotals(), 0.0
             check_finite_tensors(model, "model parameters", step=(epoch + 1) * steps, lr=lr)  # on every rank
+            # the plateau rule and the kept weights follow validation top-1; without a validation
+            # set the rule follows the training loss and the last epoch's weights are kept
+            best = lr_schedule.end_epoch(epoch, row.get("val_top1", -row["train_loss"]))
             if ctx.is_main:
-                save_weights(out / "model.safetensors", model, inference_meta(cfg, model, classes, epoch + 1))
+                if best or "val_top1" not in row:
+                    save_weights(out / "model.safetensors", model, inference_meta(cfg, model, classes, epoch + 1))
                 metrics.append(row)
-                if epoch + 1 == cfg.epochs or time.monotonic() - last_plot > 30:  # a plot costs ~0.5 s
+                if (
+                    epoch + 1 == cfg.epochs or lr_schedule.stopped or time.monotonic() - last_plot > 30
+                ):  # a plot costs ~0.5 s
                     metrics.plot(out / "curves.png", title=f"{cfg.model} {cfg.schedule}-size")
                     last_plot = time.monotonic()
-            _checkpoint(out, ctx, model, optimizer, schedule, epoch + 1, 0, totals, 0.0)
+            if cfg.time_budget is not None and trained + row["seconds"] > cfg.time_budget:
+                lr_schedule.stopped = True  # the next epoch would end past the budget
+            _checkpoint(out, ctx, model, optimizer, schedule, lr_schedule, epoch + 1, 0, totals, 0.0, trained)
             if say:
                 val = f" val top-1 {row['val_top1']:.3f} top-5 {row['val_top5']:.3f}" if "val_top1" in row else ""
                 print(
-                    f"epoch {epoch + 1}/{cfg.epochs} size {epoch_size} lr {lr:.2g} loss {row['train_loss']:.4f} "
-                    f"acc {row['train_acc']:.3f}{val} ({row['seconds']:.1f}s)",
+                    f"epoch {epoch + 1}/{cfg.epochs} size {epoch_size} lr {row['lr']:.2g} loss {row['train_loss']:.4f} "
+                    f"acc {row['train_acc']:.3f}{val} ({row['seconds']:.1f}s){' *' if best else ''}",
                     file=sys.stderr,
                 )
+                if lr_schedule.stopped:
+                    print(f"stopped after epoch {epoch + 1}; kept epoch {lr_schedule.best_epoch}", file=sys.stderr)
             if epoch + 1 < cfg.epochs and _stop_requested(interrupt, ctx):
                 _interrupted(out, ctx, epoch + 1, 0, resume_hint)
     barrier(ctx)
@@ -431,10 +492,12 @@ def _checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     schedule: SizeSchedule,
+    lr_schedule: LRSchedule,
     epoch: int,
     step: int,
     totals: EpochTotals,
     elapsed: float,
+    trained: float,
 ) -> None:
     """``last.safetensors``: the resumable state (all ranks' RNG states and counters)."""
     check_finite_tensors(model, "model parameters", hint="lower --lr and train again")  # nothing non-finite is saved
@@ -445,11 +508,13 @@ def _checkpoint(
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "schedule": schedule.state_dict(),
+            "lr_schedule": lr_schedule.state_dict(),
             "rng": rngs,
             "epoch": int(epoch),  # epochs completed
             "step": int(step),  # batches done in the next epoch (0 at an epoch boundary)
             "running": runs,  # per rank: EpochTotals.as_list() of the partial epoch
             "elapsed": float(elapsed),
+            "trained": float(trained),  # seconds of the completed epochs (for time_budget)
         }
         save_state(out / "last.safetensors", state)
     barrier(ctx)

@@ -116,9 +116,11 @@ def pretrain_config(cfg: DetectConfig):
     the detector's architecture (from ``--weights``, ``--freeze`` stages fixed), multi-size
     training of window crops, lr / 10 at 5/6 and 11/12 of the epochs."""
     from sppnet.engine.classify import ClassifyConfig
+    from sppnet.engine.classify.config import PAPER_RECIPE
 
     b = cfg.backbone
     return ClassifyConfig(
+        **PAPER_RECIPE,
         model=b.model,
         spp=True,
         levels=cfg.features.levels,

@@ -130,6 +130,9 @@ def _train(args: argparse.Namespace) -> int:
         cfg = saved.with_overrides(overrides)
     else:
         preset = args.preset or ("paper" if resolve_device(args.device or "auto").type == "cuda" else "small")
+        if args.preset is None:
+            # a preset chosen for the GPU never downloads: ImageNet weights come only when asked for
+            overrides = {"weights": None, **overrides}
         cfg = ClassifyConfig.from_preset(preset, overrides)
     train(cfg, out=out, resume=args.resume, verbose=not args.quiet)
     print(f"done: {out / 'model.safetensors'}  (metrics {out / 'metrics.csv'}, curves {out / 'curves.png'})")

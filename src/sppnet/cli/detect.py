@@ -213,6 +213,7 @@ def _add_test_data(p: argparse.ArgumentParser, split: str, split_help: str, ann_
 
 def _train(args: argparse.Namespace) -> int:
     from sppnet.engine.common import resolve_device
+    from sppnet.engine.config import merge_overrides
     from sppnet.engine.detect import TrainingInterrupted, train
     from sppnet.utils import load_json
 
@@ -229,6 +230,9 @@ def _train(args: argparse.Namespace) -> int:
         cfg = saved.with_overrides(overrides).resolved()  # train() refuses changes it cannot resume with
     else:
         preset = args.preset or ("paper" if resolve_device(args.device or "auto").type == "cuda" else "small")
+        if args.preset is None and "weights" not in overrides.get("backbone", {}):
+            # a preset chosen for the GPU never downloads: ImageNet weights come only when asked for
+            overrides = merge_overrides(overrides, {"backbone": {"weights": None}})
         cfg = DetectConfig.from_preset(preset, overrides)
     try:
         train(cfg, out=out, resume=args.resume, verbose=not args.quiet)

@@ -173,6 +173,17 @@ def test_plateau_rule_divides_then_stops():
     assert restored.state_dict() == s.state_dict()
 
 
+def test_plateau_rule_waits_until_the_network_beats_chance():
+    # 8 classes: chance 0.125, floor 1.5 / 8 = 0.1875. Noise at chance divides nothing.
+    s = LRSchedule("plateau", 0.1, patience=2, max_reductions=1, floor=1.5 / 8)
+    for epoch, score in enumerate([0.12, 0.13, 0.11, 0.12, 0.125, 0.10, 0.11]):
+        s.end_epoch(epoch, score)
+    assert (s.reductions, s.stopped, s.lr(7)) == (0, False, 0.1)
+    for epoch, score in enumerate([0.4, 0.35, 0.38], start=7):  # above the floor: the rule as usual
+        s.end_epoch(epoch, score)
+    assert s.reductions == 1 and s.lr(10) == pytest.approx(0.01)
+
+
 def test_plateau_rule_judges_multi_size_after_full_pairs():
     s = LRSchedule("plateau", 1.0, patience=1, max_reductions=3, check_every=2)
     for epoch, score in enumerate([0.5, 0.4, 0.3, 0.2]):
@@ -241,13 +252,15 @@ def test_plateau_rule_stops_training_and_keeps_the_best_epoch(data, tmp_path):
     cfg = ClassifyConfig(**{**TINY, "epochs": 12}, patience=1, max_reductions=0, data=str(data))
     train(cfg, out=tmp_path / "r", verbose=False)
     val = _val_top1(tmp_path / "r")
-    # the first epoch without a better val top-1 ends training (8 val images: at most 9 distinct scores)
-    stop = next(e for e in range(1, 12) if val[e] <= max(val[:e])) if len(val) < 12 else None
-    assert stop is not None and len(val) == stop + 1
+    # the first epoch without a better val top-1, once the best beats chance by half (1.5 / 8
+    # classes), ends training (8 val images: at most 9 distinct scores); else all 12 epochs run
+    floor = 1.5 / len(CLASSES)
+    stop = next((e for e in range(1, 12) if max(val[:e]) > floor and val[e] <= max(val[:e])), 11)
+    assert len(val) == stop + 1
     _, meta = load_weights(tmp_path / "r" / "model.safetensors")
-    assert meta["epoch"] == 1 + val.index(max(val))
+    assert meta["epoch"] == 1 + val.index(max(val))  # the best epoch is kept, stopped early or not
     state = load_state(tmp_path / "r" / "last.safetensors")
-    assert state["lr_schedule"]["stopped"] and state["epoch"] == len(val)
+    assert state["epoch"] == len(val) and (len(val) == 12 or state["lr_schedule"]["stopped"])
     train(cfg, out=tmp_path / "r", resume=True, verbose=False)  # a finished run stays finished
     assert _val_top1(tmp_path / "r") == val
 

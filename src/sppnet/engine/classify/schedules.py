@@ -91,6 +91,7 @@ class LRSchedule:
         patience: int = 3,
         max_reductions: int = 2,
         check_every: int = 1,
+        floor: float = -math.inf,
     ) -> None:
         if kind not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {kind!r}")
@@ -106,6 +107,10 @@ class LRSchedule:
         self.best = -math.inf  # best score so far
         self.best_epoch = 0  # 1-based epoch of the best score (0: none yet)
         self.since_best = 0  # epochs since the best score
+        # plateau: epochs are counted only once the best score is above ``floor`` (chance
+        # accuracy): a network still on its initial plateau has no error that "plateaus"
+        # (Sec. 3.1), and dividing its rate there only keeps it at chance
+        self.floor = float(floor)
         self.stopped = False
 
     def lr(self, epoch: int, fraction: float = 1.0) -> float:
@@ -125,7 +130,7 @@ class LRSchedule:
         improved = score > self.best
         if improved:
             self.best, self.best_epoch, self.since_best = float(score), epoch + 1, 0
-        else:
+        elif self.best > self.floor:
             self.since_best += 1
         if self.kind == "plateau" and (epoch + 1) % self.check_every == 0 and self.since_best >= self.patience:
             if self.reductions >= self.max_reductions:

@@ -133,8 +133,12 @@ def build_optimizer(cfg: ClassifyConfig, model: nn.Module) -> torch.optim.Optimi
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
-def build_lr_schedule(cfg: ClassifyConfig) -> LRSchedule:
-    """The learning-rate schedule of ``cfg``; multi-size runs judge plateaus after full pairs of epochs."""
+def build_lr_schedule(cfg: ClassifyConfig, num_classes: int | None = None) -> LRSchedule:
+    """The learning-rate schedule of ``cfg``; multi-size runs judge plateaus after full pairs of epochs.
+
+    With ``num_classes``, plateaus are counted only once validation top-1 has beaten
+    chance by half (``1.5 / num_classes``): the rate is not divided on the initial plateau.
+    """
     return LRSchedule(
         cfg.lr_schedule,
         cfg.lr,
@@ -143,6 +147,7 @@ def build_lr_schedule(cfg: ClassifyConfig) -> LRSchedule:
         cfg.patience,
         cfg.max_reductions,
         check_every=2 if cfg.schedule == "multi" else 1,
+        floor=1.5 / num_classes if num_classes else -math.inf,
     )
 
 
@@ -338,7 +343,7 @@ def _train(
         torch.manual_seed(derive_seed(cfg.seed, ctx.rank))  # own dropout masks per rank
     optimizer = build_optimizer(cfg, model)
     schedule = SizeSchedule(cfg.schedule, cfg.size, cfg.small_size, cfg.seed)
-    lr_schedule = build_lr_schedule(cfg)
+    lr_schedule = build_lr_schedule(cfg, len(classes) if val_set is not None else None)
     metrics = MetricsLog(out / "metrics.csv")
     start_epoch, start_step, totals, elapsed = 0, 0, EpochTotals(), 0.0
     trained = 0.0  # seconds of training (epochs with their validation) before this one

@@ -45,7 +45,7 @@ def tiny_root(tmp_path_factory):
 
 TINY = {
     "backbone": {"width": 0.125, "fc_dim": 32, "epochs": 1, "batch_size": 16},
-    "features": {"size_factor": 0.25},
+    "features": {"size_factor": 0.25, "auto_scale": False},  # auto scale: tests/test_detect_recipe.py
     "finetune": {"iterations": 24, "lr_steps": (16,), "checkpoint_every": 8},
     "proposals": {"max_proposals": 80},
     "workers": 0,
@@ -399,9 +399,9 @@ def test_a_flat_config_of_an_older_run_loads_as_the_nested_config():
     expected = DetectConfig.from_preset(
         "small",
         {
-            "backbone": {"width": 0.125, "fc_dim": 32, "epochs": 2},
-            "features": {"size_factor": 0.25, "warp_context": 0.0},
-            "finetune": {"iterations": 40},
+            "backbone": {"width": 0.125, "fc_dim": 32, "epochs": 2, "crops": "gt"},
+            "features": {"size_factor": 0.25, "warp_context": 0.0, "auto_scale": False},
+            "finetune": {"iterations": 40, "lr_steps": (1000,)},
             "proposals": {"max_proposals": 80},
             "test": {"max_per_class": None, "max_per_image": 100, "nms_boxes": "regressed"},
         },

@@ -53,6 +53,7 @@ class DemoConfig:
                 det_counts=dict(num_train=16, num_val=4, num_test=8),
                 det={
                     "finetune": {"iterations": 40, "lr_steps": (30,), "checkpoint_every": 20},
+                    "features": {"scales": (688,), "auto_scale": False},
                     "proposals": {"max_proposals": 300},
                     "svm": {"retrain_limit": 500},
                     "workers": 0,
@@ -67,6 +68,8 @@ class DemoConfig:
             det_counts=dict(num_train=100, num_val=20, num_test=40),
             det={
                 "finetune": {"iterations": 800, "lr_steps": (600,)},
+                # the scale of the demo's measured numbers (the small preset's old default), not auto_scale
+                "features": {"scales": (688,), "auto_scale": False},
                 "proposals": {"max_proposals": 1000},
                 "workers": 2,
             },

@@ -3,8 +3,10 @@
 The paper's conv layers and fc6/fc7 come pretrained on ImageNet; those weights
 cannot be had here. The substitute (documented in the README): pretrain the same
 network as a (K+1)-way classifier of WINDOWS of the detection training set --
-the ground-truth objects of the K classes (non-difficult) plus background
-windows (selective-search proposals with IoU < 0.3 with every object) -- with
+the ground-truth objects of the K classes (non-difficult), by default with
+up to 4 proposals of IoU >= 0.5 per object (R-CNN's positives, jittered views of
+the object), plus background windows (selective-search proposals with IoU < 0.3
+with every object) -- with
 the classification engine (:mod:`sppnet.engine.classify`), i.e. the paper's
 multi-size training (Sec. 2.3). Each window is cut with R-CNN's 16/224 context
 margin and warped to a square, which is what the pyramid does to a window on
@@ -29,7 +31,7 @@ from torch.utils.data import Dataset
 from sppnet.data.images import load_image
 from sppnet.data.transforms import resize_side
 from sppnet.engine.common import UserError
-from sppnet.engine.detect.config import DetectConfig
+from sppnet.engine.detect.config import CROP_CHOICES, DetectConfig
 from sppnet.engine.detect.features import WindowSet
 
 __all__ = [
@@ -39,6 +41,7 @@ __all__ = [
     "load_backbone",
     "pretrain_backbone",
     "pretrain_config",
+    "select_windows",
     "window_crops",
 ]
 
@@ -86,18 +89,30 @@ def window_crops(
     size: int,
     background_per_image: int = 2,
     seed: int = 0,
+    crops: str = "gt",
+    per_object: int = 4,
+    bg_ratio: float = 1.0,
 ) -> WindowCrops:
     """Objects and background windows of the training images as a classification set.
 
-    Labels: ``0..K-1`` the classes, ``K`` background. Background windows are
-    drawn (seeded per image) among the windows whose IoU with every object is
-    below 0.3. Crops are ``resize_side(size)`` squares, so the classification
-    transform's ``size`` crops cut off only part of the context margin.
+    Labels: ``0..K-1`` the classes, ``K`` background; difficult objects are
+    left out. ``crops="gt"``: each object's box, and ``background_per_image``
+    windows per image drawn (seeded per image) among those whose IoU with every
+    object is below 0.3. ``crops="proposals"`` (R-CNN's fine-tuning windows, Sec.
+    3.3 of the R-CNN paper, as a classification set): :func:`select_windows`.
+    Crops are ``resize_side(size)`` squares, so the classification transform's
+    ``size`` crops cut off only part of the context margin.
     """
+    if crops not in CROP_CHOICES:
+        raise ValueError(f"crops must be one of {CROP_CHOICES}, got {crops!r}")
     items: list[tuple[str, tuple[float, ...], int]] = []
     k = len(classes)
     for i, (record, w) in enumerate(zip(records, windows)):
         path = str(record["image_path"])
+        if crops == "proposals":
+            rows, labels = select_windows(w, per_object, bg_ratio, np.random.default_rng([seed, 0xC0, i]))
+            items += [(path, tuple(w.boxes[r].tolist()), k if c < 0 else c) for r, c in zip(rows, labels)]
+            continue
         for box, label, difficult in zip(w.gt_boxes.tolist(), record["labels"].tolist(), record["difficult"].tolist()):
             if not difficult:
                 items.append((path, tuple(box), int(label)))
@@ -109,6 +124,40 @@ def window_crops(
     if not items:
         raise UserError("no objects or background windows to pretrain the backbone on")
     return WindowCrops(items, resize_side(size), [*classes, BACKGROUND])
+
+
+def select_windows(
+    w: WindowSet, per_object: int, bg_ratio: float, rng: np.random.Generator
+) -> tuple[list[int], list[int]]:
+    """R-CNN-style pretraining windows of one image: rows of ``w`` and their labels.
+
+    For each non-difficult object: its ground-truth row and up to ``per_object``
+    proposals (not ground-truth rows) whose best-overlapping object it is, at
+    IoU >= 0.5, drawn with ``rng``, labelled with its class. Then
+    ``round(bg_ratio * F)`` background windows (label ``-1``; ``F`` the image's
+    object crops), drawn among the windows of IoU < 0.3 with every object.
+
+    Returns:
+        ``(rows, labels)``: the foreground rows in object order, then the
+        background rows in ascending order.
+    """
+    rows: list[int] = []
+    labels: list[int] = []
+    for g in range(len(w.gt_boxes)):  # row g is object g (build_windows)
+        if bool(w.difficult[g]):
+            continue
+        near = ((w.gt_index == g) & (w.max_overlap >= 0.5) & ~w.is_gt).nonzero().squeeze(1)
+        if len(near) > per_object:
+            near = near[torch.from_numpy(np.sort(rng.choice(len(near), per_object, replace=False)))]
+        picked = [g, *near.tolist()]
+        rows += picked
+        labels += [int(w.label[g])] * len(picked)
+    bg = (w.max_overlap < 0.3).nonzero().squeeze(1)
+    n_bg = min(len(bg), round(bg_ratio * len(rows)))
+    if n_bg:
+        rows += bg[torch.from_numpy(np.sort(rng.choice(len(bg), n_bg, replace=False)))].tolist()
+        labels += [-1] * n_bg
+    return rows, labels
 
 
 def pretrain_config(cfg: DetectConfig):

@@ -5,6 +5,7 @@
 * :func:`check_split`: a split checked before any proposal (:func:`~sppnet.data.checks.check_detection_data`).
 * :func:`training_data` / :func:`training_set`: the training split, checked, then as labelled
   windows (proposals plus ground truth).
+* :func:`resolve_auto_scale`: the image scale chosen from the training objects' sizes.
 * :func:`split_proposals`: a test split's records and proposals.
 """
 
@@ -28,11 +29,14 @@ from sppnet.engine.distributed import DistContext, fill_cache
 from sppnet.utils import file_digest
 
 __all__ = [
+    "AUTO_SCALE_RANGE",
     "check_split",
     "data_to_test",
     "drop_unreadable",
     "open_detection_data",
     "proposals",
+    "resolve_auto_scale",
+    "scale_from_objects",
     "split_proposals",
     "training_data",
     "training_set",
@@ -178,6 +182,51 @@ def training_set(
     records, props = drop_unreadable(records, props, verbose)
     windows = [build_windows(p, r, len(classes)) for p, r in zip(props, records)]
     return records, windows, classes
+
+
+#: ``features.auto_scale``'s bounds on the chosen short side, in resized pixels
+#: (``scales x size_factor``): the network's 224 input, and the paper's single scale 688 (Sec. 4.2).
+AUTO_SCALE_RANGE = (224, 688)
+
+
+def scale_from_objects(records: Sequence[dict], target: float, lo: int = 224, hi: int = 688) -> int | None:
+    """The image short side at which the training objects best fit the window target, or ``None`` without objects.
+
+    SPP-net Sec. 4.2 gives each window the scale at which its area is closest
+    to 224 x 224; applied to the data (beyond the paper), each object ``o`` of an
+    image of ``W x H`` fits the target ``T`` at the short side
+    ``s_o = min(W, H) * T / sqrt(w_o * h_o)`` (inclusive widths). The result is
+    the median of the ``s_o`` over every object (difficult ones too), clamped to
+    ``[lo, hi]`` and rounded to a multiple of 16 (halves up).
+
+    Args:
+        records: data set records (``boxes`` ``Tensor[G, 4]`` inclusive pixels, ``width``, ``height``).
+        target: ``T``, the window side in resized pixels (``target_size x size_factor``).
+        lo, hi: bounds of the short side, in resized pixels.
+    """
+    sides = []
+    for r in records:
+        b = r["boxes"].double().reshape(-1, 4)
+        area = (b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1)  # [G]
+        sides += (min(int(r["width"]), int(r["height"])) * target / area.sqrt()).tolist()
+    if not sides:
+        return None
+    s = min(max(float(np.median(sides)), lo), hi)
+    return int(np.floor(s / 16 + 0.5)) * 16
+
+
+def resolve_auto_scale(cfg: DetectConfig, records: Sequence[dict]) -> DetectConfig:
+    """``cfg`` with ``features.scales`` set by :func:`scale_from_objects` when ``features.auto_scale`` is on.
+
+    ``scales`` is in the paper's pixels: the chosen short side divided by
+    ``size_factor``. Without objects (or with ``auto_scale`` off) ``cfg`` as given.
+    """
+    if not cfg.features.auto_scale:
+        return cfg
+    s = scale_from_objects(records, cfg.window_target, *AUTO_SCALE_RANGE)
+    if s is None:
+        return cfg
+    return cfg.with_overrides({"features": {"scales": (round(s / cfg.features.size_factor),)}}).resolved()
 
 
 def data_to_test(

@@ -80,10 +80,10 @@ class FinetuneConfig(Config):
         choices=("fc", "all"),
         help="fc: fc6/fc7/fc8 on cached conv5 (paper); all: also the conv layers (Fast R-CNN)",
     )
-    iterations: int = option(1500, min=1, help="fine-tuning iterations (batches of --ft-batch windows)")
+    iterations: int = option(3000, min=1, help="fine-tuning iterations (batches of --ft-batch windows)")
     lr: float = option(3e-3, min=0, min_open=True, help="fine-tuning learning rate")
     lr_steps: tuple[int, ...] = option(
-        (1000,), min=0, nonempty=False, metavar="IT", help="iterations from which lr is divided by another 10"
+        (2400,), min=0, nonempty=False, metavar="IT", help="iterations from which lr is divided by another 10"
     )
     momentum: float = option(0.9, min=0, max=1, max_open=True, help="SGD momentum")
     weight_decay: float = option(5e-4, min=0, help="SGD weight decay")

@@ -3,7 +3,8 @@
 :func:`train` runs, in order (``finetune="all"`` swaps 3 and 4):
 
 1. ``proposals``: selective search, cached per image (:mod:`.data`); ground-truth
-   boxes join the training windows.
+   boxes join the training windows. With ``features.auto_scale`` the image scale
+   is chosen here from the training objects' sizes and saved in ``config.json``.
 2. ``backbone``: the network pretrained as a classifier of windows, or taken
    from ``--backbone`` (:mod:`.backbone`); fc8 starts from that classifier.
 3. ``features``: conv5 of every training image at every scale and flipped
@@ -59,7 +60,14 @@ from sppnet.engine.detect.backbone import (
 )
 from sppnet.engine.detect.bbox_regression import regression_samples, train_box_regressors
 from sppnet.engine.detect.config import DetectConfig
-from sppnet.engine.detect.data import check_split, open_detection_data, split_proposals, training_data, training_set
+from sppnet.engine.detect.data import (
+    check_split,
+    open_detection_data,
+    resolve_auto_scale,
+    split_proposals,
+    training_data,
+    training_set,
+)
 from sppnet.engine.detect.features import FeatureCache, WindowSet, describe, format_bytes
 from sppnet.engine.detect.finetune import FinetuneInterrupted, finetune
 from sppnet.engine.detect.inference import calibration_overlap, default_threshold, run_calibration, usable_scorer
@@ -134,7 +142,10 @@ def stage_order(cfg: DetectConfig) -> list[str]:
 
 
 def feature_cache(cfg: DetectConfig, out: str | os.PathLike, detector: SPPDetector, records, windows) -> FeatureCache:
-    """The run's cache of conv5 (SPP) or warped-window pool5 (R-CNN) features (``--feature-cache``, ``--cache-dtype``)."""
+    """The run's cache of conv5 (SPP) or warped-window pool5 (R-CNN) features.
+
+    Where and how it is stored: ``--feature-cache``, ``--cache-dtype``.
+    """
     f = cfg.features
     return FeatureCache(
         detector,
@@ -155,8 +166,17 @@ def stage_backbone(ctx: StageContext, detector: SPPDetector | None) -> SPPDetect
     if cfg.backbone.checkpoint is not None:
         model, model_classes, mean, std = load_backbone(cfg.backbone.checkpoint)
     else:
+        b = cfg.backbone
         crops = window_crops(
-            ctx.records, ctx.windows, ctx.classes, cfg.crop_size, cfg.backbone.background_per_image, cfg.seed
+            ctx.records,
+            ctx.windows,
+            ctx.classes,
+            cfg.crop_size,
+            b.background_per_image,
+            cfg.seed,
+            crops=b.crops,
+            per_object=b.per_object,
+            bg_ratio=b.bg_ratio,
         )
         background = sum(1 for label in crops.labels if label == len(ctx.classes))
         ctx.say(f"pretraining the backbone on {len(crops)} windows ({background} background)")
@@ -257,9 +277,8 @@ def stage_svm(ctx: StageContext, detector: SPPDetector) -> SPPDetector:
     detector.svm_bias.copy_(torch.stack([r[1] for r in rows]))
     detector.svm_feature_scale.fill_(result.feature_scale)
     mark_trained(detector, "svm")
-    ctx.say(
-        f"SVMs: {result.retrains} retrains, positives {[r[2] for r in rows]}, hard negatives {[len(r[3]) for r in rows]}"
-    )
+    negatives = [len(r[3]) for r in rows]
+    ctx.say(f"SVMs: {result.retrains} retrains, positives {[r[2] for r in rows]}, hard negatives {negatives}")
     return detector
 
 
@@ -375,7 +394,9 @@ def train(
                 if not (out / "config.json").is_file():
                     raise UserError(f"nothing to resume: {out / 'config.json'} does not exist")
                 saved = DetectConfig.from_dict(load_json(out / "config.json"))
-                cfg = check_resume(saved, cfg, mutable=RESUME_MUTABLE, ignore=("preset",))
+                # an auto scale was chosen by the run (saved in its config.json), not by the caller
+                ignore = ("preset", "features.scales") if saved.features.auto_scale else ("preset",)
+                cfg = check_resume(saved, cfg, mutable=RESUME_MUTABLE, ignore=ignore)
             elif (out / "config.json").exists():
                 raise UserError(
                     f"{out} already holds a detection run; pass --resume to continue it or choose another --out"
@@ -456,11 +477,18 @@ def _run_stages(
     device = dist.device
     with Timer() as t:
         records, windows, classes = training_set(cfg, out, verbose and dist.is_main, dist, data)
-    ctx = StageContext(cfg, out, device, records, windows, classes, verbose, dist)
     stages = stage_order(cfg)
     finished = {s: stage_file(out, s).is_file() for s in stages}  # the same answer on every process
     barrier(dist)  # every process has seen which stages are finished before rank 0 writes more
-    if dist.is_main and not stage_file(out, "proposals").is_file():
+    if not finished["proposals"] and cfg.features.auto_scale:
+        # chosen once, from the training records; saved before the stage is, so a resumed run reads it back
+        cfg = resolve_auto_scale(cfg, records)
+        if dist.is_main:
+            save_json(out / "config.json", cfg.to_dict())
+    ctx = StageContext(cfg, out, device, records, windows, classes, verbose, dist)
+    if cfg.features.auto_scale:
+        ctx.say(f"image scale from the objects' sizes: short side {list(cfg.image_scales)} px")
+    if dist.is_main and not finished["proposals"]:
         save_json(stage_file(out, "proposals"), {**describe(windows), "seconds": round(t.seconds, 2)})
         save_json(out / "stages" / "times.json", {"proposals": round(t.seconds, 2)})
     ctx.say(f"proposals: {describe(windows)}")

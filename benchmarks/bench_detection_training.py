@@ -69,8 +69,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sppnet.data import CLASSES, VOCDetection, make_detection_dataset
 from sppnet.data.proposals import compute_proposals
-from sppnet.engine.det_features import load_record_image
 from sppnet.engine.detect import DetectConfig, train, val
+from sppnet.engine.detect.features import load_record_image
 from sppnet.evaluation import evaluate_detections
 from sppnet.ops import box_iou
 
@@ -131,8 +131,9 @@ def proposal_recall(
     cache already held the proposals.
     """
     t0 = time.perf_counter()
-    props = compute_proposals([r["image_path"] for r in records], cache_dir, cfg.selective_search(),
-                              workers=cfg.workers, progress=False)  # fmt: skip
+    props = compute_proposals(
+        [r["image_path"] for r in records], cache_dir, cfg.selective_search(), workers=cfg.workers, progress=False
+    )
     seconds = (time.perf_counter() - t0) / max(len(records), 1)
     found = total = 0
     for r, p in zip(records, props):
@@ -163,8 +164,14 @@ def run_sppnet(data: Path | None, out: Path, overrides: dict[str, Any], proposal
     train_s = time.perf_counter() - t0
     result = val(out, split="test", verbose=False)
     times = json.loads((out / "stages" / "times.json").read_text())
-    return {"mAP": result["mAP"], "ap": result["ap"], "train_s": train_s, "test_s_per_image": result["seconds_per_image"],
-            "stages_s": times, "scales": list(cfg.image_scales)}  # fmt: skip
+    return {
+        "mAP": result["mAP"],
+        "ap": result["ap"],
+        "train_s": train_s,
+        "test_s_per_image": result["seconds_per_image"],
+        "stages_s": times,
+        "scales": list(cfg.image_scales),
+    }
 
 
 # ---------------------------------------------------------------- torchvision
@@ -182,18 +189,30 @@ def _tv_target(record: dict, flip: bool) -> dict[str, torch.Tensor]:
 
 
 def run_torchvision(
-    train_records: Sequence[dict], test_records: Sequence[dict], classes: Sequence[str], budget: float,
-    min_size: int, max_size: int, batch: int = 4, lr: float = 1e-3, seed: int = 0,
-) -> dict[str, Any]:  # fmt: skip
+    train_records: Sequence[dict],
+    test_records: Sequence[dict],
+    classes: Sequence[str],
+    budget: float,
+    min_size: int,
+    max_size: int,
+    batch: int = 4,
+    lr: float = 1e-3,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Faster R-CNN (MobileNetV3-Large FPN) from scratch for ``budget`` seconds; VOC07 mAP on the test records."""
     from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_fpn
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = fasterrcnn_mobilenet_v3_large_fpn(
-        weights=None, weights_backbone=None, num_classes=len(classes) + 1, min_size=min_size, max_size=max_size,
-        box_score_thresh=0.001, box_detections_per_img=100,
-    )  # fmt: skip
+        weights=None,
+        weights_backbone=None,
+        num_classes=len(classes) + 1,
+        min_size=min_size,
+        max_size=max_size,
+        box_score_thresh=0.001,
+        box_detections_per_img=100,
+    )
     images = [load_record_image(r) for r in train_records]
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
@@ -243,9 +262,14 @@ def run_torchvision(
                 }
             )
     result = evaluate_detections(predictions, gts, classes, 0.5, "voc07")
-    return {"mAP": result["mAP"], "ap": result["ap"], "train_s": train_s, "iterations": iterations,
-            "final_loss": float(np.mean(losses[-20:])) if losses else float("nan"),
-            "test_s_per_image": seconds / max(len(test_records), 1)}  # fmt: skip
+    return {
+        "mAP": result["mAP"],
+        "ap": result["ap"],
+        "train_s": train_s,
+        "iterations": iterations,
+        "final_loss": float(np.mean(losses[-20:])) if losses else float("nan"),
+        "test_s_per_image": seconds / max(len(test_records), 1),
+    }
 
 
 # ----------------------------------------------------------------------- main
@@ -253,9 +277,11 @@ def run_torchvision(
 
 def _machine() -> str:
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    return (f"{platform.processor() or platform.machine()}; {os.cpu_count()} logical cores, torch threads "
-            f"{torch.get_num_threads()}; torch {torch.__version__}, Python {platform.python_version()}; "
-            f"load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min)")  # fmt: skip
+    return (
+        f"{platform.processor() or platform.machine()}; {os.cpu_count()} logical cores, torch threads "
+        f"{torch.get_num_threads()}; torch {torch.__version__}, Python {platform.python_version()}; "
+        f"load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min)"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -338,10 +364,19 @@ def main(argv: list[str] | None = None) -> None:
         cfg = DetectConfig.from_preset("small", data=str(folder))
         proposal_recall(train_records, cfg, cache)  # fills the shared cache for the training runs
         recall, per_image, ss_seconds = proposal_recall(test_records, cfg, cache)
-        set_result = {"recall": recall, "proposals_per_image": per_image, "proposal_s_per_image": ss_seconds,
-                      "train_images": len(train_records), "test_images": len(test_records), "methods": {}}  # fmt: skip
-        print(f"{name}: {len(train_records)} train / {len(test_records)} test images, {len(train_classes)} classes; "
-              f"proposals {per_image:.0f} per image, recall@0.5 {recall:.3f}", flush=True)  # fmt: skip
+        set_result = {
+            "recall": recall,
+            "proposals_per_image": per_image,
+            "proposal_s_per_image": ss_seconds,
+            "train_images": len(train_records),
+            "test_images": len(test_records),
+            "methods": {},
+        }
+        print(
+            f"{name}: {len(train_records)} train / {len(test_records)} test images, {len(train_classes)} classes; "
+            f"proposals {per_image:.0f} per image, recall@0.5 {recall:.3f}",
+            flush=True,
+        )
         set_budget = budget
         for label, over in variants.items():
             data = None if (name == "shapes" and not args.quick) else folder
@@ -350,15 +385,22 @@ def main(argv: list[str] | None = None) -> None:
             set_result["methods"][label] = r
             if set_budget is None and label == "sppnet small":
                 set_budget = r["train_s"]
-            print(f"  {label}: mAP {r['mAP']:.3f}, train {r['train_s']:.0f} s, test {r['test_s_per_image']:.3f} s/img, "
-                  f"stages {r['stages_s']}", flush=True)  # fmt: skip
+            print(
+                f"  {label}: mAP {r['mAP']:.3f}, train {r['train_s']:.0f} s, test {r['test_s_per_image']:.3f} s/img, "
+                f"stages {r['stages_s']}",
+                flush=True,
+            )
         if "torchvision" in args.methods:
             tv_budget = set_budget if set_budget is not None else 600.0
-            r = run_torchvision(train_records, test_records, train_classes, tv_budget, args.tv_min_size,
-                                args.tv_max_size)  # fmt: skip
+            r = run_torchvision(
+                train_records, test_records, train_classes, tv_budget, args.tv_min_size, args.tv_max_size
+            )
             set_result["methods"]["torchvision"] = r
-            print(f"  torchvision: mAP {r['mAP']:.3f}, train {r['train_s']:.0f} s ({r['iterations']} iterations, "
-                  f"loss {r['final_loss']:.3f}), test {r['test_s_per_image']:.3f} s/img", flush=True)  # fmt: skip
+            print(
+                f"  torchvision: mAP {r['mAP']:.3f}, train {r['train_s']:.0f} s ({r['iterations']} iterations, "
+                f"loss {r['final_loss']:.3f}), test {r['test_s_per_image']:.3f} s/img",
+                flush=True,
+            )
         for label, r in set_result["methods"].items():
             rows.append(
                 (

@@ -85,8 +85,7 @@ def test_bad_files_fail_on_load_and_scan_drops_them(folder):
         ds[index]
     with pytest.warns(DataWarning) as caught:
         counter = ds.scan()
-    assert sorted(str(w.message).split(":")[0] for w in caught) == sorted(
-        [f"skipping {cut}", f"skipping {bad_text}"])
+    assert sorted(str(w.message).split(":")[0] for w in caught) == sorted([f"skipping {cut}", f"skipping {bad_text}"])
     assert counter.summary(6) == "skipped 2 of 6 images: 1 corrupt, 1 not an image"
     assert len(ds) == 4 and str(bad_text) not in [p for p, _ in ds.samples]
     assert all(ds[i][0].size == (6, 4) for i in range(len(ds)))

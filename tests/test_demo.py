@@ -37,7 +37,7 @@ def test_report_embeds_every_picture(tmp_path):
     assert len(found) == 2
     colours = [Image.open(io.BytesIO(base64.b64decode(b))).convert("RGB").getpixel((0, 0)) for b in found]
     assert colours == [(200, 30, 30), (0, 0, 255)]
-    assert "a &lt;b&gt; &amp; c" in html and "src=\"a.png\"" not in html
+    assert "a &lt;b&gt; &amp; c" in html and 'src="a.png"' not in html
     table = text_table(["k", "v"], [["x", 0.5]])
     assert table.splitlines()[0].split() == ["k", "v"] and table.splitlines()[2].split() == ["x", "0.5"]
 
@@ -62,10 +62,20 @@ def images_loaded_in_browser(report: Path, workdir: Path) -> dict:
     )
     probe.write_text(report.read_text().replace("</body>", script + "</body>"))
     cmd = [
-        _chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={workdir / 'profile'}", "--virtual-time-budget=10000", "--dump-dom", probe.as_uri(),
-    ]  # fmt: skip
+        _chromium(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={workdir / 'profile'}",
+        "--virtual-time-budget=10000",
+        "--dump-dom",
+        probe.as_uri(),
+    ]
     dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
     m = re.search(r"PROBE (\{.*?\})", dom)
     assert m, f"the probe did not run in Chromium; DOM starts with {dom[:300]!r}"
@@ -77,7 +87,9 @@ def test_demo_quick_end_to_end(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run(
         [sys.executable, "-m", "sppnet", "demo", "--quick", "--out", str(out), "--device", "cpu"],
-        capture_output=True, text=True, timeout=900,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "report:" in proc.stdout and "detection mAP" in proc.stdout

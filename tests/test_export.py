@@ -77,9 +77,12 @@ def test_spp_layer_onnx_dynamo_dynamic_hw(tmp_path, flags):
 @pytest.mark.parametrize("mode", ["max", "avg"])
 def test_spp_layer_onnx_torchscript_exporter(tmp_path, mode):
     report = export_onnx(
-        SpatialPyramidPool((1, 2, 3, 6), mode=mode), tmp_path / f"{mode}.onnx", images(2, 4, 13, 13),
-        verify_sizes=ODD_SIZES, exporter="torchscript",
-    )  # fmt: skip
+        SpatialPyramidPool((1, 2, 3, 6), mode=mode),
+        tmp_path / f"{mode}.onnx",
+        images(2, 4, 13, 13),
+        verify_sizes=ODD_SIZES,
+        exporter="torchscript",
+    )
     assert report["exporter"] == "torchscript" and report["opset"] == 17
     for h, w in ODD_SIZES + [(1, 1), (7, 4)]:
         x = images(3, 4, h, w, seed=h + w)
@@ -123,9 +126,13 @@ def test_verification_catches_a_size_specialised_export(tmp_path):
         export_torchscript(BakesItsSize(), tmp_path / "bad.pt", (8, 8), in_channels=2, verify_sizes=[(8, 8), (10, 10)])
     with pytest.raises(ExportMismatchError, match=r"ONNX \(torchscript exporter\) disagrees .* at input size 10x10"):
         export_onnx(
-            BakesItsSize(), tmp_path / "bad.onnx", (8, 8), in_channels=2, verify_sizes=[(8, 8), (10, 10)],
+            BakesItsSize(),
+            tmp_path / "bad.onnx",
+            (8, 8),
+            in_channels=2,
+            verify_sizes=[(8, 8), (10, 10)],
             exporter="torchscript",
-        )  # fmt: skip
+        )
 
 
 @pytest.mark.parametrize("mode", ["max", "avg"])

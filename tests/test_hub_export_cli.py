@@ -19,12 +19,18 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     data = make_classification_dataset(
-        tmp_path_factory.mktemp("shapes"), seed=2, train_per_class=2, val_per_class=1, test_per_class=1,
-        min_size=48, max_size=80,
-    )  # fmt: skip
+        tmp_path_factory.mktemp("shapes"),
+        seed=2,
+        train_per_class=2,
+        val_per_class=1,
+        test_per_class=1,
+        min_size=48,
+        max_size=80,
+    )
     out = tmp_path_factory.mktemp("runs") / "cls"
-    cfg = ClassifyConfig(width=0.1, fc_dim=32, size=64, epochs=1, batch_size=8, workers=0, device="cpu",
-                         lr_steps=(), data=str(data))  # fmt: skip
+    cfg = ClassifyConfig(
+        width=0.1, fc_dim=32, size=64, epochs=1, batch_size=8, workers=0, device="cpu", lr_steps=(), data=str(data)
+    )
     train(cfg, out=out, verbose=False)
     return out
 

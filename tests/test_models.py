@@ -20,8 +20,10 @@ def lrn_loop(x, size, alpha, beta, k):
     return out
 
 
-@pytest.mark.parametrize("size,alpha,beta,k", [(5, 1e-4, 0.75, 1.0), (3, 5e-5, 0.75, 1.0), (4, 1e-2, 0.5, 2.0),
-                                               (1, 1e-1, 1.0, 1.0), (7, 1e-1, 0.75, 0.5)])  # fmt: skip
+@pytest.mark.parametrize(
+    "size,alpha,beta,k",
+    [(5, 1e-4, 0.75, 1.0), (3, 5e-5, 0.75, 1.0), (4, 1e-2, 0.5, 2.0), (1, 1e-1, 1.0, 1.0), (7, 1e-1, 0.75, 0.5)],
+)
 def test_channel_lrn_matches_the_definition_and_torch(size, alpha, beta, k):
     g = torch.Generator().manual_seed(size)
     x = torch.randn(2, 6, 5, 7, generator=g, dtype=torch.float64) * 10

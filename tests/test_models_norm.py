@@ -9,7 +9,6 @@ from torch import nn
 from sppnet.models import get_model
 from sppnet.models.sppnet import NORMS, ChannelLRN
 
-
 # The options belong to the Table 1 networks; torchvision backbones keep their own layers.
 TABLE1 = ("zf5", "convnet5", "overfeat5", "overfeat7")
 

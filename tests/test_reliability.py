@@ -496,6 +496,7 @@ def test_scales_too_small_for_the_network_are_refused_before_any_proposal(det_ro
 
 # ------------------------------------------------- 5. batches survive bad members
 
+
 def test_classify_predict_skips_an_unreadable_image_and_writes_the_good_ones(cls_run, cls_data, tmp_path, capsys):
     # Issue: one unreadable image made `classify predict` write nothing for any of them.
     good = sorted(p for p in (cls_data / "val").rglob("*") if p.is_file())[:2]

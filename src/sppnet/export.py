@@ -83,8 +83,7 @@ def _prepare_example(x: Tensor, dynamic_batch: bool, dynamic_hw: bool) -> Tensor
         x = torch.cat([x, x], dim=0)
     if dynamic_hw and min(x.shape[-2:]) < 2:
         raise ValueError(
-            f"with dynamic_hw=True the example needs H, W >= 2 (size-1 dims get specialised), "
-            f"got {tuple(x.shape[-2:])}"
+            f"with dynamic_hw=True the example needs H, W >= 2 (size-1 dims get specialised), got {tuple(x.shape[-2:])}"
         )
     return x
 

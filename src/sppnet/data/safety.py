@@ -21,9 +21,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 __all__ = ["resolve_inside", "validate_class_names"]
 
 
-def resolve_inside(
-    folder: str | os.PathLike, name: str, what: str = "name", allow_subdirs: bool = False
-) -> Path:
+def resolve_inside(folder: str | os.PathLike, name: str, what: str = "name", allow_subdirs: bool = False) -> Path:
     """Joins ``name`` to ``folder``, refusing names that would leave the folder.
 
     Args:

@@ -356,7 +356,8 @@ class _Resolver:
             self.bad(
                 path,
                 "too large",
-                f"{info.width}x{info.height} frames exceed the limit of {limit} pixels; raise it with --max-image-pixels",
+                f"{info.width}x{info.height} frames exceed the limit of {limit} pixels; "
+                "raise it with --max-image-pixels",
             )
             return
         size = (info.width, info.height)

@@ -318,7 +318,8 @@ class SPPNet(nn.Module):
     def extra_repr(self) -> str:
         head = f"spp levels={self.levels}" if self.spp else f"no-SPP input_size={self.input_size}"
         return (
-            f"name={self.name!r}, {head}, width={self.width}, norm={self.norm!r}, fc_norm={self.fc_norm}, stride={self.stride}, "
+            f"name={self.name!r}, {head}, width={self.width}, norm={self.norm!r}, fc_norm={self.fc_norm}, "
+            f"stride={self.stride}, "
             f"offset={self.offset}, min_input_size={self.min_input_size}"
         )
 

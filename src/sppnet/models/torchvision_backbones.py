@@ -290,7 +290,10 @@ class TorchvisionSPPNet(nn.Module):
         return self.arch.stages(self.features)
 
     def config(self) -> dict:
-        """Keyword arguments that rebuild this model with ``get_model(name, **config)`` (weights come from the checkpoint)."""
+        """Keyword arguments that rebuild this model with ``get_model(name, **config)``.
+
+        The weights are not among them: they come from the checkpoint.
+        """
         cfg = {
             "num_classes": self.num_classes,
             "spp": self.spp,

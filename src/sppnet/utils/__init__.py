@@ -13,14 +13,6 @@ Import from the package (``from sppnet.utils import save_json``), not from the f
 
 from sppnet.utils.atomic import atomic_path, atomic_write_bytes, atomic_write_text, load_json, save_json
 from sppnet.utils.cache import load_cache, save_cache
-from sppnet.utils.finite import (
-    NonFiniteError,
-    check_finite_tensors,
-    check_json_finite,
-    find_non_finite,
-    finite_or_raise,
-    non_finite_tensors,
-)
 from sppnet.utils.checkpoint import (
     CHECKPOINT_FORMAT_VERSION,
     capture_rng_state,
@@ -33,6 +25,14 @@ from sppnet.utils.checkpoint import (
     unflatten_state,
 )
 from sppnet.utils.digest import file_digest, tensor_digest
+from sppnet.utils.finite import (
+    NonFiniteError,
+    check_finite_tensors,
+    check_json_finite,
+    find_non_finite,
+    finite_or_raise,
+    non_finite_tensors,
+)
 from sppnet.utils.runlock import LOCK_NAME, RunLock, RunLockError, StaleLockWarning, read_lock_holder
 
 __all__ = [

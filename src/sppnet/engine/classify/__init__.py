@@ -24,13 +24,15 @@ One module per job, in the order the data flows:
   :func:`evaluate`, :func:`predict`.
 """
 
-from sppnet.engine.classify.config import PRESETS, ClassifyConfig
+from sppnet.engine.classify.config import MODEL_PRESETS, PAPER_RECIPE, PRESETS, ClassifyConfig
 from sppnet.engine.classify.data import builtin_data_root, open_image_folder
 from sppnet.engine.classify.inference import evaluate, load_classifier, predict
 from sppnet.engine.classify.schedules import LR_SCHEDULES, SCHEDULES, LRSchedule, SizeSchedule
 from sppnet.engine.classify.training import TrainingInterrupted, build_model, train
 
 __all__ = [
+    "MODEL_PRESETS",
+    "PAPER_RECIPE",
     "ClassifyConfig",
     "PRESETS",
     "LR_SCHEDULES",

@@ -119,7 +119,9 @@ class ClassifyConfig(Config):
     # The pyramid's wide fc6 input (C x 50 values) is what stalls training: with
     # LRN and no fc norm the loss sits at ln(K) for many epochs (benchmarks/README.md).
     norm: str = option(
-        "bn", choices=NORMS, help="after each conv: lrn (the paper, where Table 1 puts it), bn (batch norm), none"
+        "bn",
+        choices=NORMS,
+        help="after each conv of a Table 1 network: lrn (the paper, where Table 1 puts it), bn (batch norm), none",
     )
     fc_norm: bool = option(True, help="batch norm after fc6 and fc7, before their ReLU (beyond the paper)")
     # Small: dropout 0. With 0.5 the loss had not left ln(8) after 600 steps; runs
@@ -338,9 +340,9 @@ class ClassifyConfig(Config):
             "width": self.width,
             "fc_dim": self.fc_dim,
             "dropout": self.dropout,
-            "norm": self.norm,
-            "fc_norm": self.fc_norm,
         }
+        if self.model not in TORCHVISION_BACKBONES:  # torchvision's networks keep their own normalisation layers
+            kwargs.update(norm=self.norm, fc_norm=self.fc_norm)
         if not self.spp:
             kwargs["input_size"] = self.size
         return kwargs

@@ -1,5 +1,9 @@
 """The SPP-net object detector (SPP-net Sec. 4) and its R-CNN baseline.
 
+One idea in one file (longer than most here on purpose): the step functions of
+the pipeline and the :class:`SPPDetector` that chains them, in the order the
+data flows, so that the module reads top to bottom like Sec. 4.
+
 The detector reads like the algorithm; every step is a named function:
 
     proposals (selective search, ``data/proposals/``)

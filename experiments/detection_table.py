@@ -61,6 +61,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -290,6 +291,26 @@ def run_column(args, data: str | None, column: str, out: Path, backbone: Path | 
     return result
 
 
+def _none_from_nan(v: Any) -> Any:
+    """NaN -> None, recursively (for JSON)."""
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _none_from_nan(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_none_from_nan(x) for x in v]
+    return v
+
+
+def _nan_from_none(v: Any, number: bool = False) -> Any:
+    """The inverse of :func:`_none_from_nan` for a results file read back (resume): the APs only."""
+    if v is None and number:
+        return math.nan
+    if isinstance(v, dict):
+        return {k: _nan_from_none(x, number or k in ("ap", "mAP")) for k, x in v.items()}
+    return v
+
+
 def pct(v: float) -> str:
     return "–" if math.isnan(v) else f"{100 * v:.1f}"
 
@@ -377,14 +398,14 @@ def main(argv: list[str] | None = None) -> int:
         else (f"the built-in shapes data ({counts['num_train']} train / {counts['num_test']} test images)")
     )
     results_path = out / "results.json"
-    results: dict = load_json(results_path) if results_path.exists() else {}
+    results: dict = _nan_from_none(load_json(results_path)) if results_path.exists() else {}
     backbone = Path(args.backbone).resolve() if args.backbone else None
     columns = [c for c in COLUMNS if c in args.columns]
     for column in columns:
         if column not in results:
             print(f"[{(time.perf_counter() - start) / 60:5.1f} min] {column}", file=sys.stderr, flush=True)
             results[column] = run_column(args, data, column, out, backbone)
-            save_json(results_path, results)
+            save_json(results_path, _none_from_nan(results))  # JSON has no NaN (a class without test objects)
         if backbone is None:  # the first column's pretrained backbone serves the others
             backbone = out / "runs" / column.lower().replace(" ", "-") / "backbone"
             if not (backbone / "model.safetensors").is_file():

@@ -100,7 +100,8 @@ def test_demo_quick_end_to_end(tmp_path):
     assert 0.0 <= det["mAP"] <= 1.0 and det["images"] > 0
     # the paper's recipe: the detector starts from the classifier of part 1
     det_cfg = json.loads((out / "detect" / "config.json").read_text())
-    assert det_cfg["backbone"] == str((out / "classify").resolve()) and det_cfg["model"] == "overfeat5"
+    assert det_cfg["backbone"]["checkpoint"] == str((out / "classify").resolve())
+    assert det_cfg["backbone"]["model"] == "overfeat5"
     # the detector calibrated its per-class score thresholds on the held-out val split
     thresholds = json.loads((out / "detect" / "thresholds.json").read_text())
     assert thresholds["split"] == "val" and thresholds["images"] > 0

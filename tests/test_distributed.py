@@ -151,7 +151,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     a, meta_a = load_weights(tmp_path / "one" / "model.safetensors")
     b, meta_b = load_weights(tmp_path / "two" / "model.safetensors")
-    assert meta_a["epoch"] == meta_b["epoch"] == 2
+    assert meta_a["epoch"] == meta_b["epoch"]  # the best validation epoch, the same in both runs
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=f"parameter {k}")
     torch.manual_seed(0)  # the runs' initial weights (seed 0)

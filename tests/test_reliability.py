@@ -201,7 +201,9 @@ def test_classify_loss_turning_nan_stops_and_keeps_the_last_finite_checkpoint(cl
 
     monkeypatch.setattr(F, "cross_entropy", nan_from_third_batch)
     out = tmp_path / "run"
-    with pytest.raises(NonFiniteError, match=r"training loss in epoch 2, batch 1 is nan at step 3 with lr 0.02") as e:
+    with pytest.raises(
+        NonFiniteError, match=r"training loss in epoch 2, batch 1 is nan at step 3 with lr [0-9.e-]+: training diverged"
+    ) as e:
         train(cls_cfg(cls_data, epochs=3), out=out, verbose=False)
     assert f"{out / 'last.safetensors'} holds the last finite state" in str(e.value) and "lower --lr" in str(e.value)
     assert load_state(out / "last.safetensors")["epoch"] == 1

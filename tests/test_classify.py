@@ -27,6 +27,7 @@ from sppnet.engine.classify import (
     train,
 )
 from sppnet.engine.classify.config import PAPER_RECIPE
+from sppnet.engine.classify.schedules import budget_marks
 from sppnet.engine.common import UserError, load_state, load_weights
 from sppnet.engine.config import ConfigError, leaves
 from sppnet.utils import load_json
@@ -182,6 +183,39 @@ def test_plateau_rule_waits_until_the_network_beats_chance():
     for epoch, score in enumerate([0.4, 0.35, 0.38], start=7):  # above the floor: the rule as usual
         s.end_epoch(epoch, score)
     assert s.reductions == 1 and s.lr(10) == pytest.approx(0.01)
+
+
+def test_budget_marks_spread_over_the_last_third():
+    assert budget_marks(0) == ()
+    assert budget_marks(1) == pytest.approx((0.7,))
+    assert budget_marks(2) == pytest.approx((0.7, 0.85))
+    assert budget_marks(3) == pytest.approx((0.7, 0.775, 0.85))
+
+
+def test_plateau_rule_makes_its_reductions_by_the_budget_marks():
+    # still improving every epoch, so the rule alone would never divide; the budget does
+    s = LRSchedule("plateau", 1.0, patience=5, max_reductions=2, floor=0.2)
+    seen = []
+    for epoch, (score, used) in enumerate([(0.3, 0.3), (0.4, 0.6), (0.5, 0.72), (0.6, 0.8), (0.7, 0.9), (0.8, 1.0)]):
+        s.end_epoch(epoch, score, budget_used=used)
+        seen.append(s.reductions)
+    assert seen == [0, 0, 1, 1, 2, 2] and not s.stopped
+    assert s.lr(6) == pytest.approx(0.01)
+    # a network at chance is left at its rate, whatever the budget says
+    at_chance = LRSchedule("plateau", 1.0, patience=5, max_reductions=2, floor=0.2)
+    for epoch, used in enumerate([0.5, 0.8, 0.95]):
+        at_chance.end_epoch(epoch, 0.1, budget_used=used)
+    assert at_chance.reductions == 0
+    # a reduction the rule made sooner counts towards the marks
+    early = LRSchedule("plateau", 1.0, patience=1, max_reductions=2)
+    early.end_epoch(0, 0.5, budget_used=0.1)
+    early.end_epoch(1, 0.4, budget_used=0.2)  # plateau: first reduction
+    early.end_epoch(2, 0.6, budget_used=0.75)  # the first mark is already met
+    assert early.reductions == 1
+    # fixed steps ignore the budget
+    steps = LRSchedule("steps", 1.0, lr_steps=(10,))
+    steps.end_epoch(0, 0.5, budget_used=0.99)
+    assert steps.lr(1) == 1.0
 
 
 def test_plateau_rule_judges_multi_size_after_full_pairs():

@@ -457,13 +457,15 @@ def _train(
             if val_set is not None and len(val_set):
                 top1, top5, n, _ = evaluate_counts(model, val_set, cfg.views, cfg, ctx, cache=val_cache)
                 row["val_top1"], row["val_top5"] = top1 / n, top5 / n
-            row["seconds"] = round(time.perf_counter() - t0, 3)
+            # rank 0's clock on every rank: the time budget decides the same on all of them
+            row["seconds"] = broadcast_object(round(time.perf_counter() - t0, 3), ctx)
             trained += row["seconds"]
             start_step, totals, elapsed = 0, EpochTotals(), 0.0
             check_finite_tensors(model, "model parameters", step=(epoch + 1) * steps, lr=lr)  # on every rank
             # the plateau rule and the kept weights follow validation top-1; without a validation
             # set the rule follows the training loss and the last epoch's weights are kept
-            best = lr_schedule.end_epoch(epoch, row.get("val_top1", -row["train_loss"]))
+            used = trained / cfg.time_budget if cfg.time_budget is not None else None
+            best = lr_schedule.end_epoch(epoch, row.get("val_top1", -row["train_loss"]), budget_used=used)
             if ctx.is_main:
                 if best or "val_top1" not in row:
                     save_weights(out / "model.safetensors", model, inference_meta(cfg, model, classes, epoch + 1))

@@ -1,6 +1,7 @@
 """Shared fixtures. Keep this file small: helpers for one test file live in that file.
 
-The operator references (readable loops over bins) are in ``ops_reference.py``.
+The operator references (readable loops over bins) are in ``ops_reference.py``; the tiny
+detection set and detector the CLI tests share are made by ``tiny_detect.py``.
 """
 
 from __future__ import annotations

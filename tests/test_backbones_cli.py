@@ -14,10 +14,10 @@ import json
 import pytest
 import torch
 import torchvision
+from tiny_detect import tiny_flags, tiny_voc_fixture
 from torch import nn
 
 from sppnet.cli.main import main
-from sppnet.data import make_detection_dataset
 from sppnet.data.synthetic import make_classification_dataset
 from sppnet.engine.classify import ClassifyConfig, load_classifier
 from sppnet.engine.common import load_state, load_weights
@@ -32,18 +32,12 @@ from sppnet.utils import load_json
 IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 CLASSIFY = ["--fc-dim", "16", "--size", "64", "--epochs", "1", "--batch-size", "8", "--workers", "0"]
 CLASSIFY += ["--device", "cpu", "--quiet"]
-DETECT = ["--fc-dim", "16", "--size", "0.25", "--pretrain-epochs", "1", "--ft-iterations", "8", "--workers", "0"]
-DETECT += ["--max-proposals", "60", "--device", "cpu", "--quiet"]
+DETECT = tiny_flags(ft_iterations=8, max_proposals=60, fc_dim=16, width=None)  # --width per backbone
 # the narrowest widths that keep every conv layer (and ResNet's bottlenecks) at >= 2 channels
 TINY_WIDTH = {"alexnet": "0.0625", "vgg16": "0.0625", "resnet50": "0.03125"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -59,18 +53,7 @@ def shapes(tmp_path_factory):
     )
 
 
-@pytest.fixture(scope="module")
-def voc(tmp_path_factory):
-    return make_detection_dataset(
-        tmp_path_factory.mktemp("voc") / "voc",
-        seed=5,
-        num_train=6,
-        num_val=0,
-        num_test=2,
-        min_short_side=96,
-        max_short_side=128,
-        max_objects=2,
-    )
+voc = tiny_voc_fixture("voc", seed=5, num_train=6, num_test=2, max_short_side=128, max_objects=2)
 
 
 @pytest.fixture(scope="module")

@@ -15,54 +15,18 @@ import time
 import pytest
 import torch
 from PIL import Image
+from tiny_detect import tiny_detector_fixture, tiny_flags, tiny_voc_fixture
 
 from sppnet.cli.main import main
-from sppnet.data import make_detection_dataset
 from sppnet.engine.common import load_weights
 
-TINY_FLAGS = [
-    "--width",
-    "0.125",
-    "--fc-dim",
-    "32",
-    "--size",
-    "0.25",
-    "--pretrain-epochs",
-    "1",
-    "--ft-iterations",
-    "16",
-    "--workers",
-    "0",
-    "--max-proposals",
-    "80",
-    "--device",
-    "cpu",
-    "--quiet",
-]
+TINY_FLAGS = tiny_flags(ft_iterations=16, max_proposals=80)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
-
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory):
-    return make_detection_dataset(
-        tmp_path_factory.mktemp("data") / "voc",
-        seed=5,
-        num_train=8,
-        num_val=0,
-        num_test=3,
-        min_short_side=96,
-        max_short_side=144,
-        max_objects=3,
-    )
-
-
-@pytest.fixture(scope="module")
-def cli_run(tiny_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "det"
-    assert main(["detect", "train", "--data", str(tiny_root), "--out", str(out), *TINY_FLAGS]) == 0
-    return out
+tiny_root = tiny_voc_fixture(seed=5, num_train=8, max_short_side=144, max_objects=3)
+cli_run = tiny_detector_fixture("cli_run", TINY_FLAGS)
 
 
 def test_train_then_val_json(cli_run, capsys):
@@ -287,8 +251,8 @@ def test_help_lists_the_paper_options(capsys):
 
 
 def _train_cmd(root, out, resume=False):
-    cmd = [sys.executable, "-m", "sppnet", "detect", "train", "--data", str(root), "--out", str(out), *TINY_FLAGS]
-    cmd[cmd.index("--ft-iterations") + 1] = "60"
+    flags = tiny_flags(ft_iterations=60, max_proposals=80)
+    cmd = [sys.executable, "-m", "sppnet", "detect", "train", "--data", str(root), "--out", str(out), *flags]
     return cmd + ["--seed", "3"] + (["--resume"] if resume else [])
 
 

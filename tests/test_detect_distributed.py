@@ -13,38 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_detect import tiny_flags, tiny_voc_fixture
 
-from sppnet.data import make_detection_dataset
 from sppnet.engine.common import load_weights
 
 pytestmark = pytest.mark.slow
 
 # --dropout 0: the dropout masks are drawn per process, everything else is the same draw
-FLAGS = [
-    "--width",
-    "0.125",
-    "--fc-dim",
-    "32",
-    "--size",
-    "0.25",
-    "--pretrain-epochs",
-    "1",
-    "--pretrain-batch",
-    "8",
-    "--ft-iterations",
-    "12",
-    "--ft-batch",
-    "64",
-    "--dropout",
-    "0",
-    "--workers",
-    "0",
-    "--max-proposals",
-    "60",
-    "--device",
-    "cpu",
-    "--quiet",
-]
+FLAGS = [*tiny_flags(ft_iterations=12, max_proposals=60), "--pretrain-batch", "8", "--ft-batch", "64", "--dropout", "0"]
 
 
 def _env() -> dict:
@@ -90,18 +66,7 @@ def _run(n: int, *args: str) -> subprocess.CompletedProcess:
     return proc
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return make_detection_dataset(
-        tmp_path_factory.mktemp("data") / "voc",
-        seed=11,
-        num_train=6,
-        num_val=0,
-        num_test=3,
-        min_short_side=96,
-        max_short_side=128,
-        max_objects=2,
-    )
+root = tiny_voc_fixture("root", seed=11, num_train=6, max_short_side=128, max_objects=2)
 
 
 @pytest.fixture(scope="module")

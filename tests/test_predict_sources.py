@@ -8,73 +8,16 @@ import shutil
 import cv2
 import numpy as np
 import pytest
-import torch
 from PIL import Image
+from tiny_detect import tiny_detector_fixture, tiny_flags, tiny_voc_fixture
 
 from sppnet.cli.main import main
-from sppnet.data import DataWarning, make_detection_dataset
+from sppnet.data import DataWarning
 
-TINY_FLAGS = [
-    "--width",
-    "0.125",
-    "--fc-dim",
-    "32",
-    "--size",
-    "0.25",
-    "--pretrain-epochs",
-    "1",
-    "--ft-iterations",
-    "8",
-    "--workers",
-    "0",
-    "--max-proposals",
-    "60",
-    "--device",
-    "cpu",
-    "--quiet",
-]
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory):
-    return make_detection_dataset(
-        tmp_path_factory.mktemp("data") / "voc",
-        seed=7,
-        num_train=6,
-        num_val=0,
-        num_test=3,
-        min_short_side=96,
-        max_short_side=128,
-        max_objects=2,
-    )
-
-
-@pytest.fixture(scope="module")
-def run(tiny_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "det"
-    assert (
-        main(
-            [
-                "detect",
-                "train",
-                "--data",
-                str(tiny_root),
-                "--out",
-                str(out),
-                *TINY_FLAGS,
-            ]
-        )
-        == 0
-    )
-    return out
+tiny_root = tiny_voc_fixture(seed=7, num_train=6, max_short_side=128, max_objects=2)
+run = tiny_detector_fixture("run", tiny_flags(ft_iterations=8, max_proposals=60))
 
 
 def _write_video(path, frames, fps=5.0):

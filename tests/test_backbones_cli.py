@@ -146,7 +146,7 @@ def test_weights_file_reproduces_torchvisions_conv5_and_frozen_layers_stay(alexn
     assert (got - want).abs().max() <= 1e-5  # the trained run's conv5 is torchvision's: frozen, never updated
     # the optimiser held the trainable parameters only: fc6, fc7, the classifier
     state = load_state(out / "last.safetensors")
-    held = state["optimizer"]["param_groups"][0]["params"]
+    held = [i for group in state["optimizer"]["param_groups"] for i in group["params"]]  # AdamW: 2 groups
     assert len(held) == sum(1 for p in model.fc.parameters()) + 2 == 6
 
 

@@ -171,6 +171,12 @@ class RunLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _parse_holder(_read_fd(fd))
+            # a holder writes its record just after taking the lock: a loser of a close race
+            # can find the file still empty, so it waits for the record briefly
+            deadline = time.monotonic() + 1.0
+            while holder is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+                holder = _parse_holder(_read_fd(fd))
             os.close(fd)
             raise RunLockError(
                 f"{self.path} is in use by another writer: {_describe(holder)}. Wait for it to finish, "

@@ -173,7 +173,7 @@ class ClassifyConfig(Config):
     # ---- optimisation (Sec. 3.1: SGD, "the learning rate is divided by 10 when the error plateaus")
     # Small: AdamW at lr 1e-3 (decoupled weight decay 0.05) after a one-epoch warm-up. With
     # SGD at 0.05 (and AdamW at 4e-3) the batch-norm Overfeat-5 never left chance on the
-    # built-in shapes; AdamW at 1e-3-2e-3 left it within 3-5 epochs there and learnt the
+    # built-in shapes; AdamW at 1e-3-2e-3 left it within 3-6 epochs there and learnt the
     # objects set faster than SGD did (benchmarks/README.md, issue 13).
     optimizer: str = option("adamw", choices=("sgd", "adamw"), help="sgd (momentum, the paper) or adamw")
     epochs: int = option(60, min=1, help="training epochs (an upper bound under the plateau rule)")
@@ -354,8 +354,9 @@ class ClassifyConfig(Config):
 
 #: The recipe settings where the ``small`` defaults leave the paper (Sec. 3.1:
 #: LRN, SGD with weight decay 5e-4 on every weight, no warm-up, lr / 10 at fixed
-#: epochs, the five crops, PCA colour noise only). The ``paper`` preset, configs saved before these settings existed and
-#: the detector's backbone pretraining use them.
+#: epochs, the five crops, PCA colour noise only). The ``paper`` preset, configs
+#: saved before these settings existed and the detector's backbone pretraining
+#: use them.
 PAPER_RECIPE: dict[str, Any] = {
     "norm": "lrn",
     "fc_norm": False,

@@ -18,11 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from sppnet.engine.common import UserError
 from sppnet.engine.distributed import (
     CacheFill,
     DistContext,
-    ShardedEpochSampler,
+    ShardedBatchSampler,
     derive_seed,
+    epoch_batches,
     fill_cache,
     gather_shards,
     init_distributed,
@@ -37,26 +39,61 @@ def _flat(lists: list[list[int]]) -> list[int]:
     return list(itertools.chain.from_iterable(lists))
 
 
-def test_shards_of_all_ranks_form_the_global_order():
-    single = list(ShardedEpochSampler(10, seed=3, epoch=1))
-    assert sorted(single) == list(range(10))
-    assert single == list(ShardedEpochSampler(10, seed=3, epoch=1))
-    assert single != list(ShardedEpochSampler(10, seed=3, epoch=2))
-    ranks = [list(ShardedEpochSampler(10, seed=3, epoch=1, rank=r, world_size=2)) for r in range(2)]
-    # Local batch k of every rank (2 items each) together = global batch k (4 items).
-    for k in range(2):
-        local = ranks[0][2 * k : 2 * k + 2] + ranks[1][2 * k : 2 * k + 2]
-        assert sorted(local) == sorted(single[4 * k : 4 * k + 4])
-    # 10 over 3 ranks: padded to 12 with the first indices of the order.
-    three = [list(ShardedEpochSampler(10, 3, 1, r, 3)) for r in range(3)]
-    assert [len(s) for s in three] == [4, 4, 4]
-    assert sorted(_flat(three)) == sorted(single + single[:2])
-    # Evaluation: no padding, every index exactly once.
-    evals = [list(ShardedEpochSampler(10, 0, 0, r, 3, shuffle=False, pad=False)) for r in range(3)]
-    assert sorted(_flat(evals)) == list(range(10)) and [len(e) for e in evals] == [4, 3, 3]
-    # Resuming mid-epoch skips this rank's first indices.
-    assert list(ShardedEpochSampler(10, 3, 1, 1, 2, start=2)) == ranks[1][2:]
-    assert len(ShardedEpochSampler(10, 3, 1, 1, 2, start=2)) == 3
+def test_epoch_batches_keep_every_sample_once_and_no_tiny_batch():
+    for n in range(2, 60):
+        for batch in (1, 2, 3, 4, 7, 8, 16):
+            for world in (1, 2, 3):
+                if n < 2 * world:
+                    with pytest.raises(ValueError, match=f"{n} training sample"):
+                        epoch_batches(n, batch, world)
+                    continue
+                bounds = epoch_batches(n, batch, world)
+                assert bounds[0][0] == 0 and bounds[-1][1] == n
+                assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))  # contiguous, no gap, no overlap
+                sizes = [b - a for a, b in bounds]
+                assert all(s == batch for s in sizes[:-1])
+                last = sizes[-1]
+                if len(sizes) > 1:  # a short last batch is at least half a batch and two per process
+                    assert last >= batch or (2 * last >= batch and last >= 2 * world), (n, batch, world, sizes)
+                    assert last < max(2 * batch, batch + 2 * world)
+    assert epoch_batches(25, 8) == [(0, 8), (8, 16), (16, 25)]  # the single leftover joins the last batch
+    assert epoch_batches(28, 8) == [(0, 8), (8, 16), (16, 24), (24, 28)]  # half a batch stays a batch
+    assert epoch_batches(5, 32) == [(0, 5)]
+
+
+def test_sharded_batches_of_all_ranks_form_the_global_batches():
+    single = ShardedBatchSampler(25, 8, seed=3, epoch=1)
+    batches = list(single)
+    assert [len(b) for b in batches] == single.global_sizes() == [8, 8, 9]
+    assert sorted(_flat(batches)) == list(range(25))
+    assert batches == list(ShardedBatchSampler(25, 8, seed=3, epoch=1))
+    assert batches != list(ShardedBatchSampler(25, 8, seed=3, epoch=2))
+    for world in (2, 3):
+        ranks = [ShardedBatchSampler(25, 8, 3, 1, r, world) for r in range(world)]
+        per_rank = [list(r) for r in ranks]
+        for k, global_batch in enumerate(batches):  # local batch k of every rank together = global batch k
+            local = [b[k] for b in per_rank]
+            assert sorted(_flat(local)) == sorted(global_batch)
+            assert max(map(len, local)) - min(map(len, local)) <= 1
+        assert all(r.global_sizes() == [8, 8, 9] for r in ranks) or world == 3
+    # Resuming mid-epoch skips whole batches.
+    assert list(ShardedBatchSampler(25, 8, 3, 1, 1, 2, start=2)) == list(ShardedBatchSampler(25, 8, 3, 1, 1, 2))[2:]
+    assert len(ShardedBatchSampler(25, 8, 3, 1, 1, 2, start=2)) == 1
+
+
+def test_classify_trains_on_a_leftover_of_one_image(tmp_path):
+    """A data set one image past a multiple of the batch: batch norm's fc layers never see a batch of 1."""
+    from sppnet.data.synthetic import make_classification_dataset
+    from sppnet.engine.classify import ClassifyConfig, train
+
+    data = make_classification_dataset(
+        tmp_path / "data", seed=4, train_per_class=2, val_per_class=1, test_per_class=0, min_size=40, max_size=56
+    )
+    cfg = ClassifyConfig(data=str(data), width=0.05, fc_dim=8, size=48, epochs=1, batch_size=5, workers=0, device="cpu")
+    assert cfg.fc_norm and cfg.norm == "bn"  # the defaults, where a batch of one would fail
+    train(cfg, out=tmp_path / "run", verbose=False)  # 16 images: batches 5, 5, 6
+    with pytest.raises(UserError, match="batch_size 1 over 1 process"):
+        train(dataclasses.replace(cfg, batch_size=1), out=tmp_path / "one", verbose=False)
 
 
 def test_derive_seed_is_stable_and_mixing():
@@ -83,8 +120,12 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     from sppnet.engine.common import load_weights
 
     data = make_classification_dataset(
-        tmp_path / "data", seed=2, train_per_class=3, val_per_class=1, test_per_class=0, min_size=48, max_size=80
+        tmp_path / "data", seed=2, train_per_class=4, val_per_class=1, test_per_class=0, min_size=48, max_size=80
     )
+    # 25 training images, an odd number: global batches of 8, 8 and 9, the last one split 5 / 4
+    # over the two processes (nothing padded, nothing dropped; the losses weighted per sample)
+    for class_dir in sorted((data / "train").iterdir())[:7]:
+        sorted(class_dir.glob("*.jpg"))[0].unlink()
     # Dropout off: each process draws its own masks, so only then is the math identical.
     # LRN, no batch norm: each process would normalise by its own half batch's statistics.
     # SGD: AdamW's first steps are ~lr * sign(grad), which turns the float rounding of the
@@ -164,7 +205,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     cfg = ClassifyConfig(width=0.1, fc_dim=32, dropout=0.0, size=64, schedule="multi", norm="lrn", fc_norm=False)
     fresh = build_model(cfg, 8).state_dict()
     moved = max(float((a[k] - fresh[k]).abs().max()) for k in a)
-    assert moved > 1e-3, "6 SGD steps must change the weights"
+    assert moved > 1e-3, "the SGD steps must change the weights"
     rows_a, rows_b = _metrics(tmp_path / "one" / "metrics.csv"), _metrics(tmp_path / "two" / "metrics.csv")
     assert [r["size"] for r in rows_b] == ["64", "51"]
     for ra, rb in zip(rows_a, rows_b):

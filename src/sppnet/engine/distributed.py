@@ -7,14 +7,15 @@ group (NCCL on CUDA, gloo on CPU) and picks the device (``cuda:LOCAL_RANK``).
 Without those variables everything degrades to one process and no collective
 call is made.
 
-Sharding. :class:`ShardedEpochSampler` shuffles ``range(n)`` with a generator
-seeded from ``(seed, epoch)``, pads it to a multiple of the world size with its
-own first indices (as ``DistributedSampler``) and gives rank ``r`` the positions
-``r, r + N, r + 2N, ...``. With a global batch ``B`` and local batches ``B / N``,
-local batch ``k`` of all ranks together is exactly global batch ``k`` of a
-single process: DDP's gradient average then equals the single-process gradient
-of the same batch (equal local batch sizes), which ``tests/test_distributed.py``
-checks.
+Sharding. :class:`ShardedBatchSampler` shuffles ``range(n)`` with a generator
+seeded from ``(seed, epoch)``, cuts it into global batches of ``B``
+(:func:`epoch_batches`: a last batch too small to train on joins the one before;
+nothing is padded or dropped) and gives rank ``r`` the positions ``r, r + N,
+r + 2N, ...`` of each, so local batch ``k`` of all ranks together is exactly
+global batch ``k`` of a single process. Each rank's loss is the sum over its
+samples times ``N / |global batch|``: DDP's gradient average is then the
+single-process gradient of the same batch even where the ranks' shares differ by
+one, which ``tests/test_distributed.py`` checks (with an odd number of samples).
 
 Detection stages (proposals, conv5 caching, evaluation) split the images, not
 batches: :func:`shard` gives each rank a fixed part of ``range(n)`` and
@@ -53,12 +54,13 @@ from sppnet.engine.common import UserError, resolve_device
 __all__ = [
     "CacheFill",
     "DistContext",
-    "ShardedEpochSampler",
+    "ShardedBatchSampler",
     "all_gather_objects",
     "all_reduce_sum",
     "barrier",
     "broadcast_object",
     "derive_seed",
+    "epoch_batches",
     "fill_cache",
     "gather_shards",
     "init_distributed",
@@ -144,60 +146,77 @@ def derive_seed(*key: int) -> int:
     return int(np.random.SeedSequence([int(k) & 0xFFFFFFFFFFFFFFFF for k in key]).generate_state(2, np.uint64)[0] >> 1)
 
 
-class ShardedEpochSampler(Sampler[int]):
-    """This rank's share of one epoch's shuffled order (see the module docstring).
+def epoch_batches(n: int, batch_size: int, world_size: int = 1) -> list[tuple[int, int]]:
+    """The global batches of a training epoch, as ``(start, stop)`` positions in its order.
+
+    Batches of ``batch_size``; a last partial batch too small to train on joins the
+    one before it instead: one of fewer than half a batch, or of fewer than two
+    samples per process (batch norm cannot normalise a single sample). Nothing is
+    dropped and nothing is repeated, so every sample is seen once per epoch.
+
+    Raises:
+        ValueError: fewer than ``2 * world_size`` samples in all (then no batch gives
+            every process two of them).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if n < 2 * world_size:
+        raise ValueError(
+            f"{n} training sample(s) for {world_size} process(es): each process needs at least 2 per batch"
+        )
+    bounds = [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+    if len(bounds) > 1:
+        tail = bounds[-1][1] - bounds[-1][0]
+        if 2 * tail < batch_size or tail < 2 * world_size:
+            bounds[-2:] = [(bounds[-2][0], n)]
+    return bounds
+
+
+class ShardedBatchSampler(Sampler[list[int]]):
+    """This rank's local batches of one epoch (see the module docstring).
+
+    The epoch's order is a permutation of ``range(n)`` seeded by ``(seed, epoch)``,
+    cut into the global batches of :func:`epoch_batches`; rank ``r`` takes the
+    positions ``r, r + N, ...`` of each. With a global batch divisible by ``N``
+    every rank gets ``B / N`` samples; a longer last batch gives ranks one sample
+    more or less, and :meth:`global_sizes` tells the training loop how to weigh
+    them (sum of the losses times ``N / global size``), so the all-reduced gradient
+    is the mean over the global batch whatever the split.
 
     Args:
         n: data set length.
+        batch_size: the global batch size.
         seed, epoch: the permutation is a function of both only.
         rank, world_size: this process and the number of processes.
-        shuffle: False keeps ``0..n-1`` (evaluation).
-        start: skip this many of THIS rank's indices (resuming mid-epoch).
-        pad: pad to a multiple of ``world_size`` (training); False gives ranks
-            up to one index less (evaluation: every sample counted once).
+        start: skip this many batches (resuming mid-epoch).
     """
 
     def __init__(
-        self,
-        n: int,
-        seed: int = 0,
-        epoch: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        shuffle: bool = True,
-        start: int = 0,
-        pad: bool = True,
+        self, n: int, batch_size: int, seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1, start: int = 0
     ) -> None:
-        if n < 1:
-            raise ValueError(f"cannot sample from an empty data set (n={n})")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-        self.n, self.seed, self.epoch = int(n), int(seed), int(epoch)
-        self.rank, self.world_size = int(rank), int(world_size)
-        self.shuffle, self.start, self.pad = bool(shuffle), int(start), bool(pad)
+        self.n, self.batch_size, self.seed, self.epoch = int(n), int(batch_size), int(seed), int(epoch)
+        self.rank, self.world_size, self.start = int(rank), int(world_size), int(start)
+        self.bounds = epoch_batches(self.n, self.batch_size, self.world_size)[self.start :]
 
     def order(self) -> list[int]:
-        """The global order of the epoch (padded when ``pad``)."""
-        if self.shuffle:
-            g = torch.Generator()
-            g.manual_seed(derive_seed(self.seed, self.epoch, 0x5A))
-            order = torch.randperm(self.n, generator=g).tolist()
-        else:
-            order = list(range(self.n))
-        if self.pad:
-            total = -(-self.n // self.world_size) * self.world_size
-            while len(order) < total:
-                order += order[: total - len(order)]
-        return order
+        """The global order of the epoch."""
+        g = torch.Generator()
+        g.manual_seed(derive_seed(self.seed, self.epoch, 0x5A))
+        return torch.randperm(self.n, generator=g).tolist()
 
-    def __iter__(self) -> Iterator[int]:
-        mine = self.order()[self.rank :: self.world_size]
-        return iter(mine[self.start :])
+    def global_sizes(self) -> list[int]:
+        """The global size of each batch this sampler yields, in order."""
+        return [stop - begin for begin, stop in self.bounds]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = self.order()
+        for begin, stop in self.bounds:
+            yield order[begin + self.rank : stop : self.world_size]
 
     def __len__(self) -> int:
-        total = -(-self.n // self.world_size) * self.world_size if self.pad else self.n
-        mine = len(range(self.rank, total, self.world_size))
-        return max(0, mine - self.start)
+        return len(self.bounds)
 
 
 def wrap_model(model: nn.Module, ctx: DistContext) -> nn.Module:

@@ -3,7 +3,7 @@ test-view dataset and the DataLoader that serves both.
 
 Determinism (CPU). Every training sample's augmentation is drawn from a
 generator seeded by ``(seed, epoch, index)`` (:class:`AugmentedDataset`) and each
-epoch's order from ``(seed, epoch)`` (``ShardedEpochSampler``), so the batches do
+epoch's order from ``(seed, epoch)`` (``ShardedBatchSampler``), so the batches do
 not depend on the number of DataLoader workers.
 """
 
@@ -142,15 +142,22 @@ def make_loader(
     sampler: Sampler | None = None,
     collate=None,
     cuda: bool = False,
+    batch_sampler: Sampler | None = None,
 ) -> DataLoader:
-    """A DataLoader on its own seeded generator (never torch's global one), workers ignoring Ctrl-C."""
+    """A DataLoader on its own seeded generator (never torch's global one), workers ignoring Ctrl-C.
+
+    ``batch_sampler`` (yielding lists of indices) replaces ``batch_size`` and ``sampler``.
+    """
     g = torch.Generator()
     g.manual_seed(seed)  # also keeps the DataLoader off torch's global generator
+    batching: dict = (
+        {"batch_sampler": batch_sampler}
+        if batch_sampler is not None
+        else {"batch_size": batch_size, "sampler": sampler, "shuffle": False}
+    )
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        shuffle=False,
+        **batching,
         num_workers=workers,
         collate_fn=collate,
         worker_init_fn=_worker_init,

@@ -63,7 +63,7 @@ from sppnet.engine.common import (
 )
 from sppnet.engine.distributed import (
     DistContext,
-    ShardedEpochSampler,
+    ShardedBatchSampler,
     all_gather_objects,
     all_reduce_sum,
     barrier,
@@ -334,7 +334,17 @@ def _train(
     if cfg.batch_size % ctx.world_size:
         raise UserError(f"batch_size {cfg.batch_size} must be divisible by the {ctx.world_size} processes")
     local_batch = cfg.batch_size // ctx.world_size
+    if local_batch < 2 and (cfg.norm == "bn" or cfg.fc_norm):
+        raise UserError(
+            f"batch_size {cfg.batch_size} over {ctx.world_size} process(es) gives batches of {local_batch}: batch "
+            f"norm needs at least 2 per process; raise --batch-size (or use --norm lrn --no-fc-norm)"
+        )
     train_set, val_set, classes = _open_data(cfg, ctx, train_set, val_set, classes, say)
+    if len(train_set) < 2 * ctx.world_size:
+        raise UserError(
+            f"{len(train_set)} training image(s) for {ctx.world_size} process(es): every process needs at least 2 "
+            f"per batch (batch norm cannot normalise one sample)"
+        )
 
     # ---- model, optimiser, schedule
     seed_everything(cfg.seed)
@@ -406,24 +416,26 @@ def _train(
                 std=cfg.std,
             )
             data = AugmentedDataset(train_set, transform, cfg.seed, epoch, train_cache)
-            sampler = ShardedEpochSampler(
-                len(data), cfg.seed, epoch, ctx.rank, ctx.world_size, start=start_step * local_batch
+            sampler = ShardedBatchSampler(
+                len(data), cfg.batch_size, cfg.seed, epoch, ctx.rank, ctx.world_size, start=start_step
             )
             loader = make_loader(
                 data,
                 local_batch,
                 cfg.workers,
                 derive_seed(cfg.seed, epoch, 7),
-                sampler=sampler,
+                batch_sampler=sampler,
                 cuda=ctx.device.type == "cuda",
             )
+            # each rank's share of a global batch, so that DDP's average is the global mean
+            weights = [ctx.world_size / size for size in sampler.global_sizes()]
             t0 = time.perf_counter() - elapsed
             scaler = grad_scaler(ctx.device, cfg.amp)  # fp16 on CUDA only; else it passes values through
             model.train()
             steps = start_step + len(loader)
             bar = progress(loader, desc=f"epoch {epoch + 1}/{cfg.epochs} @{epoch_size}", total=len(loader), enabled=say)
             step = start_step
-            for x, y in bar:
+            for (x, y), weight in zip(bar, weights):
                 lr = lr_schedule.lr(epoch, (step + 1) / steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -431,9 +443,10 @@ def _train(
                 y = y.to(ctx.device, non_blocking=True)
                 with autocast_context(ctx.device, cfg.amp):
                     logits = ddp_model(x)
-                    loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                    losses = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing, reduction="none")
+                    loss = losses.mean()  # this rank's mean (reported)
                 optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
+                scaler.scale(losses.sum() * weight).backward()
                 scaler.step(optimizer)
                 scaler.update()
                 totals.add(loss, logits, y)

@@ -289,9 +289,18 @@ class SPPNet(nn.Module):
             )
 
     def forward_features(self, x: Tensor) -> Tensor:
-        """conv1-conv5: ``Tensor[N, 3, H, W] -> Tensor[N, C5, h, w]`` (run ONCE per image and scale)."""
+        """conv1-conv5: ``Tensor[N, 3, H, W] -> Tensor[N, C5, h, w]`` (run ONCE per image and scale).
+
+        A ``conv_runner`` attribute (set by :func:`sppnet.engine.compile.compile_conv_layers`,
+        a ``torch.compile`` of ``features`` sharing its parameters) runs the conv
+        layers in their place; it is a plain attribute, never part of ``state_dict``,
+        and tracing or exporting always uses ``features`` itself.
+        """
         if not torch.jit.is_tracing() and not _exporting():
             self.check_input(x)
+            runner = self.__dict__.get("conv_runner")
+            if runner is not None:
+                return runner(x)
         return self.features(x)
 
     def forward_head(self, maps: Tensor, pre_logits: bool = False) -> Tensor:

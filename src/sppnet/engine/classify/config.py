@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 from sppnet.data.transforms import CROPS, IMAGENET_MEAN, IMAGENET_STD, small_size_for
 from sppnet.engine.amp import AMP_CHOICES
 from sppnet.engine.classify.schedules import LR_SCHEDULES, SCHEDULES
+from sppnet.engine.compile import COMPILE_CHOICES
 from sppnet.engine.config import Config, ConfigError, check_resume, merge_overrides, option
 from sppnet.engine.limits import LimitsConfig
 from sppnet.engine.views import VIEWS
@@ -88,9 +89,15 @@ def check_freeze(model: str, freeze: str, flag: str = "--freeze") -> None:
 
 
 #: Settings a resumed run may change; every other one must match the saved config.
-RESUME_MUTABLE: tuple[str, ...] = ("epochs", "time_budget", "workers", "cache_images", "device", "views") + tuple(
-    f"limits.{f.name}" for f in dataclasses.fields(LimitsConfig)
-)
+RESUME_MUTABLE: tuple[str, ...] = (
+    "epochs",
+    "time_budget",
+    "workers",
+    "cache_images",
+    "device",
+    "views",
+    "compile",
+) + tuple(f"limits.{f.name}" for f in dataclasses.fields(LimitsConfig))
 
 
 @dataclass
@@ -228,6 +235,12 @@ class ClassifyConfig(Config):
         choices=AMP_CHOICES,
         help="mixed precision on CUDA: bf16 / fp16 autocast for conv and fc (fp16 with loss scaling; the pyramid "
         "exact in its input dtype); a no-op on the CPU",
+    )
+    compile: str = option(
+        "none",
+        choices=COMPILE_CHOICES,
+        help="torch.compile the conv layers (dynamic shapes, one graph for every input size) in this mode; "
+        "falls back to eager with a warning if compiling fails; none: eager",
     )
     views: str = option("center", choices=VIEWS, help="test views of the per-epoch validation")
     preset: str = option("small", flag=False, help="the preset the values started from (informational)")

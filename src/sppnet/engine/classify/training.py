@@ -61,6 +61,7 @@ from sppnet.engine.common import (
     save_weights,
     seed_everything,
 )
+from sppnet.engine.compile import compile_conv_layers
 from sppnet.engine.distributed import (
     DistContext,
     ShardedBatchSampler,
@@ -384,6 +385,9 @@ def _train(
     elif ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_json(out / "config.json", cfg.to_dict())
+    # --compile: conv layers compiled for every forward of this run; the weights saved are
+    # model's own (the compiled module is no part of its state_dict)
+    compile_conv_layers(model, cfg.compile)
     ddp_model = wrap_model(model, ctx)
 
     if say:

@@ -16,7 +16,7 @@ nested like the classes::
       bbox        BoxRegressionConfig         (bbox_regression.py)
       test        TestConfig                  NMS order, detections kept, calibration split
       limits      LimitsConfig                image size limits (engine/limits.py)
-      amp, seed, workers, device, preset
+      amp, compile, seed, workers, device, preset
 
 The defaults ARE the ``small`` preset; :data:`PRESETS` holds each preset as a
 partial override of them. ``config.json`` files of runs written before the
@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 from sppnet.data.proposals import SelectiveSearchParams
 from sppnet.engine.amp import AMP_CHOICES
 from sppnet.engine.classify.config import check_freeze, normalisation_for
+from sppnet.engine.compile import COMPILE_CHOICES
 from sppnet.engine.config import Config, ConfigError, merge_overrides, option
 from sppnet.engine.detect.bbox_regression import BoxRegressionConfig
 from sppnet.engine.detect.finetune import FinetuneConfig
@@ -294,6 +295,12 @@ class DetectConfig(Config):
         choices=AMP_CHOICES,
         help="mixed precision on CUDA: bf16 / fp16 autocast for conv and fc (the pyramid exact in its input "
         "dtype); a no-op on the CPU",
+    )
+    compile: str = option(
+        "none",
+        choices=COMPILE_CHOICES,
+        help="torch.compile the conv layers that compute conv5 (feature caching, fine-tuning all layers, "
+        "calibration) in this mode, dynamic shapes; falls back to eager with a warning; none: eager",
     )
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     seed: int = option(0, min=0, help="seeds proposals' ranking, the weights, sampling and dropout")

@@ -50,6 +50,7 @@ from sppnet.engine.common import (
     save_state,
     seed_everything,
 )
+from sppnet.engine.compile import compile_conv_layers
 from sppnet.engine.config import check_resume
 from sppnet.engine.detect.backbone import (
     init_fc8_from_classifier,
@@ -90,7 +91,14 @@ __all__ = ["TrainingInterrupted", "feature_cache", "stage_order", "train"]
 
 #: Settings a resumed run may change.
 #: (the image limits may be raised to take an image that was refused).
-RESUME_MUTABLE = ("workers", "device", "amp", "features.cache", *(f"limits.{k}" for k in DetectConfig().limits.flat()))
+RESUME_MUTABLE = (
+    "workers",
+    "device",
+    "amp",
+    "compile",
+    "features.cache",
+    *(f"limits.{k}" for k in DetectConfig().limits.flat()),
+)
 
 
 #: What to try when a stage's weights are not finite (nothing non-finite is saved).
@@ -507,6 +515,8 @@ def _run_stages(
             continue
         if detector is None and "backbone" in done:
             detector = _latest_detector(out, stages, stage, device)
+        if detector is not None:  # --compile: its conv layers (kept while the stages pass it on)
+            compile_conv_layers(detector.backbone, cfg.compile)
         with Timer() as t, autocast_context(device, cfg.amp):
             detector = STAGES[stage](ctx, detector)
         if dist.is_main and path.suffix == ".safetensors":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 
 import pytest
@@ -399,7 +400,7 @@ def test_a_flat_config_of_an_older_run_loads_as_the_nested_config():
     expected = DetectConfig.from_preset(
         "small",
         {
-            "backbone": {"width": 0.125, "fc_dim": 32, "epochs": 2, "crops": "gt"},
+            "backbone": {"width": 0.125, "fc_dim": 32, "epochs": 2, "crops": "gt", "recipe": "paper", "lr": 0.003},
             "features": {"size_factor": 0.25, "warp_context": 0.0, "auto_scale": False},
             "finetune": {"iterations": 40, "lr_steps": (1000,)},
             "proposals": {"max_proposals": 80},
@@ -509,6 +510,62 @@ def test_backbone_pretraining_config_resolves_for_any_worker_count(preset, worke
     ccfg = pretrain_config(DetectConfig.from_preset(preset, workers=workers))
     assert ccfg.workers == min(workers, 1) and not ccfg.cache_images
     assert ccfg.spp and ccfg.schedule == "multi" and ccfg.size == DetectConfig.from_preset(preset).crop_size
+
+
+def test_backbone_pretraining_recipes():
+    from sppnet.engine.classify.config import PAPER_RECIPE
+
+    auto = pretrain_config(DetectConfig.from_preset("small"))  # auto: the paper's recipe first
+    assert (auto.norm, auto.optimizer, auto.lr) == ("lrn", "sgd", 0.003)
+    modern = pretrain_config(DetectConfig.from_preset("small"), "modern")
+    assert (modern.norm, modern.fc_norm, modern.optimizer, modern.crop) == ("bn", True, "adamw", "random")
+    assert modern.lr == 1e-3 and modern.lr_schedule == "steps" and modern.warmup_epochs == 1.0
+    paper = pretrain_config(DetectConfig.from_preset("paper"))
+    for key, value in PAPER_RECIPE.items():
+        if key != "lr_schedule":
+            assert getattr(paper, key) == value, key
+    assert paper.lr == 0.01 and paper.lr_schedule == "steps"
+    old = pretrain_config(DetectConfig.from_preset("small", {"backbone": {"recipe": "paper"}}))
+    assert old.norm == "lrn" and old.optimizer == "sgd" and old.lr == 0.003  # the recipe's own lr
+    assert pretrain_config(DetectConfig.from_preset("small", {"backbone": {"lr": 5e-4}})).lr == 5e-4
+    # a run saved before the setting existed pretrained with the paper's recipe
+    saved = DetectConfig().to_dict()
+    del saved["backbone"]["recipe"]
+    assert DetectConfig.from_dict(saved).backbone.recipe == "paper"
+
+
+def test_prior_loss_and_plateau_test(tmp_path):
+    from sppnet.engine.detect.backbone import PLATEAU_FRACTION, learned, prior_loss
+
+    assert prior_loss([3, 3, 3]) == 0.0
+    assert abs(prior_loss([0, 1, 2, 3]) - math.log(4)) < 1e-12
+    labels = [0] * 5 + [1] * 5  # entropy ln 2 = 0.693
+    assert learned(tmp_path, labels)[0] is False  # no metrics.csv: nothing learnt
+    for loss, expected in ((0.69, False), (PLATEAU_FRACTION * math.log(2) + 1e-3, False), (0.3, True)):
+        (tmp_path / "metrics.csv").write_text(f"epoch,train_loss\n1,2.0\n2,{loss}\n")
+        ok, final, prior = learned(tmp_path, labels)
+        assert (ok, final) == (expected, loss) and abs(prior - math.log(2)) < 1e-12
+
+
+def test_auto_recipe_pretrains_again_when_the_first_did_not_learn(tiny_root, tmp_path, monkeypatch, capsys):
+    import sppnet.engine.detect.backbone as backbone
+
+    monkeypatch.setattr(backbone, "PLATEAU_FRACTION", 0.0)  # no run counts as learnt
+    out = tmp_path / "auto"
+    cfg = tiny_cfg(tiny_root, {"finetune": {"iterations": 2}})
+    assert cfg.backbone.recipe == "auto"
+    train(cfg, out=out, verbose=True)
+    assert "did not leave the initial loss plateau" in capsys.readouterr().err
+    assert (out / "backbone" / "model.safetensors").is_file()
+    second, _ = load_weights(out / "backbone-modern" / "model.safetensors")
+    assert any("running_mean" in k for k in second)  # batch norm: the modern recipe
+    det = load_detector(out)[0]
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in det.backbone.modules())  # the detector took it
+    monkeypatch.setattr(backbone, "PLATEAU_FRACTION", 100.0)  # every run learnt: the paper's recipe alone
+    out = tmp_path / "paper"
+    train(cfg, out=out, verbose=False)
+    assert not (out / "backbone-modern").exists()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in load_detector(out)[0].backbone.modules())
 
 
 def test_finetune_all_trains_the_conv_layers_and_recaches_features(trained_run, tiny_root, tmp_path):

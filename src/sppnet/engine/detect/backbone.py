@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 from sppnet.data.images import load_image
 from sppnet.data.transforms import resize_side
 from sppnet.engine.common import UserError
-from sppnet.engine.detect.config import CROP_CHOICES, DetectConfig
+from sppnet.engine.detect.config import CROP_CHOICES, PRETRAIN_LR, DetectConfig
 from sppnet.engine.detect.features import WindowSet
 
 __all__ = [
@@ -40,7 +40,10 @@ __all__ = [
     "init_fc8_from_classifier",
     "load_backbone",
     "pretrain_backbone",
+    "learned",
     "pretrain_config",
+    "pretrain_runs",
+    "prior_loss",
     "select_windows",
     "window_crops",
 ]
@@ -160,16 +163,31 @@ def select_windows(
     return rows, labels
 
 
-def pretrain_config(cfg: DetectConfig):
+def pretrain_config(cfg: DetectConfig, recipe: str | None = None):
     """The :class:`~sppnet.engine.classify.ClassifyConfig` of the backbone pretraining:
     the detector's architecture (from ``--weights``, ``--freeze`` stages fixed), multi-size
-    training of window crops, lr / 10 at 5/6 and 11/12 of the epochs."""
+    training of window crops, lr / 10 at 5/6 and 11/12 of the epochs.
+
+    ``recipe`` (default ``--pretrain-recipe``; ``auto`` means its first try, ``paper``):
+    ``paper`` trains with :data:`~sppnet.engine.classify.config.PAPER_RECIPE` (LRN, SGD,
+    the paper's crops); ``modern`` with the classification defaults (batch norm after
+    every conv and fc layer, AdamW with a one-epoch warm-up, random-resized crops of
+    the window, colour jitter). Either way the epochs are fixed (the windows have no
+    validation split).
+    """
     from sppnet.engine.classify import ClassifyConfig
     from sppnet.engine.classify.config import PAPER_RECIPE
 
     b = cfg.backbone
+    recipe = recipe or b.recipe
+    if recipe == "auto":
+        recipe = AUTO_RECIPES[0]
+    if recipe not in ("paper", "modern"):
+        raise ValueError(f"recipe must be paper or modern, got {recipe!r}")
+    settings = dict(PAPER_RECIPE) if recipe == "paper" else {}
+    settings["lr_schedule"] = "steps"
     return ClassifyConfig(
-        **PAPER_RECIPE,
+        **settings,
         model=b.model,
         spp=True,
         levels=cfg.features.levels,
@@ -185,15 +203,55 @@ def pretrain_config(cfg: DetectConfig):
         schedule="multi",
         epochs=b.epochs,
         batch_size=b.batch_size,
-        lr=b.lr,
+        lr=b.lr if b.lr is not None else PRETRAIN_LR[recipe],
         lr_steps=(max(1, int(b.epochs * 5 / 6)), max(1, int(b.epochs * 11 / 12))),  # never before epoch 1
         seed=cfg.seed,
         workers=min(cfg.workers, 1),
         device=cfg.device,
+        compile=cfg.compile,
         preset=cfg.preset,
         cache_images=False,  # the crops are already in memory; a loader worker prepares the batches
         limits=cfg.limits,
     ).resolved()
+
+
+#: ``--pretrain-recipe auto`` tries these in order: the next one when a pretraining did not learn.
+AUTO_RECIPES = ("paper", "modern")
+#: A pretraining "did not learn" when its last epoch's training loss is above this
+#: fraction of the loss of predicting the crops' class frequencies (their entropy).
+PLATEAU_FRACTION = 0.8
+
+
+def prior_loss(labels: Sequence[int]) -> float:
+    """The cross-entropy of always predicting the label frequencies: the entropy of ``labels`` (nats)."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64))
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def final_train_loss(run: str | os.PathLike) -> float | None:
+    """The training loss of the last epoch in a classification run's ``metrics.csv`` (None: no epoch)."""
+    import csv
+
+    path = Path(run) / "metrics.csv"
+    if not path.is_file():
+        return None
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return float(rows[-1]["train_loss"]) if rows else None
+
+
+def pretrain_runs(cfg: DetectConfig, out: str | os.PathLike) -> list[tuple[str, Path]]:
+    """``(recipe, run directory)`` of each pretraining ``--pretrain-recipe`` may try, in order."""
+    recipes = AUTO_RECIPES if cfg.backbone.recipe == "auto" else (cfg.backbone.recipe,)
+    out = Path(out)
+    return [(r, out / "backbone" if k == 0 else out / f"backbone-{r}") for k, r in enumerate(recipes)]
+
+
+def learned(run: str | os.PathLike, labels: Sequence[int]) -> tuple[bool, float | None, float]:
+    """``(learned, final loss, prior loss)``: whether the run's loss left the initial plateau."""
+    loss, prior = final_train_loss(run), prior_loss(labels)
+    return loss is not None and loss < PLATEAU_FRACTION * prior, loss, prior
 
 
 def pretrain_backbone(crops: WindowCrops, classify_cfg, out: str | os.PathLike, verbose: bool = True) -> Path:

@@ -54,9 +54,11 @@ from sppnet.engine.compile import compile_conv_layers
 from sppnet.engine.config import check_resume
 from sppnet.engine.detect.backbone import (
     init_fc8_from_classifier,
+    learned,
     load_backbone,
     pretrain_backbone,
     pretrain_config,
+    pretrain_runs,
     window_crops,
 )
 from sppnet.engine.detect.bbox_regression import regression_samples, train_box_regressors
@@ -187,13 +189,22 @@ def stage_backbone(ctx: StageContext, detector: SPPDetector | None) -> SPPDetect
             bg_ratio=b.bg_ratio,
         )
         background = sum(1 for label in crops.labels if label == len(ctx.classes))
-        ctx.say(f"pretraining the backbone on {len(crops)} windows ({background} background)")
-        try:
-            pretrain_backbone(crops, pretrain_config(cfg), ctx.out / "backbone", ctx.verbose)
-        except KeyboardInterrupt as e:
-            raise TrainingInterrupted("backbone pretraining interrupted") from e
-        barrier(ctx.dist)  # rank 0 has written the backbone's weights
-        model, model_classes, mean, std = load_backbone(ctx.out / "backbone")
+        runs = pretrain_runs(cfg, ctx.out)
+        for k, (recipe, run) in enumerate(runs):
+            ctx.say(f"pretraining the backbone on {len(crops)} windows ({background} background), {recipe} recipe")
+            try:
+                pretrain_backbone(crops, pretrain_config(cfg, recipe), run, ctx.verbose)
+            except KeyboardInterrupt as e:
+                raise TrainingInterrupted("backbone pretraining interrupted") from e
+            barrier(ctx.dist)  # rank 0 has written the backbone's weights
+            ok, loss, prior = learned(run, crops.labels)
+            if ok or k + 1 == len(runs):
+                break
+            ctx.say(
+                f"the {recipe} recipe did not leave the initial loss plateau (training loss {loss:.3f}, "
+                f"{prior:.3f} for predicting the class frequencies); pretraining again with the {runs[k + 1][0]} recipe"
+            )
+        model, model_classes, mean, std = load_backbone(run)
     seed_everything(cfg.seed)
     det = build_detector(cfg, len(ctx.classes), model, mean, std).to(ctx.device)
     init_fc8_from_classifier(det, model, model_classes, ctx.classes)

@@ -44,7 +44,7 @@ Usage::
     python benchmarks/bench_detection_training.py --root /tmp/sets \\
         --deepforest-wheel /tmp/df/deepforest-2.1.0-py3-none-any.whl --sets shapes digits-voc deepforest-voc
     python benchmarks/bench_detection_training.py --root /tmp/sets --methods small \\
-        --variant 'recipe={"scales": [1000]}' --json results.json
+        --variant 'recipe={"features.scales": [1000]}' --json results.json
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sppnet.data import CLASSES, VOCDetection, make_detection_dataset
 from sppnet.data.proposals import compute_proposals
 from sppnet.engine.detect import DetectConfig, train, val
+from sppnet.engine.detect.config import _FLAT
 from sppnet.engine.detect.features import load_record_image
 from sppnet.evaluation import evaluate_detections
 from sppnet.ops import box_iou
@@ -151,10 +152,18 @@ def proposal_recall(
 # --------------------------------------------------------------------- sppnet
 
 
+def nested_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    """``--variant`` / quick overrides as :meth:`DetectConfig.from_preset` takes them: a flat
+    name of the settings before their nesting (``scales``, ``ft_iterations``) becomes its
+    dotted path (``features.scales``, ``finetune.iterations``); dotted and nested keys pass."""
+    return {_FLAT.get(k, k) if "." not in k else k: v for k, v in overrides.items()}
+
+
 def run_sppnet(data: Path | None, out: Path, overrides: dict[str, Any], proposal_cache: Path) -> dict[str, Any]:
     """Trains ``DetectConfig.from_preset("small", **overrides)`` on ``data`` and tests it on ``test``."""
-    cfg = DetectConfig.from_preset("small", data=None if data is None else str(data), **overrides)
-    cfg = dataclasses.replace(cfg, calibrate_split=None)  # from_preset ignores None overrides
+    cfg = DetectConfig.from_preset("small", nested_overrides(overrides), data=None if data is None else str(data))
+    # from_preset ignores None overrides
+    cfg = dataclasses.replace(cfg, test=dataclasses.replace(cfg.test, calibrate_split=None))
     (out / "cache").mkdir(parents=True, exist_ok=True)
     link = out / "cache" / "proposals"
     if not link.exists():
@@ -311,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
         default=[],
         metavar="NAME=JSON",
         help="an extra sppnet row: DetectConfig overrides of the small preset, e.g. "
-        "'big={\"scales\": [1000]}' (repeatable)",
+        "'big={\"features.scales\": [1000]}' (repeatable)",
     )
     ap.add_argument(
         "--budget",

@@ -208,7 +208,6 @@ def pretrain_config(cfg: DetectConfig, recipe: str | None = None):
         seed=cfg.seed,
         workers=min(cfg.workers, 1),
         device=cfg.device,
-        compile=cfg.compile,
         preset=cfg.preset,
         cache_images=False,  # the crops are already in memory; a loader worker prepares the batches
         limits=cfg.limits,

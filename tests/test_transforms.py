@@ -204,3 +204,34 @@ def test_paper_crops_draw_the_same_as_before_when_jitter_is_off():
         TrainTransform(112, crop="five")
     with pytest.raises(ValueError, match="jitter"):
         TrainTransform(112, jitter=1.5)
+
+
+def test_batched_photometric_step_matches_the_per_image_definitions():
+    # The training loop crops per image (geometric) and colours the whole batch at once
+    # (photometric); the result must be each image's crop -> jitter -> lighting -> normalise.
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    tf = TrainTransform(48, 40, crop="random", jitter=0.4, alphastd=0.1, mean=mean, std=std)
+    images = [coordinate_image(60 + 7 * i, 90 - 5 * i) for i in range(5)]
+    pixels, colours, references = [], [], []
+    for i, img in enumerate(images):
+        p, colour = tf.geometric(img, torch.Generator().manual_seed(i))
+        assert p.dtype == torch.uint8 and p.shape == (3, 40, 40)
+        pixels.append(p)
+        colours.append(colour)
+        # replay the draws in the transform's order: crop, flip, jitter factors, lighting alpha
+        g = torch.Generator().manual_seed(i)
+        resized = resize_short_side(img, resize_side(48))
+        crop = resized.crop(random_resized_box(*resized.size, tf.scale, tf.ratio, g))
+        if bool(torch.rand(1, generator=g) < 0.5):
+            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        x = pil_to_tensor(crop.resize((40, 40), Image.Resampling.BILINEAR))
+        b, c, s = (1.0 + (2.0 * torch.rand(3, generator=g) - 1.0) * 0.4).tolist()
+        x = jitter_reference(x, b, c, s)
+        alpha = torch.randn(3, generator=g) * 0.1
+        x = x + (torch.tensor(PCA_EIGVEC) @ (alpha * torch.tensor(PCA_EIGVAL))).view(3, 1, 1)
+        references.append(normalize(x, mean, std))
+    batch = tf.photometric(torch.stack(pixels), torch.stack(colours))
+    assert batch.shape == (5, 3, 40, 40) and batch.dtype == torch.float32
+    torch.testing.assert_close(batch, torch.stack(references), atol=1e-5, rtol=1e-5)
+    for i, img in enumerate(images):  # and the one-image call is the same thing
+        torch.testing.assert_close(tf(img, torch.Generator().manual_seed(i)), references[i], atol=1e-5, rtol=1e-5)

@@ -38,11 +38,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
-from sppnet.data.images import pil_to_tensor, to_rgb
+from sppnet.data.images import to_rgb
 from sppnet.data.limits import FLAGS, get_image_limits
 
 __all__ = [
@@ -56,7 +57,9 @@ __all__ = [
     "crop_boxes",
     "normalize",
     "lighting",
+    "lighting_shift",
     "color_jitter",
+    "jitter_factors",
     "random_resized_box",
     "CROPS",
     "TrainTransform",
@@ -141,6 +144,18 @@ def normalize(x: Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[fl
     return (x - m) / s
 
 
+def lighting_shift(alphastd: float, generator: torch.Generator | None = None) -> Tensor:
+    """The RGB shift of AlexNet's PCA colour noise: ``eigvec @ (alpha * eigval)``, ``alpha ~ N(0, alphastd)``.
+
+    Returns ``Tensor[3]`` (zeros, and nothing drawn, when ``alphastd <= 0``).
+    """
+    if alphastd <= 0:
+        return torch.zeros(3)
+    alpha = torch.randn(3, generator=generator) * alphastd  # [3]
+    eigvec = torch.tensor(PCA_EIGVEC)  # [3 (rgb), 3 (component)]
+    return eigvec @ (alpha * torch.tensor(PCA_EIGVAL))  # [3]
+
+
 def lighting(x: Tensor, alphastd: float, generator: torch.Generator | None = None) -> Tensor:
     """AlexNet's PCA colour noise on ``x (Tensor[3, H, W])`` in [0, 1] (not clamped, as AlexNet).
 
@@ -148,10 +163,31 @@ def lighting(x: Tensor, alphastd: float, generator: torch.Generator | None = Non
     """
     if alphastd <= 0:
         return x
-    alpha = torch.randn(3, generator=generator) * alphastd  # [3]
-    eigvec = torch.tensor(PCA_EIGVEC)  # [3 (rgb), 3 (component)]
-    rgb = eigvec @ (alpha * torch.tensor(PCA_EIGVAL))  # [3]
-    return x + rgb.to(x.dtype).view(3, 1, 1)
+    return x + lighting_shift(alphastd, generator).to(x.dtype).view(3, 1, 1)
+
+
+def jitter_factors(strength: float, generator: torch.Generator | None = None) -> Tensor:
+    """Brightness, contrast and saturation factors, each ``U[1 - strength, 1 + strength]``: ``Tensor[3]``.
+
+    Ones, and nothing drawn, when ``strength <= 0``.
+    """
+    if strength <= 0:
+        return torch.ones(3)
+    return 1.0 + (2.0 * torch.rand(3, generator=generator) - 1.0) * strength
+
+
+_LUMA = (0.299, 0.587, 0.114)  # ITU-R 601
+
+
+def _jitter_batch(x: Tensor, factors: Tensor) -> Tensor:
+    """:func:`color_jitter` on ``x [N, 3, H, W]``, per-image ``factors [N, 3]`` (brightness, contrast, saturation)."""
+    b, c, s = (factors[:, i].to(x.dtype).view(-1, 1, 1, 1) for i in range(3))
+    luma = torch.tensor(_LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    x = (x * b).clamp_(0, 1)
+    mean = (x * luma).sum(1, keepdim=True).mean((2, 3), keepdim=True)  # [N, 1, 1, 1] mean grey level
+    x = (mean + c * (x - mean)).clamp_(0, 1)
+    grey = (x * luma).sum(1, keepdim=True)  # [N, 1, H, W]
+    return (grey + s * (x - grey)).clamp_(0, 1)
 
 
 def color_jitter(x: Tensor, strength: float, generator: torch.Generator | None = None) -> Tensor:
@@ -164,13 +200,7 @@ def color_jitter(x: Tensor, strength: float, generator: torch.Generator | None =
     """
     if strength <= 0:
         return x
-    b, c, s = (1.0 + (2.0 * torch.rand(3, generator=generator) - 1.0) * strength).tolist()
-    luma = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype).view(3, 1, 1)
-    x = (x * b).clamp_(0, 1)
-    mean = (x * luma).sum(0).mean()
-    x = (mean + c * (x - mean)).clamp_(0, 1)
-    grey = (x * luma).sum(0, keepdim=True)  # [1, H, W]
-    return (grey + s * (x - grey)).clamp_(0, 1)
+    return _jitter_batch(x[None], jitter_factors(strength, generator)[None])[0]
 
 
 def random_resized_box(
@@ -272,6 +302,17 @@ class TrainTransform:
         self.jitter = float(jitter)
 
     def __call__(self, img: Image.Image, generator: torch.Generator | None = None) -> Tensor:
+        pixels, colour = self.geometric(img, generator)
+        return self.photometric(pixels[None], colour[None])[0]
+
+    def geometric(self, img: Image.Image, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Steps 1-4 and the colour draws, without applying them (the per-image, CPU part).
+
+        Returns ``(pixels, colour)``: the crop as ``uint8 Tensor[3, out_size, out_size]`` and
+        ``Tensor[6]``, the jitter factors (brightness, contrast, saturation) and the
+        lighting shift (RGB). :meth:`photometric` applies them to a whole batch at
+        once; ``photometric(pixels[None], colour[None])[0]`` is ``self(img, generator)``.
+        """
         if img.mode != "RGB":
             img = to_rgb(img)
         img = resize_short_side(img, resize_side(self.size))
@@ -285,9 +326,25 @@ class TrainTransform:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         if img.size != (self.out_size, self.out_size):  # multi-size: same content, lower resolution (Sec. 2.3)
             img = img.resize((self.out_size, self.out_size), Image.Resampling.BILINEAR)
-        x = color_jitter(pil_to_tensor(img), self.jitter, generator)
-        x = lighting(x, self.alphastd, generator)
-        return normalize(x, self.mean, self.std)
+        pixels = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)  # [3, H, W]
+        colour = torch.cat([jitter_factors(self.jitter, generator), lighting_shift(self.alphastd, generator)])
+        return pixels, colour
+
+    def photometric(self, pixels: Tensor, colour: Tensor) -> Tensor:
+        """Step 5 and 6 on a batch: ``uint8 [N, 3, H, W]`` and ``colour [N, 6]`` from :meth:`geometric`.
+
+        Returns the normalised ``float32 [N, 3, H, W]`` on ``pixels``' device (a GPU
+        batch is augmented there).
+        """
+        x = pixels.float().div_(255.0)
+        colour = colour.to(x.device)
+        if self.jitter > 0:
+            x = _jitter_batch(x, colour[:, :3])
+        if self.alphastd > 0:
+            x = x + colour[:, 3:].to(x.dtype).view(-1, 3, 1, 1)
+        m = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        s = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        return (x - m) / s
 
     def __repr__(self) -> str:
         return (

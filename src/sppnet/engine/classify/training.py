@@ -439,11 +439,11 @@ def _train(
             steps = start_step + len(loader)
             bar = progress(loader, desc=f"epoch {epoch + 1}/{cfg.epochs} @{epoch_size}", total=len(loader), enabled=say)
             step = start_step
-            for (x, y), weight in zip(bar, weights):
+            for (pixels, colour, y), weight in zip(bar, weights):
                 lr = lr_schedule.lr(epoch, (step + 1) / steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                x = x.to(ctx.device, non_blocking=True)
+                x = transform.photometric(pixels.to(ctx.device, non_blocking=True), colour)
                 y = y.to(ctx.device, non_blocking=True)
                 with autocast_context(ctx.device, cfg.amp):
                     logits = ddp_model(x)

@@ -174,6 +174,30 @@ def test_plateau_rule_divides_then_stops():
     assert restored.state_dict() == s.state_dict()
 
 
+def test_plateau_rule_does_not_count_epochs_whose_validation_loss_still_falls():
+    # top-1 noisy (no record after epoch 1) while the loss keeps setting records: no plateau
+    s = LRSchedule("plateau", 0.1, patience=2, max_reductions=1)
+    for epoch, (score, loss) in enumerate([(0.5, 1.5), (0.6, 1.4), (0.55, 1.2), (0.58, 1.0), (0.59, 0.9)]):
+        s.end_epoch(epoch, score, loss=loss)
+    assert (s.reductions, s.since_best, s.best_epoch, s.best_loss) == (0, 0, 2, 0.9)
+    # a loss within the 1 % margin of the record, or a higher one, is no progress: the rule as usual
+    s.end_epoch(5, 0.57, loss=0.895)
+    s.end_epoch(6, 0.58, loss=1.1)
+    assert s.reductions == 1 and s.lr(7) == pytest.approx(0.01)
+    # the same scores without losses divide after epoch 3 (two epochs without a better top-1)
+    plain = LRSchedule("plateau", 0.1, patience=2, max_reductions=1)
+    for epoch, score in enumerate([0.5, 0.6, 0.55, 0.58]):
+        plain.end_epoch(epoch, score)
+    assert plain.reductions == 1
+    # the record low is part of the checkpointed state; a state written without it loads
+    restored = LRSchedule("plateau", 0.1, patience=2, max_reductions=1)
+    restored.load_state_dict(json.loads(json.dumps(s.state_dict())))
+    assert restored.state_dict() == s.state_dict()
+    old = {k: v for k, v in s.state_dict().items() if k != "best_loss"}
+    restored.load_state_dict(old)
+    assert restored.best_loss == math.inf
+
+
 def test_plateau_rule_waits_until_the_network_beats_chance():
     # 8 classes: chance 0.125, floor 1.5 / 8 = 0.1875. Noise at chance divides nothing.
     s = LRSchedule("plateau", 0.1, patience=2, max_reductions=1, floor=1.5 / 8)
@@ -264,7 +288,7 @@ def test_train_writes_a_complete_run(run):
     assert {p.name for p in out.iterdir()} >= files
     assert ClassifyConfig.from_dict(load_json(out / "config.json")) == cfg
     rows = (out / "metrics.csv").read_text().splitlines()
-    assert rows[0] == "epoch,size,lr,train_loss,train_acc,val_top1,val_top5,seconds"
+    assert rows[0] == "epoch,size,lr,train_loss,train_acc,val_top1,val_top5,val_loss,seconds"
     assert [r.split(",")[1] for r in rows[1:]] == ["64", "51"]  # multi-size: 64 then round(64 * 180 / 224)
     first = dict(zip(rows[0].split(","), rows[1].split(","), strict=True))
     assert abs(float(first["train_loss"]) - math.log(8)) < 0.5  # 8 classes, barely trained

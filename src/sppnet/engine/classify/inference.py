@@ -86,8 +86,11 @@ def evaluate_counts(
     ctx: DistContext | None = None,
     verbose: bool = False,
     cache: dict | None = None,
-) -> tuple[float, float, float, float]:
-    """``(top-1 correct, top-5 correct, images, views)`` summed over all ranks (each rank scores its share)."""
+) -> tuple[float, float, float, float, float]:
+    """``(top-1 correct, top-5 correct, images, views, loss)`` summed over all ranks (each rank scores its share).
+
+    ``loss``: the cross-entropy of the view-averaged probabilities, ``-log p(label)``, summed over images.
+    """
     ctx = ctx or DistContext(device=next(model.parameters()).device)
     cfg = cfg.resolved()  # mean / std filled in
     check_views(views, model)
@@ -100,7 +103,7 @@ def evaluate_counts(
     workers = 0 if cache is not None else cfg.workers
     loader = make_loader(data, per_batch, workers, 0, collate=list_collate, cuda=ctx.device.type == "cuda")
     k = min(5, model.num_classes)
-    top1 = top5 = images = nviews = 0.0
+    top1 = top5 = images = nviews = nll = 0.0
     with torch.no_grad():
         for batch in progress(loader, desc=f"eval {views}", total=len(loader), enabled=verbose):
             labels = torch.tensor([label for _, label in batch], device=ctx.device)
@@ -115,11 +118,12 @@ def evaluate_counts(
                 probs = torch.stack([s.mean(0) for s in scored])  # [B, K]
                 nviews += sum(s.shape[0] for s in scored)
             top = probs.topk(k, dim=1).indices  # [B, k]
+            nll -= float(probs.gather(1, labels[:, None]).clamp_min(1e-12).log().sum())
             top1 += float((top[:, 0] == labels).sum())
             top5 += float((top == labels[:, None]).any(1).sum())
             images += len(batch)
     model.train(was_training)
-    return tuple(all_reduce_sum([top1, top5, images, nviews], ctx))  # type: ignore[return-value]
+    return tuple(all_reduce_sum([top1, top5, images, nviews, nll], ctx))  # type: ignore[return-value]
 
 
 def evaluate(
@@ -142,7 +146,7 @@ def evaluate(
     cfg = cfg or _default_cfg(model)
     if len(dataset) == 0:
         raise UserError("the evaluation set is empty")
-    top1, top5, n, nviews = evaluate_counts(model, dataset, views, cfg, verbose=verbose)
+    top1, top5, n, nviews, _ = evaluate_counts(model, dataset, views, cfg, verbose=verbose)
     return {"top1": top1 / n, "top5": top5 / n, "images": int(n), "views": views, "views_per_image": nviews / n}
 
 

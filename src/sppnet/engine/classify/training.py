@@ -472,8 +472,8 @@ def _train(
                 "train_acc": correct / max(seen, 1),
             }
             if val_set is not None and len(val_set):
-                top1, top5, n, _ = evaluate_counts(model, val_set, cfg.views, cfg, ctx, cache=val_cache)
-                row["val_top1"], row["val_top5"] = top1 / n, top5 / n
+                top1, top5, n, _, nll = evaluate_counts(model, val_set, cfg.views, cfg, ctx, cache=val_cache)
+                row["val_top1"], row["val_top5"], row["val_loss"] = top1 / n, top5 / n, nll / n
             # rank 0's clock on every rank: the time budget decides the same on all of them
             row["seconds"] = broadcast_object(round(time.perf_counter() - t0, 3), ctx)
             trained += row["seconds"]
@@ -482,7 +482,9 @@ def _train(
             # the plateau rule and the kept weights follow validation top-1; without a validation
             # set the rule follows the training loss and the last epoch's weights are kept
             used = trained / cfg.time_budget if cfg.time_budget is not None else None
-            best = lr_schedule.end_epoch(epoch, row.get("val_top1", -row["train_loss"]), budget_used=used)
+            best = lr_schedule.end_epoch(
+                epoch, row.get("val_top1", -row["train_loss"]), budget_used=used, loss=row.get("val_loss")
+            )
             if ctx.is_main:
                 if best or "val_top1" not in row:
                     save_weights(out / "model.safetensors", model, inference_meta(cfg, model, classes, epoch + 1))

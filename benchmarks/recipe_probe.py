@@ -1,0 +1,141 @@
+"""Recipe probe: one classifier variant on an ImageFolder set, in-process, epochs bounded.
+
+Not the product (``sppnet classify train`` is): a minimal loop over the same
+augmentation (``TrainTransform``) and networks, to compare recipe variants
+quickly. Prints ``epoch:train_acc/val_top1`` (validation every third epoch,
+centre crop). Usage::
+
+    OMP_NUM_THREADS=1 python benchmarks/recipe_probe.py '{"lr": 3e-3, "warm": 2}' NAME
+    OMP_NUM_THREADS=1 python benchmarks/recipe_probe.py '{"levels": [1]}' global-max-pool
+    OMP_NUM_THREADS=1 python benchmarks/recipe_probe.py '{"model": "vgg", "w": 16}' vgg-style
+
+Keys: data (default /tmp/shapes), size, epochs, lr, wd, warm, scale, jitter,
+grey, bs, ls, onecycle, and any ``get_model`` argument (model, width, fc_dim,
+norm, fc_norm, levels); ``model: vgg`` is a plain 3x3 batch-norm CNN of width ``w``
+with global max pooling, the reference point.
+"""
+
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sppnet.data.imagefolder import ImageFolderDataset
+from sppnet.data.images import pil_to_tensor
+from sppnet.data.transforms import TrainTransform, crop_boxes, normalize, resize_short_side, resize_side
+from sppnet.models import get_model
+
+torch.set_num_threads(int(os.environ.get("T", "1")))
+args = json.loads(sys.argv[1])
+name = sys.argv[2]
+root = args.pop("data", "/tmp/shapes")
+size = args.pop("size", 112)
+epochs = args.pop("epochs", 12)
+lr = args.pop("lr", 1e-3)
+wd = args.pop("wd", 0.05)
+warm = args.pop("warm", 1.0)
+scale = args.pop("scale", 0.6)
+jit = args.pop("jitter", 0.3)
+grey = args.pop("grey", 0.0)
+bs = args.pop("bs", 32)
+ls = args.pop("ls", 0.0)
+onecycle = args.pop("onecycle", 0)
+tr = ImageFolderDataset(root, "train")
+va = ImageFolderDataset(root, "val")
+K = len(tr.classes)
+imgs = [(resize_short_side(tr[i][0].convert("RGB"), resize_side(size)), tr[i][1]) for i in range(len(tr))]
+vimgs = [(va[i][0].convert("RGB"), va[i][1]) for i in range(len(va))]
+mk = dict(model="overfeat5", width=0.125, fc_dim=256, norm="bn", fc_norm=True, levels=(6, 3, 2, 1))
+mk.update(args)
+if mk["model"] == "vgg":
+
+    def blk(i, o):
+        return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
+
+    w = mk.get("w", 32)
+    model = nn.Sequential(
+        *blk(3, w),
+        nn.MaxPool2d(2),
+        *blk(w, 2 * w),
+        nn.MaxPool2d(2),
+        *blk(2 * w, 4 * w),
+        nn.MaxPool2d(2),
+        *blk(4 * w, 4 * w),
+        nn.MaxPool2d(2),
+        *blk(4 * w, 8 * w),
+        nn.AdaptiveMaxPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8 * w, K),
+    )
+    model.num_classes = K
+else:
+    model = get_model(mk.pop("model"), num_classes=K, **mk)
+decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+nod = [p for n, p in model.named_parameters() if p.ndim <= 1]
+opt = torch.optim.AdamW([{"params": decay, "weight_decay": wd}, {"params": nod, "weight_decay": 0}], lr=lr)
+tf = TrainTransform(size, crop="random", scale=(scale, 1), jitter=jit, alphastd=0.1)
+steps_per = math.ceil(len(imgs) / bs)
+total = epochs * steps_per
+
+
+def cen(im):
+    r = resize_short_side(im, resize_side(size))
+    return normalize(pil_to_tensor(r.crop(crop_boxes(*r.size, size)[4])), tf.mean, tf.std)
+
+
+VX = torch.stack([cen(im) for im, _ in vimgs])
+VY = torch.tensor([label for _, label in vimgs])
+t0 = time.perf_counter()
+step = 0
+out = []
+for ep in range(epochs):
+    g = torch.Generator().manual_seed(ep)
+    perm = torch.randperm(len(imgs), generator=g).tolist()
+    model.train()
+    corr = 0
+    lsum = 0
+    for b in range(steps_per):
+        idx = perm[b * bs : (b + 1) * bs]
+        px = []
+        co = []
+        for i in idx:
+            p, c = tf.geometric(imgs[i][0], g)
+            px.append(p)
+            co.append(c)
+        x = tf.photometric(torch.stack(px), torch.stack(co))
+        if grey > 0:
+            m = torch.rand(len(idx), generator=g) < grey
+            gx = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True).expand_as(x)
+            x = torch.where(m.view(-1, 1, 1, 1), gx, x)
+        y = torch.tensor([imgs[i][1] for i in idx])
+        if onecycle:
+            f = (step + 1) / total
+            cur = lr * (f / 0.15 if f < 0.15 else 0.5 * (1 + math.cos(math.pi * (f - 0.15) / 0.85)))
+        else:
+            cur = lr * min(1, (step + 1) / (warm * steps_per)) if warm > 0 else lr
+        for gr in opt.param_groups:
+            gr["lr"] = cur
+        lo = model(x)
+        loss = F.cross_entropy(lo, y, label_smoothing=ls)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        step += 1
+        corr += (lo.argmax(1) == y).sum().item()
+        lsum += loss.item() * len(idx)
+    if ep % 3 == 2 or ep == epochs - 1:
+        model.eval()
+        with torch.no_grad():
+            c = 0
+            for j in range(0, len(VX), 100):
+                c += (model(VX[j : j + 100]).argmax(1) == VY[j : j + 100]).sum().item()
+        v = c / len(VX)
+    else:
+        v = float("nan")
+    out.append(f"{ep + 1}:{corr / len(imgs):.2f}/{v:.2f}")
+print(name, f"{time.perf_counter() - t0:.0f}s", " ".join(out), flush=True)

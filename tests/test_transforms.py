@@ -235,3 +235,5 @@ def test_batched_photometric_step_matches_the_per_image_definitions():
     torch.testing.assert_close(batch, torch.stack(references), atol=1e-5, rtol=1e-5)
     for i, img in enumerate(images):  # and the one-image call is the same thing
         torch.testing.assert_close(tf(img, torch.Generator().manual_seed(i)), references[i], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"colour \[N, 6\].*\(5, 3, 40, 40\) and \(5, 3\)"):
+        tf.photometric(torch.stack(pixels), torch.stack(colours)[:, :3])

@@ -336,6 +336,11 @@ class TrainTransform:
         Returns the normalised ``float32 [N, 3, H, W]`` on ``pixels``' device (a GPU
         batch is augmented there).
         """
+        if pixels.ndim != 4 or pixels.shape[1] != 3 or colour.shape != (pixels.shape[0], 6):
+            raise ValueError(
+                f"photometric needs pixels [N, 3, H, W] and colour [N, 6] from geometric(), got "
+                f"{tuple(pixels.shape)} and {tuple(colour.shape)}"
+            )
         x = pixels.float().div_(255.0)
         colour = colour.to(x.device)
         if self.jitter > 0:

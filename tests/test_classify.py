@@ -255,6 +255,37 @@ def test_warmup_is_linear_then_the_schedule():
     assert [s.lr(1, 0.5), s.lr(2, 0.5), s.lr(3, 0.5)] == pytest.approx([0.3, 0.4, 0.04])
 
 
+def test_cosine_falls_from_the_warm_up_to_zero_over_the_epochs():
+    s = LRSchedule("cosine", 0.4, warmup_epochs=1)
+    assert s.plan(0, 11) == 11
+    for epoch, f in [(0, 0.5), (0, 1.0), (1, 0.25), (3, 1.0), (6, 0.5), (10, 1.0)]:
+        p = epoch + f
+        want = 0.4 * p if p <= 1 else 0.4 * 0.5 * (1 + math.cos(math.pi * (p - 1) / 10))  # brute force
+        assert s.lr(epoch, f) == pytest.approx(want)
+    assert s.lr(10, 1.0) == pytest.approx(0.0, abs=1e-12) and s.lr(12, 0.5) == pytest.approx(0.0, abs=1e-12)
+    for epoch in range(12):  # no plateau rule: never divided, never stopped early
+        s.end_epoch(epoch, 0.5)
+    assert not s.stopped and s.reductions == 0
+
+
+def test_cosine_plans_its_length_from_the_budget_and_the_pace():
+    s = LRSchedule("cosine", 1.0)
+    assert s.plan(0, 100, budget=60.0, trained=0.0) == 100  # no epoch timed yet: the bound
+    s.epoch_seconds = [40.0]  # only the first (cache-filling) epoch timed: its pace is not planned on
+    assert s.pace() == 40.0 and s.plan(1, 100, budget=60.0, trained=40.0) == 100
+    s.epoch_seconds = [10.0, 4.0, 6.0]  # the first epoch (caches) no longer counts
+    assert s.pace() == 5.0 and s.plan(3, 100, budget=60.0, trained=20.0) == 3 + 8
+    assert s.plan(3, 9, budget=60.0, trained=20.0) == 9  # --epochs still bounds it
+    assert s.plan(3, 100, budget=60.0, trained=59.0) == 4  # at least the epoch that starts
+    restored = LRSchedule("cosine", 1.0)
+    restored.load_state_dict(json.loads(json.dumps(s.state_dict())))
+    assert restored.epoch_seconds == s.epoch_seconds
+    old = s.state_dict()
+    del old["epoch_seconds"]  # checkpoints written before the cosine schedule
+    restored.load_state_dict(old)
+    assert restored.epoch_seconds == [] and restored.pace() is None
+
+
 def test_lr_steps_divide_by_ten():
     c = ClassifyConfig(lr=0.01, lr_steps=(2, 4))
     assert [round(c.lr_at(e), 10) for e in range(6)] == [0.01, 0.01, 0.001, 0.001, 0.0001, 0.0001]
@@ -327,6 +358,22 @@ def test_time_budget_ends_training(data, tmp_path):
     cfg = ClassifyConfig(**{**TINY, "epochs": 5}, time_budget=1e-3, data=str(data))
     train(cfg, out=tmp_path / "r", verbose=False)
     assert len(_val_top1(tmp_path / "r")) == 1
+
+
+def test_time_budget_is_spent_along_a_cosine(data, tmp_path):
+    # a generous budget: every epoch fits, so the cosine's plan is the epoch bound and the
+    # logged end-of-epoch rates follow it; the run is not stopped by the plateau rule
+    cfg = ClassifyConfig(
+        **{**TINY, "epochs": 6}, lr_schedule="cosine", warmup_epochs=1.0, lr=0.01, time_budget=3600.0, data=str(data)
+    )
+    train(cfg, out=tmp_path / "r", verbose=False)
+    lines = (tmp_path / "r" / "metrics.csv").read_text().splitlines()
+    col = lines[0].split(",").index("lr")
+    lrs = [float(r.split(",")[col]) for r in lines[1:]]
+    want = [0.01 * 0.5 * (1 + math.cos(math.pi * e / 5)) for e in range(6)]
+    assert lrs == pytest.approx(want, abs=1e-6)
+    state = load_state(tmp_path / "r" / "last.safetensors")
+    assert len(state["lr_schedule"]["epoch_seconds"]) == 6
 
 
 def test_load_evaluate_predict(run, data):
@@ -564,7 +611,7 @@ def test_train_flags_keep_their_names_and_meaning(argv, expected, tmp_path, monk
         ("--crop-scale", "0", "argument --crop-scale: must be > 0 and <= 1, got 0.0"),
         ("--label-smoothing", "1", "argument --label-smoothing: must be >= 0 and < 1, got 1.0"),
         ("--time-budget", "0", "argument --time-budget: must be > 0, got 0.0"),
-        ("--lr-schedule", "cosine", "argument --lr-schedule: must be one of plateau, steps, got 'cosine'"),
+        ("--lr-schedule", "onecycle", "argument --lr-schedule: must be one of plateau, steps, cosine, got 'onecycle'"),
     ],
 )
 def test_bad_values_are_refused_where_they_are_parsed(flag, value, message, tmp_path, capsys):

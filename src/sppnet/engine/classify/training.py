@@ -409,6 +409,7 @@ def _train(
             if lr_schedule.stopped:
                 break
             epoch_size = schedule.size_for(epoch)
+            lr_schedule.plan(epoch, cfg.epochs, cfg.time_budget, trained)  # cosine's length
             transform = TrainTransform(
                 cfg.size,
                 epoch_size,
@@ -477,6 +478,7 @@ def _train(
             # rank 0's clock on every rank: the time budget decides the same on all of them
             row["seconds"] = broadcast_object(round(time.perf_counter() - t0, 3), ctx)
             trained += row["seconds"]
+            lr_schedule.epoch_seconds.append(row["seconds"])
             start_step, totals, elapsed = 0, EpochTotals(), 0.0
             check_finite_tensors(model, "model parameters", step=(epoch + 1) * steps, lr=lr)  # on every rank
             # the plateau rule and the kept weights follow validation top-1; without a validation
@@ -494,7 +496,7 @@ def _train(
                 ):  # a plot costs ~0.5 s
                     metrics.plot(out / "curves.png", title=f"{cfg.model} {cfg.schedule}-size")
                     last_plot = time.monotonic()
-            if cfg.time_budget is not None and trained + row["seconds"] > cfg.time_budget:
+            if cfg.time_budget is not None and trained + (lr_schedule.pace() or 0.0) > cfg.time_budget:
                 lr_schedule.stopped = True  # the next epoch would end past the budget
             _checkpoint(out, ctx, model, optimizer, schedule, lr_schedule, epoch + 1, 0, totals, 0.0, trained)
             if say:

@@ -13,7 +13,7 @@ from sppnet.data import make_detection_dataset
 from sppnet.engine.common import UserError
 from sppnet.engine.detect import DetectConfig, train
 from sppnet.engine.detect.backbone import BACKGROUND, select_windows, window_crops
-from sppnet.engine.detect.data import AUTO_SCALE_RANGE, resolve_auto_scale, scale_from_objects
+from sppnet.engine.detect.data import AUTO_SCALE_RANGE, auto_scales, resolve_auto_scale, scale_from_objects
 from sppnet.engine.detect.features import build_windows
 from sppnet.utils import load_json, save_json
 
@@ -83,15 +83,31 @@ def test_scale_from_objects_by_hand_rounds_halves_up_and_needs_objects():
     assert scale_from_objects([], 112.0) is None
 
 
+def test_auto_scales_multiply_round_to_16_and_drop_repeats():
+    assert auto_scales(336, (1.0, 2.0)) == (336, 672)
+    assert auto_scales(336, (2.0, 1.0, 1.0)) == (336, 672)  # ascending, one of each
+    # 336 * 2/3 = 224 exactly; 336 * 1.5 = 504 = 16 * 31.5 rounds half up to 512
+    assert auto_scales(336, (2 / 3, 1.0, 1.5)) == (224, 336, 512)
+    assert auto_scales(224, (0.01,)) == (16,)  # never below one 16 px step
+    for base in range(16, 700, 16):
+        for f in (0.5, 0.7, 1.0, 1.3, 2.0, 2.5):
+            (got,) = auto_scales(base, (f,))
+            want = 16 * math.floor(base * f / 16 + 0.5)
+            assert got == max(16, want) and got % 16 == 0
+
+
+@pytest.mark.parametrize("factors", [(1.0, 2.0), (1.0,), (2 / 3, 1.0, 1.5)])
 @pytest.mark.parametrize("size_factor", [0.5, 0.25, 1.0])
-def test_resolve_auto_scale_sets_one_scale_in_the_papers_pixels(size_factor):
+def test_resolve_auto_scale_sets_its_scales_in_the_papers_pixels(size_factor, factors):
     records = [record(200, 100, [[0, 0, 49, 49], [10, 10, 39, 29]]), record(300, 400, [[5, 5, 84, 64]])]
-    cfg = DetectConfig.from_preset("small", {"features": {"size_factor": size_factor}})
+    cfg = DetectConfig.from_preset("small", {"features": {"size_factor": size_factor, "auto_scale_factors": factors}})
     assert cfg.features.auto_scale
     s = brute_scale(records, 224 * size_factor, *AUTO_SCALE_RANGE)
+    sides = tuple(sorted({16 * math.floor(s * f / 16 + 0.5) for f in factors}))
     resolved = resolve_auto_scale(cfg, records)
-    assert resolved.features.scales == (round(s / size_factor),) and resolved.image_scales == (s,)
-    assert resolved.features.auto_scale  # the saved config says how its scale was chosen
+    assert resolved.features.scales == tuple(round(x / size_factor) for x in sides)
+    assert resolved.image_scales == sides and s in sides
+    assert resolved.features.auto_scale  # the saved config says how its scales were chosen
     off = DetectConfig.from_preset("small", {"features": {"size_factor": size_factor, "auto_scale": False}})
     assert resolve_auto_scale(off, records) == off
     assert resolve_auto_scale(cfg, [record(100, 100, [])]) == cfg
@@ -105,8 +121,16 @@ def test_auto_scale_is_the_small_default_off_in_paper_and_off_with_explicit_scal
     assert not five.features.auto_scale and five.image_scales == (240, 288, 344, 432, 600)
     assert not DetectConfig.from_preset("small", {"features.scales": (480,)}).features.auto_scale
     assert DetectConfig.from_preset("small", {"features": {"scales": (480,), "auto_scale": True}}).features.auto_scale
-    with pytest.raises(UserError, match=r"--auto-scale chooses one scale, --scales gives 2 \[480, 688\]"):
-        DetectConfig.from_preset("small", {"features": {"scales": (480, 688), "auto_scale": True}})
+    assert small.features.auto_scale_factors == (1.0, 2.0)
+    # a resolved run's own scales (as many as the factors) load; any other count is an error
+    DetectConfig.from_preset("small", {"features": {"scales": (688, 1376), "auto_scale": True}})
+    msg = r"--auto-scale chooses 2 scale\(s\) \(--auto-scale-factors 1 2\), --scales gives 3 \[480, 576, 688\]"
+    with pytest.raises(UserError, match=msg):
+        DetectConfig.from_preset("small", {"features": {"scales": (480, 576, 688), "auto_scale": True}})
+    with pytest.raises(UserError, match="--auto-scale chooses 1 scale"):
+        DetectConfig.from_preset(
+            "small", {"features": {"scales": (480, 688), "auto_scale": True, "auto_scale_factors": (1.0,)}}
+        )
 
 
 def test_a_config_saved_before_the_recipe_loads_with_the_old_behaviour():
@@ -121,6 +145,8 @@ def test_a_config_saved_before_the_recipe_loads_with_the_old_behaviour():
     loaded = DetectConfig.from_dict(old)
     assert not loaded.features.auto_scale and loaded.backbone.crops == "gt"
     assert loaded.image_scales == new.image_scales == (344,)
+    del old["features"]["auto_scale_factors"]  # saved before the factors: an auto scale was one scale
+    assert DetectConfig.from_dict(old).features.auto_scale_factors == (1.0,)
 
 
 def test_the_demo_keeps_its_scale():
@@ -252,10 +278,10 @@ def test_a_run_chooses_its_scale_once_and_saves_it(tiny_root, tmp_path):
     train(cfg, out=out, verbose=False, stop_after="proposals")
     saved = DetectConfig.from_dict(load_json(out / "config.json"))
     s = brute_scale(VOCDetection(tiny_root, "train").records, 56.0, *AUTO_SCALE_RANGE)
-    assert saved.features.auto_scale and saved.image_scales == (s,) and saved.features.scales == (4 * s,)
+    assert saved.features.auto_scale and saved.image_scales == (s, 2 * s) and saved.features.scales == (4 * s, 8 * s)
     assert saved == resolve_auto_scale(cfg, VOCDetection(tiny_root, "train").records)
-    # resumed with the config it started from: the saved scale is kept, not chosen again
-    marked = saved.with_overrides({"features.scales": (4 * s + 64,)})
+    # resumed with the config it started from: the saved scales are kept, not chosen again
+    marked = saved.with_overrides({"features.scales": (4 * s + 64, 8 * s + 64)})
     save_json(out / "config.json", marked.to_dict())
     train(cfg, out=out, resume=True, verbose=False, stop_after="proposals")
     assert DetectConfig.from_dict(load_json(out / "config.json")) == marked

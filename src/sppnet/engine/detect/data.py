@@ -5,7 +5,7 @@
 * :func:`check_split`: a split checked before any proposal (:func:`~sppnet.data.checks.check_detection_data`).
 * :func:`training_data` / :func:`training_set`: the training split, checked, then as labelled
   windows (proposals plus ground truth).
-* :func:`resolve_auto_scale`: the image scale chosen from the training objects' sizes.
+* :func:`resolve_auto_scale`: the image scales chosen from the training objects' sizes.
 * :func:`split_proposals`: a test split's records and proposals.
 """
 
@@ -30,6 +30,7 @@ from sppnet.utils import file_digest
 
 __all__ = [
     "AUTO_SCALE_RANGE",
+    "auto_scales",
     "check_split",
     "data_to_test",
     "drop_unreadable",
@@ -215,10 +216,20 @@ def scale_from_objects(records: Sequence[dict], target: float, lo: int = 224, hi
     return int(np.floor(s / 16 + 0.5)) * 16
 
 
-def resolve_auto_scale(cfg: DetectConfig, records: Sequence[dict]) -> DetectConfig:
-    """``cfg`` with ``features.scales`` set by :func:`scale_from_objects` when ``features.auto_scale`` is on.
+def auto_scales(base: int, factors: Sequence[float]) -> tuple[int, ...]:
+    """The short sides ``base x f`` for every factor, rounded to multiples of 16 (halves
+    up, at least 16), without repeats, ascending."""
+    return tuple(sorted({max(16, int(np.floor(base * f / 16 + 0.5)) * 16) for f in factors}))
 
-    ``scales`` is in the paper's pixels: the chosen short side divided by
+
+def resolve_auto_scale(cfg: DetectConfig, records: Sequence[dict]) -> DetectConfig:
+    """``cfg`` with ``features.scales`` set from :func:`scale_from_objects` when ``features.auto_scale`` is on.
+
+    The chosen short side ``s`` (clamped to :data:`AUTO_SCALE_RANGE`) times each of
+    ``features.auto_scale_factors`` (:func:`auto_scales`; default ``s`` and ``2 s``:
+    every window is then pooled at the scale where its area is closest to the
+    target, Sec. 4.2, so objects smaller than the median are pooled from the larger
+    map). ``scales`` is in the paper's pixels: the short sides divided by
     ``size_factor``. Without objects (or with ``auto_scale`` off) ``cfg`` as given.
     """
     if not cfg.features.auto_scale:
@@ -226,7 +237,9 @@ def resolve_auto_scale(cfg: DetectConfig, records: Sequence[dict]) -> DetectConf
     s = scale_from_objects(records, cfg.window_target, *AUTO_SCALE_RANGE)
     if s is None:
         return cfg
-    return cfg.with_overrides({"features": {"scales": (round(s / cfg.features.size_factor),)}}).resolved()
+    sides = auto_scales(s, cfg.features.auto_scale_factors)
+    scales = tuple(round(side / cfg.features.size_factor) for side in sides)
+    return cfg.with_overrides({"features": {"scales": scales}}).resolved()
 
 
 def data_to_test(

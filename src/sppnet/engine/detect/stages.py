@@ -3,8 +3,8 @@
 :func:`train` runs, in order (``finetune="all"`` swaps 3 and 4):
 
 1. ``proposals``: selective search, cached per image (:mod:`.data`); ground-truth
-   boxes join the training windows. With ``features.auto_scale`` the image scale
-   is chosen here from the training objects' sizes and saved in ``config.json``.
+   boxes join the training windows. With ``features.auto_scale`` the image scales
+   are chosen here from the training objects' sizes and saved in ``config.json``.
 2. ``backbone``: the network pretrained as a classifier of windows, or taken
    from ``--backbone`` (:mod:`.backbone`); fc8 starts from that classifier.
 3. ``features``: conv5 of every training image at every scale and flipped

@@ -47,14 +47,7 @@ from collections.abc import Sequence
 
 from sppnet.engine.distributed import derive_seed
 
-__all__ = [
-    "LOSS_MARGIN",
-    "LR_SCHEDULES",
-    "SCHEDULES",
-    "LRSchedule",
-    "SizeSchedule",
-    "budget_marks",
-]
+__all__ = ["LOSS_MARGIN", "LR_SCHEDULES", "SCHEDULES", "LRSchedule", "SizeSchedule", "budget_marks"]
 
 SCHEDULES: tuple[str, ...] = ("single", "multi", "random")
 LR_SCHEDULES: tuple[str, ...] = ("plateau", "steps", "cosine")

@@ -212,14 +212,18 @@ def scale_from_objects(records: Sequence[dict], target: float, lo: int = 224, hi
         sides += (min(int(r["width"]), int(r["height"])) * target / area.sqrt()).tolist()
     if not sides:
         return None
-    s = min(max(float(np.median(sides)), lo), hi)
-    return int(np.floor(s / 16 + 0.5)) * 16
+    return _round16(min(max(float(np.median(sides)), lo), hi))
+
+
+def _round16(side: float) -> int:
+    """``side`` to the nearest multiple of 16, halves up."""
+    return int(np.floor(side / 16 + 0.5)) * 16
 
 
 def auto_scales(base: int, factors: Sequence[float]) -> tuple[int, ...]:
     """The short sides ``base x f`` for every factor, rounded to multiples of 16 (halves
     up, at least 16), without repeats, ascending."""
-    return tuple(sorted({max(16, int(np.floor(base * f / 16 + 0.5)) * 16) for f in factors}))
+    return tuple(sorted({max(16, _round16(base * f)) for f in factors}))
 
 
 def resolve_auto_scale(cfg: DetectConfig, records: Sequence[dict]) -> DetectConfig:

@@ -28,7 +28,15 @@ from sppnet.engine.detect.config import DetectConfig
 from sppnet.engine.detect.data import data_to_test, drop_unreadable, open_detection_data, proposals, split_proposals
 from sppnet.engine.detect.features import load_record_image
 from sppnet.engine.detect.model import heads_trained, load_detector
-from sppnet.engine.distributed import DistContext, all_reduce_sum, gather_shards, init_distributed, shard
+from sppnet.engine.distributed import (
+    DistContext,
+    all_reduce_sum,
+    barrier,
+    gather_shards,
+    init_distributed,
+    shard,
+    shutdown_distributed,
+)
 from sppnet.evaluation import (
     best_f1_thresholds,
     coco_ground_truth,
@@ -299,7 +307,49 @@ def val(
 
     Under ``torchrun`` the images are shared among the processes; rank 0 writes the files.
     """
+    import torch.distributed as torch_dist
+
+    owns_group = not (torch_dist.is_available() and torch_dist.is_initialized())
     dist = init_distributed(device)
+    try:
+        result, predictions, records, ds, classes = _val(
+            dist, run, data, split, fmt, ann, scorer, workers, verbose, svd_rank, metric, amp
+        )
+        if dist.is_main and (save_json is not None or save_coco_gt is not None):
+            results, truth = coco_files(predictions, records, classes, getattr(ds, "category_ids", None))
+            if save_json is not None:
+                if not results:
+                    print(
+                        f"warning: no detections: {save_json} holds [] (pycocotools' loadRes cannot read it)",
+                        file=sys.stderr,
+                    )
+                save_coco_results(save_json, results)
+                result["results_json"] = str(save_json)
+            if save_coco_gt is not None:
+                save_coco_results(save_coco_gt, truth)
+                result["coco_gt_json"] = str(save_coco_gt)
+        barrier(dist)  # rank 0 has written its files before any process leaves
+        return result
+    finally:
+        if owns_group:
+            shutdown_distributed(dist)  # leaving with the group still open can abort a gloo worker at exit
+
+
+def _val(
+    dist: DistContext,
+    run: str | os.PathLike,
+    data: str | None,
+    split: str,
+    fmt: str | None,
+    ann: str | None,
+    scorer: str | None,
+    workers: int | None,
+    verbose: bool,
+    svd_rank: int | Sequence[int] | None,
+    metric: str,
+    amp: str | None,
+) -> tuple[dict[str, Any], list, list[dict], Any, list[str]]:
+    """:func:`val`'s work: ``(result, predictions, records, data set, classes)``."""
     detector, classes, cfg, scorer = _load_for_testing(run, str(dist.device), scorer, svd_rank)
     data, fmt, ann = data_to_test(cfg, data, fmt, ann)
     if workers is not None:
@@ -324,20 +374,7 @@ def val(
     )
     predictions = result.pop("predictions")
     result["scorer"] = scorer
-    if dist.is_main and (save_json is not None or save_coco_gt is not None):
-        results, truth = coco_files(predictions, records, classes, getattr(ds, "category_ids", None))
-        if save_json is not None:
-            if not results:
-                print(
-                    f"warning: no detections: {save_json} holds [] (pycocotools' loadRes cannot read it)",
-                    file=sys.stderr,
-                )
-            save_coco_results(save_json, results)
-            result["results_json"] = str(save_json)
-        if save_coco_gt is not None:
-            save_coco_results(save_coco_gt, truth)
-            result["coco_gt_json"] = str(save_coco_gt)
-    return result
+    return result, predictions, records, ds, list(classes)
 
 
 def json_safe(result: dict[str, Any]) -> dict[str, Any]:

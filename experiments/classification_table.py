@@ -37,6 +37,7 @@ import torch
 from sppnet.data.imagefolder import ImageFolderDataset
 from sppnet.data.synthetic import make_classification_dataset
 from sppnet.engine.classify import ClassifyConfig, builtin_data_root, evaluate, load_classifier, train
+from sppnet.engine.common import MetricsLog
 from sppnet.utils import atomic_write_text, load_json, save_json
 from sppnet.viz.plots import plot_grouped_bars
 
@@ -87,13 +88,30 @@ def run_one(cfg: ClassifyConfig, run: Path, test: ImageFolderDataset) -> dict:
     train(cfg, out=run, resume=done, verbose=False)
     seconds = time.perf_counter() - t0
     model, _, cfg = load_classifier(run, cfg.device)
-    result: dict = {"train_seconds": round(seconds, 1)}
+    result: dict = {"train_seconds": round(seconds, 1), **training_summary(run)}
     for views in VIEWS:
         if views == "full" and not cfg.spp:
             continue
         r = evaluate(model, test, views, cfg)
         result[views] = {"top1_err": 100 * (1 - r["top1"]), "top5_err": 100 * (1 - r["top5"])}
     return result
+
+
+def training_summary(run: Path) -> dict:
+    """What explains a test error, from the run's ``metrics.csv``: epochs trained, the
+    training error of the last epoch at each size (multi-size runs alternate), and the
+    best validation error (the epoch whose weights were kept)."""
+    rows = MetricsLog.load(run / "metrics.csv").rows
+    if not rows:
+        return {}
+    last_by_size: dict[str, float] = {}
+    for r in rows:
+        last_by_size[str(r["size"])] = 100 * (1 - r["train_acc"])
+    out: dict = {"epochs": len(rows), "train_err": 100 * (1 - rows[-1]["train_acc"]), "train_err_by_size": last_by_size}
+    vals = [r["val_top1"] for r in rows if isinstance(r.get("val_top1"), float)]
+    if vals:
+        out["best_val_err"] = 100 * (1 - max(vals))
+    return out
 
 
 def mean_std(values: list[float]) -> str:
@@ -125,6 +143,27 @@ def write_table(
             f"| {name} | {_cell(runs, 'center', 'top1_err')} | {_cell(runs, 'full', 'top1_err')} | "
             f"{_cell(runs, 'ten', 'top1_err')} | {_cell(runs, 'ten', 'top5_err')} | {secs} |"
         )
+    lines += [
+        "",
+        "Training: epochs run (the plateau rule stops a run), top-1 error on the training crops in the "
+        "last epoch (at each of the two sizes for multi-size runs), best validation top-1 error (centre crop):",
+        "",
+        "| model | epochs | train top-1 err, last epoch | best val top-1 err |",
+        "|---|---|---|---|",
+    ]
+    for name in VARIANTS:
+        runs = list(results.get(name, {}).values())
+        sizes_seen = sorted({k for r in runs for k in r.get("train_err_by_size", {})}, key=int)
+        if VARIANTS[name]["schedule"] == "multi" and len(sizes_seen) > 1:  # the same two sizes in every seed
+            train = ", ".join(
+                f"{k}: " + mean_std([r["train_err_by_size"][k] for r in runs if k in r.get("train_err_by_size", {})])
+                for k in sizes_seen
+            )
+        else:
+            train = mean_std([r["train_err"] for r in runs if "train_err" in r])
+        epochs = mean_std([r["epochs"] for r in runs if "epochs" in r]).split(" ±")[0]
+        best = mean_std([r["best_val_err"] for r in runs if "best_val_err" in r])
+        lines.append(f"| {name} | {epochs} | {train} | {best} |")
     lines += [
         "",
         f"Total {total / 60:.1f} min on {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "

@@ -64,7 +64,7 @@ def test_detection_table_quick_fills_every_cell_and_resumes(tmp_path, capsys):
     assert rows[""] == list(dt.COLUMNS)
     for row in dt.ROWS:
         cells = rows[row]
-        assert len(cells) == 3
+        assert len(cells) == len(dt.COLUMNS)
         for column, cell in zip(dt.COLUMNS, cells):
             m = re.fullmatch(r"([\d.]+) \(([\d.]+) s\)", cell)
             assert m, cell
@@ -95,9 +95,19 @@ def test_classification_table_quick_writes_mean_and_spread(tmp_path):
             for views in ct.VIEWS:
                 if views in r:
                     assert 0.0 <= r[views]["top1_err"] <= 100.0 and r[views]["top5_err"] <= r[views]["top1_err"]
-    rows = table_rows((out / "table.md").read_text())
+    errors, training = (out / "table.md").read_text().split("\nTraining:")
+    rows, trained = table_rows(errors), table_rows(training)
     for name in ct.VARIANTS:
         assert re.fullmatch(r"[\d.]+ ± [\d.]+", rows[name][0]), rows[name]
+        runs = results[name].values()
+        assert all(r["epochs"] == ct.QUICK["epochs"] for r in runs)  # from each run's metrics.csv
+        epochs, train_err, best_val = trained[name]
+        assert float(epochs) == ct.QUICK["epochs"]
+        assert re.fullmatch(r"[\d.]+ ± [\d.]+", best_val), trained[name]
+        # multi-size runs report the last training error at each of their two sizes
+        assert train_err.count("±") == (2 if name == "SPP multi-size" else 1), train_err
+        for r in runs:
+            assert 0.0 <= r["best_val_err"] <= 100.0 and 0.0 <= r["train_err"] <= 100.0
     with Image.open(out / "table.png") as png:
         assert png.size[0] > 400
 
@@ -113,6 +123,10 @@ def test_detection_table_runs_spp_at_the_paper_image_scales_by_default(tmp_path)
     rcnn = dt.column_config(full, None, "R-CNN", None)
     assert spp1.image_scales == (688,) and spp5.image_scales == (480, 576, 688, 864, 1200)
     assert rcnn.method == "rcnn" and rcnn.window_target == spp1.window_target == spp5.window_target == 112
+    # the defaults' column: the run picks its scales from the data (the multiplier does not apply)
+    auto = dt.column_config(full, None, "SPP auto scales", None)
+    assert auto.method == "spp" and auto.features.auto_scale and auto.features.auto_scale_factors == (1.0, 2.0)
+    assert not spp1.features.auto_scale and not spp5.features.auto_scale
     with pytest.raises(SystemExit):
         dt.parse_args(["--out", str(tmp_path), "--spp-scale-multiplier", "0"])
 

@@ -82,8 +82,12 @@ METHODS = ("small", "rcnn", "torchvision")
 # ----------------------------------------------------------------------- data
 
 
-def prepare_sets(names: Sequence[str], root: Path, wheel: Path | None, quick: bool) -> dict[str, Path]:
-    """The VOC folder of each set, generated under ``root`` when missing (``quick``: tiny copies)."""
+def prepare_sets(
+    names: Sequence[str], root: Path, wheel: Path | None, quick: bool, shapes_train: int | None = None
+) -> dict[str, Path]:
+    """The VOC folder of each set, generated under ``root`` when missing (``quick``: tiny copies;
+    ``shapes_train``: a shapes set of that many training images, a fifth as many val and
+    two fifths as many test images, instead of the built-in one)."""
     import datasets as bench_sets
 
     folders: dict[str, Path] = {}
@@ -93,6 +97,11 @@ def prepare_sets(names: Sequence[str], root: Path, wheel: Path | None, quick: bo
         if name == "shapes":
             if quick:
                 folder = make_detection_dataset(folder, num_train=24, num_val=4, num_test=12)
+            elif shapes_train is not None:  # seed 0 and 100 images: the demo's detection set
+                n = shapes_train
+                folder = make_detection_dataset(
+                    root / f"shapes-{n}", num_train=n, num_val=max(n // 5, 1), num_test=max(2 * n // 5, 1)
+                )
             else:
                 folder = make_detection_dataset()  # the built-in set, as `sppnet detect train` without --data
         elif not (folder / "ImageSets" / "Main" / "test.txt").is_file():
@@ -261,7 +270,8 @@ def run_torchvision(
             out = model([img])[0]
             seconds += time.perf_counter() - t
             boxes = out["boxes"].clone()
-            boxes[:, 2:] -= 1  # back to inclusive pixels
+            # back to inclusive pixels; a box under 1 px wide (torchvision keeps some) stays x1 <= x2
+            boxes[:, 2:] = torch.maximum(boxes[:, 2:] - 1, boxes[:, :2])
             predictions.append({"boxes": boxes, "scores": out["scores"], "labels": out["labels"] - 1})
             gts.append(
                 {
@@ -341,6 +351,14 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="run directories (default: a temporary folder)",
     )
+    ap.add_argument(
+        "--shapes-images",
+        type=int,
+        default=None,
+        metavar="N",
+        help="shapes: generate N training images (N/5 val, 2N/5 test; 100 is the demo's set) instead of "
+        "using the built-in set (300 / 100 / 150)",
+    )
     ap.add_argument("--quick", action="store_true", help="tiny sets, short training: a smoke test")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
@@ -361,7 +379,9 @@ def main(argv: list[str] | None = None) -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="sppnet-detbench-"))
     print(f"machine: {_machine()}", flush=True)
     print(f"command: {' '.join(sys.argv)}", flush=True)
-    folders = prepare_sets(args.sets, args.root, args.deepforest_wheel, args.quick)
+    if args.shapes_images is not None and args.shapes_images < 5:
+        ap.error(f"--shapes-images must be >= 5, got {args.shapes_images}")
+    folders = prepare_sets(args.sets, args.root, args.deepforest_wheel, args.quick, args.shapes_images)
     results: dict[str, Any] = {"machine": _machine(), "argv": sys.argv, "sets": {}}
     rows = []
     t_all = time.perf_counter()
@@ -388,7 +408,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         set_budget = budget
         for label, over in variants.items():
-            data = None if (name == "shapes" and not args.quick) else folder
+            data = None if (name == "shapes" and not args.quick and args.shapes_images is None) else folder
             run_dir = work / name / label.replace(" ", "_")
             r = run_sppnet(data, run_dir, {**quick, **over}, cache)
             set_result["methods"][label] = r

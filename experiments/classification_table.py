@@ -108,7 +108,7 @@ def training_summary(run: Path) -> dict:
     for r in rows:
         last_by_size[str(r["size"])] = 100 * (1 - r["train_acc"])
     out: dict = {"epochs": len(rows), "train_err": 100 * (1 - rows[-1]["train_acc"]), "train_err_by_size": last_by_size}
-    vals = [r["val_top1"] for r in rows if isinstance(r.get("val_top1"), float)]
+    vals = [r["val_top1"] for r in rows if isinstance(r.get("val_top1"), (int, float))]
     if vals:
         out["best_val_err"] = 100 * (1 - max(vals))
     return out

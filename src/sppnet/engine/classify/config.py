@@ -202,8 +202,18 @@ class ClassifyConfig(Config):
         help="plateau: lr / 10 when validation top-1 stops improving, then stop; steps: lr / 10 at --lr-steps; "
         "cosine: a half cosine to 0 over --epochs, or over --time-budget when given",
     )
-    patience: int = option(3, min=1, help="plateau: epochs without a better validation top-1 before lr / 10")
-    max_reductions: int = option(2, min=0, help="plateau: lr reductions; the next plateau ends training")
+    patience: int = option(
+        3,
+        min=1,
+        help="plateau: epochs without a better validation top-1 before lr / 10 (with --schedule multi: "
+        "pairs of epochs, one at each size)",
+    )
+    max_reductions: int = option(
+        2,
+        min=0,
+        help="plateau: lr reductions; the next plateau ends training (reductions not made by then are due from "
+        "70 percent of --epochs or --time-budget on: 70 and 85 for 2)",
+    )
     lr_steps: tuple[int, ...] = option(
         (),
         min=0,

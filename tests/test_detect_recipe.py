@@ -149,13 +149,13 @@ def test_a_config_saved_before_the_recipe_loads_with_the_old_behaviour():
     assert DetectConfig.from_dict(old).features.auto_scale_factors == (1.0,)
 
 
-def test_the_demo_keeps_its_scale():
+def test_the_demo_chooses_its_scales_from_the_objects():
     from sppnet.engine.demo import DemoConfig
 
-    for quick in (True, False):
-        det = DemoConfig(quick=quick).sizes()["det"]
-        cfg = DetectConfig.from_preset("small", det)
-        assert not cfg.features.auto_scale and cfg.image_scales == (344,)
+    full = DetectConfig.from_preset("small", DemoConfig().sizes()["det"])
+    assert full.features.auto_scale and full.features.auto_scale_factors == (1.0, 2.0)
+    quick = DetectConfig.from_preset("small", DemoConfig(quick=True).sizes()["det"])  # the tests' few images
+    assert not quick.features.auto_scale and quick.image_scales == (344,)
 
 
 # ------------------------------------------------------------ R-CNN-style pretraining crops

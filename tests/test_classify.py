@@ -254,6 +254,8 @@ def test_the_epoch_bound_places_the_plateau_reductions_like_a_budget():
     assert run_fraction(3, 10) == pytest.approx(0.3)
     assert run_fraction(3, 10, trained=80.0, budget=100.0) == pytest.approx(0.8)  # the budget binds first
     assert run_fraction(9, 10, trained=10.0, budget=100.0) == pytest.approx(0.9)  # the epochs bind first
+    # after the last epoch only the budget: a 1-epoch run resumed to 3 epochs goes on at its rate
+    assert run_fraction(1, 1) == 0.0 and run_fraction(10, 10, trained=75.0, budget=100.0) == pytest.approx(0.75)
     # a run that keeps improving never plateaus: at 30 epochs its two reductions come at 70 % and 85 %
     s = LRSchedule("plateau", 1.0, patience=3, max_reductions=2, check_every=2)
     lrs = []

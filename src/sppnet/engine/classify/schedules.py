@@ -93,10 +93,15 @@ class SizeSchedule:
 
 
 def run_fraction(done_epochs: int, epochs: int, trained: float = 0.0, budget: float | None = None) -> float:
-    """The fraction of a run spent: of the epoch bound or of the time ``budget`` (seconds,
-    ``trained`` of them spent), whichever is further along. A run still improving at the
-    bound thus ends at a divided rate (:func:`budget_marks`), as a fixed schedule would."""
-    spent = done_epochs / max(epochs, 1)
+    """The fraction of a run spent, as :func:`budget_marks` judges it: of the epoch bound or
+    of the time ``budget`` (seconds, ``trained`` of them spent), whichever is further along.
+    A run still improving at the bound thus ends at a divided rate, as a fixed schedule would.
+
+    After the last epoch (``done_epochs >= epochs``) only the budget counts: a reduction
+    due then would change nothing in this run, only the rate at which a resumed run with a
+    larger ``--epochs`` goes on (which then matches the run trained to that bound at once,
+    as long as the first stopped before 70 %)."""
+    spent = done_epochs / max(epochs, 1) if done_epochs < epochs else 0.0
     if budget is not None:
         spent = max(spent, trained / budget)
     return spent

@@ -27,7 +27,7 @@ from sppnet.engine.classify import (
     train,
 )
 from sppnet.engine.classify.config import PAPER_RECIPE
-from sppnet.engine.classify.schedules import budget_marks, run_fraction
+from sppnet.engine.classify.schedules import budget_marks
 from sppnet.engine.common import UserError, load_state, load_weights
 from sppnet.engine.config import ConfigError, leaves
 from sppnet.utils import load_json
@@ -248,22 +248,6 @@ def test_plateau_rule_judges_multi_size_after_full_pairs():
         s.end_epoch(epoch, score)
         # patience 1 = one whole pair without a record: 2 plateau epochs, judged after even epochs (1-based)
         assert s.reductions == (epoch >= 3) + (epoch >= 5)
-
-
-def test_the_epoch_bound_places_the_plateau_reductions_like_a_budget():
-    assert run_fraction(3, 10) == pytest.approx(0.3)
-    assert run_fraction(3, 10, trained=80.0, budget=100.0) == pytest.approx(0.8)  # the budget binds first
-    assert run_fraction(9, 10, trained=10.0, budget=100.0) == pytest.approx(0.9)  # the epochs bind first
-    # after the last epoch only the budget: a 1-epoch run resumed to 3 epochs goes on at its rate
-    assert run_fraction(1, 1) == 0.0 and run_fraction(10, 10, trained=75.0, budget=100.0) == pytest.approx(0.75)
-    # a run that keeps improving never plateaus: at 30 epochs its two reductions come at 70 % and 85 %
-    s = LRSchedule("plateau", 1.0, patience=3, max_reductions=2, check_every=2)
-    lrs = []
-    for epoch in range(30):
-        lrs.append(s.lr(epoch))
-        s.end_epoch(epoch, 0.1 + 0.01 * epoch, budget_used=run_fraction(epoch + 1, 30))
-    assert lrs == pytest.approx([1.0] * 21 + [0.1] * 5 + [0.01] * 4)  # divided after epochs 21 and 26 (1-based)
-    assert not s.stopped
 
 
 def test_plateau_patience_counts_size_cycles_not_epochs():

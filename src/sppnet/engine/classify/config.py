@@ -208,12 +208,7 @@ class ClassifyConfig(Config):
         help="plateau: epochs without a better validation top-1 before lr / 10 (with --schedule multi: "
         "pairs of epochs, one at each size)",
     )
-    max_reductions: int = option(
-        2,
-        min=0,
-        help="plateau: lr reductions; the next plateau ends training (reductions not made by then are due from "
-        "70 percent of --epochs or --time-budget on: 70 and 85 for 2)",
-    )
+    max_reductions: int = option(2, min=0, help="plateau: lr reductions; the next plateau ends training")
     lr_steps: tuple[int, ...] = option(
         (),
         min=0,

@@ -50,7 +50,7 @@ from sppnet.engine.amp import autocast_context, grad_scaler
 from sppnet.engine.classify.config import ClassifyConfig
 from sppnet.engine.classify.data import AugmentedDataset, builtin_data_root, make_loader, open_image_folder
 from sppnet.engine.classify.inference import evaluate_counts, inference_meta
-from sppnet.engine.classify.schedules import LRSchedule, SizeSchedule, run_fraction
+from sppnet.engine.classify.schedules import LRSchedule, SizeSchedule
 from sppnet.engine.common import (
     GracefulInterrupt,
     MetricsLog,
@@ -483,7 +483,7 @@ def _train(
             check_finite_tensors(model, "model parameters", step=(epoch + 1) * steps, lr=lr)  # on every rank
             # the plateau rule and the kept weights follow validation top-1; without a validation
             # set the rule follows the training loss and the last epoch's weights are kept
-            used = run_fraction(epoch + 1, cfg.epochs, trained, cfg.time_budget)
+            used = trained / cfg.time_budget if cfg.time_budget is not None else None
             best = lr_schedule.end_epoch(
                 epoch, row.get("val_top1", -row["train_loss"]), budget_used=used, loss=row.get("val_loss")
             )

@@ -70,8 +70,9 @@ class DemoConfig:
             det={
                 "finetune": {"iterations": 800, "lr_steps": (600,)},
                 # the small preset's features: two scales chosen from the training objects' sizes
-                # (Sec. 4.2's rule), each window pooled at the one that suits it; at the fixed
-                # 688 (x 0.5) of earlier demos the same backbone gave mAP 0.58 instead of 0.78
+                # (Sec. 4.2's rule), each window pooled at the one that suits it; against the fixed
+                # 688 (x 0.5) of earlier demos, mAP 0.57 -> 0.64 with the old demo's classifier as
+                # the backbone, 0.57 -> 0.73 with an LRN one (benchmarks/README.md)
                 "features": {"auto_scale": True},
                 "proposals": {"max_proposals": 1000},
                 "workers": 2,
@@ -150,10 +151,11 @@ def _classification(cfg: DemoConfig, sizes: dict, data_root: Path, out: Path, fi
     run = out / "classify"
     # The small preset's defaults (batch norm, AdamW, random-resized crops with colour jitter,
     # the plateau rule; classify/config.py) at Overfeat-5 width 1/8, with multi-size training.
-    # Measured on the demo's data (seed 0, 2026-12-04, README): 30 epochs of them gave
-    # centre / full-image top-1 0.80 / 0.78 in 171 s and, as the detector's backbone, mAP 0.78;
-    # the paper's recipe (LRN, SGD at 0.02, fixed steps, the five crops) of earlier demos
-    # needed 50 epochs (240 s) for 0.71 / 0.77 and mAP 0.64 at the same image scales.
+    # Measured on the demo's data (seeds 0 and 1, 2026-12-04, README): 30 epochs of them gave
+    # centre / full-image top-1 0.785 / 0.790 and 0.790 / 0.810 and, as the detector's
+    # backbone, mAP 0.772 and 0.678; the paper's recipe (LRN, SGD at 0.02, fixed steps, the
+    # five crops) of earlier demos, 50 epochs: 0.705 / 0.770 and 0.820 / 0.860, mAP 0.57
+    # and 0.55 at one fixed scale, 0.64 (seed 0) at the auto scales.
     ccfg = ClassifyConfig.from_preset(
         "small",
         schedule="multi",

@@ -10,7 +10,8 @@ centre crop). Usage::
     OMP_NUM_THREADS=1 python benchmarks/recipe_probe.py '{"model": "vgg", "w": 16}' vgg-style
 
 Keys: data (default /tmp/shapes), size, epochs, lr, wd, warm, scale, jitter,
-grey, bs, ls, onecycle, and any ``get_model`` argument (model, width, fc_dim,
+alphastd, grey, bs, ls, onecycle, head (``linear``: the pyramid straight into the
+classifier, no fc6 / fc7), and any ``get_model`` argument (model, width, fc_dim,
 norm, fc_norm, levels); ``model: vgg`` is a plain 3x3 batch-norm CNN of width ``w``
 with global max pooling, the reference point.
 """
@@ -45,6 +46,8 @@ grey = args.pop("grey", 0.0)
 bs = args.pop("bs", 32)
 ls = args.pop("ls", 0.0)
 onecycle = args.pop("onecycle", 0)
+alphastd = args.pop("alphastd", 0.1)
+head = args.pop("head", "fc")
 tr = ImageFolderDataset(root, "train")
 va = ImageFolderDataset(root, "val")
 K = len(tr.classes)
@@ -75,10 +78,13 @@ if mk["model"] == "vgg":
     model.num_classes = K
 else:
     model = get_model(mk.pop("model"), num_classes=K, **mk)
+    if head == "linear":  # the pyramid straight into the classifier: no fc6 / fc7
+        model.fc = nn.Identity()
+        model.classifier = nn.Linear(model.pooled_dim, K)
 decay = [p for n, p in model.named_parameters() if p.ndim > 1]
 nod = [p for n, p in model.named_parameters() if p.ndim <= 1]
 opt = torch.optim.AdamW([{"params": decay, "weight_decay": wd}, {"params": nod, "weight_decay": 0}], lr=lr)
-tf = TrainTransform(size, crop="random", scale=(scale, 1), jitter=jit, alphastd=0.1)
+tf = TrainTransform(size, crop="random", scale=(scale, 1), jitter=jit, alphastd=alphastd)
 steps_per = math.ceil(len(imgs) / bs)
 total = epochs * steps_per
 

@@ -1,8 +1,9 @@
 """``sppnet demo``: what SPP-net does, on the built-in data, on a laptop, offline.
 
-1. Classification: an SPP classifier (ZF-5 at CPU width) trained with multi-size
-   training, then one set of weights classifies test images of several sizes
-   and aspect ratios (centre crop vs full image).
+1. Classification: an SPP classifier (Overfeat-5 at 1/8 width, the ``small``
+   defaults) trained with multi-size training, then one set of weights
+   classifies test images of several sizes and aspect ratios (centre crop vs
+   full image).
 2. Detection: the SPP-net detector trained through its stages, VOC07 mAP on the
    test split, detections next to the ground truth, PR curves, and the time per
    image of SPP-net vs the R-CNN baseline (same backbone, same heads, same windows).

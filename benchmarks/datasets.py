@@ -28,6 +28,10 @@ name                      layout       content
                                        (crop, aspect, rotation, flip, colour, blur), pasted
                                        at 30-90 % of the short side on crops of other
                                        photographs; 64-160 px
+``faces``                 ImageFolder  2 classes: scikit-image's ``lfw_subset`` as it
+                                       is (100 faces, 100 non-faces, 25x25 grey);
+                                       60 / 20 / 20 % of each class for train /
+                                       val / test; a check set, never tuned on
 ``digits-voc``            Pascal VOC   1-4 digits per image, 20 px to 70 % of the short
                                        side, on photograph crops of 200-400 px; tight boxes
                                        from the alpha mask
@@ -68,7 +72,7 @@ from PIL import Image, ImageFilter
 
 from sppnet.data.voc import write_voc_annotation
 
-CLASSIFICATION_SETS = ("digits", "objects")
+CLASSIFICATION_SETS = ("digits", "objects", "faces")
 DETECTION_SETS = ("digits-voc", "objects-voc", "deepforest-voc")
 SETS = CLASSIFICATION_SETS + DETECTION_SETS
 
@@ -410,6 +414,22 @@ def make_deepforest_set(
     return _write_voc(out, items, "deepforest (tiled)")
 
 
+def make_faces_set(out: Path, seed: int) -> Path:
+    """scikit-image's ``lfw_subset`` (faces, then non-faces) as an ImageFolder, split per class."""
+    from skimage import data
+
+    pictures = (data.lfw_subset() * 255).round().astype(np.uint8)  # [200, 25, 25]
+    rng = np.random.default_rng(seed)
+    for label, name in enumerate(("face", "nonface")):
+        order = rng.permutation(100) + 100 * label
+        for k, i in enumerate(order):
+            split = "train" if k < 60 else "val" if k < 80 else "test"
+            folder = out / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pictures[i]).save(folder / f"{name}_{int(i):03d}.jpg", quality=95)
+    return out
+
+
 # ----------------------------------------------------------------------- main
 
 
@@ -424,6 +444,7 @@ def build(
     makers: dict[str, Callable[[Path], Path]] = {
         "digits": lambda p: make_classification_set(p, "digits", src, seed, per_class=(100, 20, 20)),
         "objects": lambda p: make_classification_set(p, "objects", src, seed, per_class=(80, 30, 30)),
+        "faces": lambda p: make_faces_set(p, seed),
         "digits-voc": lambda p: make_detection_set(p, "digits", src, seed),
         "objects-voc": lambda p: make_detection_set(p, "objects", src, seed),
     }

@@ -76,7 +76,7 @@ def plot_grouped_bars(
         errors: name -> error bar per group (e.g. std over seeds).
     """
     width = 0.8 / max(len(series), 1)
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(9.5, 4))
     for i, (name, values) in enumerate(series.items()):
         errs = (errors or {}).get(name)
         keep = [j for j, v in enumerate(values) if v is not None]
@@ -87,7 +87,7 @@ def plot_grouped_bars(
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside the bars, never over them
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return save_figure(fig, png)

@@ -205,8 +205,8 @@ class ClassifyConfig(Config):
     patience: int = option(
         3,
         min=1,
-        help="plateau: epochs without a better validation top-1 before lr / 10 (with --schedule multi: "
-        "pairs of epochs, one at each size)",
+        help="plateau: epochs without a better validation top-1 before lr / 10 (with --schedule multi or random: "
+        "pairs of epochs)",
     )
     max_reductions: int = option(2, min=0, help="plateau: lr reductions; the next plateau ends training")
     lr_steps: tuple[int, ...] = option(

@@ -135,7 +135,7 @@ def build_optimizer(cfg: ClassifyConfig, model: nn.Module) -> torch.optim.Optimi
 
 
 def build_lr_schedule(cfg: ClassifyConfig, num_classes: int | None = None) -> LRSchedule:
-    """The learning-rate schedule of ``cfg``; multi-size runs judge plateaus after full pairs of epochs.
+    """The learning-rate schedule of ``cfg``; multi- and random-size runs judge plateaus after pairs of epochs.
 
     With ``num_classes``, plateaus are counted only once validation top-1 has beaten
     chance by half (``1.5 / num_classes``): the rate is not divided on the initial plateau.
@@ -147,7 +147,7 @@ def build_lr_schedule(cfg: ClassifyConfig, num_classes: int | None = None) -> LR
         cfg.warmup_epochs,
         cfg.patience,
         cfg.max_reductions,
-        check_every=2 if cfg.schedule == "multi" else 1,
+        check_every=1 if cfg.schedule == "single" else 2,
         floor=1.5 / num_classes if num_classes else -math.inf,
     )
 

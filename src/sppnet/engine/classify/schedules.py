@@ -115,7 +115,8 @@ class LRSchedule:
             of ``check_every`` epochs when that is above 1.
         max_reductions: ``plateau``: reductions before the next plateau stops training.
         check_every: ``plateau`` decides only after every ``check_every``-th epoch
-            (2 in multi-size training: a full epoch at each size, Sec. 2.3), and
+            (2 in multi-size training: a full epoch at each size, Sec. 2.3; 2 in
+            random-size training too, whose small-size epochs dip the same way), and
             counts ``patience`` in such cycles: validation after an epoch at the
             small size is regularly lower (the network, its batch-norm statistics
             included, was just trained at the other size), so counted in epochs the

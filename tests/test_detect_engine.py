@@ -24,7 +24,7 @@ from sppnet.engine.detect import (
 )
 from sppnet.engine.detect import finetune as det_finetune
 from sppnet.engine.detect.features import FeatureCache, build_windows, flip_boxes, load_record_image
-from sppnet.models.detector import image_scales
+from sppnet.models.detector import image_scales, map_windows
 from sppnet.ops import spatial_pyramid_pool
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -124,6 +124,8 @@ def test_feature_cache_matches_direct_features_and_rebuilds_stale_entries(tiny_r
     det = build_detector(cfg, 8).eval()
     cache = FeatureCache(det, records, windows, tmp_path / "feat")
     assert cache.ensure() == 3 and cache.complete()
+    # maps are kept channels-last in RAM (the window kernels read that layout without a copy per call)
+    assert all(m.permute(1, 2, 0).is_contiguous() for k, m in cache.get(0).items() if k.startswith("s"))
     with torch.no_grad():
         for i, r in enumerate(records):
             idx = torch.arange(0, len(windows[i]), 3)
@@ -147,15 +149,26 @@ def test_feature_cache_matches_direct_features_and_rebuilds_stale_entries(tiny_r
         for i in (2, 0, 1, 0):
             idx = torch.randperm(len(windows[i]), generator=g)[:7]
             requests.append((i, idx, bool(torch.rand(1, generator=g) < 0.5), torch.randint(0, 2, (7,), generator=g)))
-        one_by_one = [
-            cache.pool5(i, idx[k : k + 1], flip, s[k : k + 1]) for i, idx, flip, s in requests for k in range(len(idx))
-        ]
+        one_by_one = []  # each window mapped by map_windows at its scale and pooled from conv5 of its (flipped) image
+        for i, idx, flip, s in requests:
+            image = det.normalize(load_record_image(records[i]))
+            boxes = windows[i].boxes[idx]
+            if flip:
+                image, boxes = image.flip(-1), flip_boxes(boxes, records[i]["width"])
+            maps, scales = det.feature_maps(image)
+            for k in range(len(idx)):
+                sc = int(s[k])
+                x1, y1, x2, y2 = map_windows(boxes[k : k + 1], scales[sc], maps[sc].shape[-2:], det.stride, det.offset)[
+                    0
+                ].tolist()
+                one_by_one.append(spatial_pyramid_pool(maps[sc][None, :, y1 : y2 + 1, x1 : x2 + 1], det.levels))
         torch.testing.assert_close(cache.pool5_many(requests), torch.cat(one_by_one))
     # a corrupt entry is rebuilt, not trusted
     path = cache.path(0)
     path.write_bytes(path.read_bytes()[:-10] + b"0123456789")
     fresh = FeatureCache(det, records, windows, tmp_path / "feat")
     assert fresh.get(0) is not None and fresh.ensure() == 0
+    assert fresh.get(1)["s1_flip"].permute(1, 2, 0).is_contiguous()  # loaded from disk: channels-last too
     torch.testing.assert_close(fresh.pool5(0, torch.arange(4)), cache.pool5(0, torch.arange(4)))
     # new conv weights -> new keys
     old = cache.path(1)

@@ -162,6 +162,33 @@ def test_rois_in_any_numeric_dtype(dtype):
     assert out_list.shape == out.shape
 
 
+def test_list_form_mixing_integer_and_float_rois():
+    feats = randn(2, 2, 9, 9, seed=12)
+    rois = random_windows(2, 9, 9, count=10, seed=13)
+    per_image = [rois[rois[:, 0] == b, 1:] for b in range(2)]
+    out = roi_spatial_pyramid_pool(feats, [per_image[0], per_image[1].double()])
+    in_list_order = torch.cat([rois[rois[:, 0] == b] for b in range(2)])  # image 0's windows first
+    assert_matches(out, roi_pyramid_ref(feats, in_list_order, PAPER), "max")
+    fractional = per_image[1].double()
+    fractional[0, 0] += 0.5
+    with pytest.raises(ValueError, match="whole feature-map cells"):
+        roi_spatial_pyramid_pool(feats, [per_image[0], fractional])
+
+
+@pytest.mark.parametrize("case", ["few", "many"])
+def test_channels_last_features_backpropagate_like_contiguous_ones(op_path, case):
+    # a feature cache keeps its maps channels-last; values and gradients must not depend on the layout
+    feats, rois = few_windows() if case == "few" else many_windows()
+    grads = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = feats.clone().contiguous(memory_format=layout).requires_grad_()
+        out = roi_spatial_pyramid_pool(x, rois, PAPER)
+        assert_matches(out.detach(), roi_pyramid_ref(feats, rois, PAPER), "max")
+        (out * torch.arange(out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("mode", ["max", "avg"])
 def test_zero_windows(op_path, mode):
     feats = randn(2, 3, 5, 5, dtype=torch.float32, seed=14).requires_grad_()

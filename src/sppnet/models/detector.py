@@ -556,13 +556,32 @@ class SPPDetector(nn.Module):
         self, boxes: Tensor, scales: Sequence[Scale], feature_sizes: Sequence[tuple[int, int]], scale_index: Tensor
     ) -> Tensor:
         """Windows -> ``rois`` ``LongTensor[K, 5]`` ``(scale_index, x1, y1, x2, y2)`` in conv5 cells."""
-        rois = boxes.new_zeros((len(boxes), 5), dtype=torch.long)
-        rois[:, 0] = scale_index
-        for s, (sc, size) in enumerate(zip(scales, feature_sizes)):
-            sel = (scale_index == s).nonzero().squeeze(1)
-            if len(sel):
-                rois[sel, 1:] = map_windows(boxes[sel], sc, size, self.stride, self.offset)
-        return rois
+        scale_index = torch.as_tensor(scale_index, dtype=torch.long).cpu()
+        per_scale = torch.tensor([[sc.fy, sc.fx] for sc in scales], dtype=torch.float64)  # [S, 2]
+        sizes = torch.tensor([[int(h), int(w)] for h, w in feature_sizes], dtype=torch.long)  # [S, 2]
+        factors, cells = per_scale[scale_index], sizes[scale_index]
+        mapped = self.map_windows_rows(boxes.cpu(), factors[:, 0], factors[:, 1], cells[:, 0], cells[:, 1])
+        return torch.cat([scale_index[:, None], mapped], dim=1).to(boxes.device)
+
+    def map_windows_rows(self, boxes: Tensor, fy: Tensor, fx: Tensor, height: Tensor, width: Tensor) -> Tensor:
+        """:func:`map_windows` with a scale and a map size per window, in one pass.
+
+        Args:
+            boxes (Tensor[K, 4]): inclusive pixel boxes in the original image.
+            fy, fx (Tensor[K]): the resize factors of each window's scale.
+            height, width (LongTensor[K]): the conv5 map size at that scale (cells are clamped to it).
+
+        Returns:
+            LongTensor[K, 4]: inclusive conv5 cells ``(x1, y1, x2, y2)``, as
+            :func:`map_windows` gives them one scale at a time.
+        """
+        b = boxes.to(torch.float64)
+        fy, fx = fy.to(torch.float64), fx.to(torch.float64)
+        continuous = torch.stack([b[:, 0] * fx, b[:, 1] * fy, (b[:, 2] + 1) * fx, (b[:, 3] + 1) * fy], dim=1)
+        cells = map_boxes_to_features(continuous, self.stride, self.offset)
+        cells[:, 0::2] = torch.minimum(cells[:, 0::2].clamp(min=0), (width.long() - 1)[:, None])
+        cells[:, 1::2] = torch.minimum(cells[:, 1::2].clamp(min=0), (height.long() - 1)[:, None])
+        return cells
 
     def pool_windows(self, maps: Sequence[Tensor], rois: Tensor) -> Tensor:
         """The pyramid of every window on the map of its scale (``roi_spatial_pyramid_pool``).

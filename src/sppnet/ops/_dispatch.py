@@ -46,7 +46,7 @@ def pyramid_max_kernel(features: Tensor, rois: Tensor, levels: tuple[int, ...], 
     """
     if torch.is_grad_enabled() and features.requires_grad:
         return _PyramidMaxKernel.apply(features, rois.contiguous(), levels, planes)
-    return _kernel_forward(features.detach().contiguous(), rois.contiguous(), levels, with_arg=False, planes=planes)[0]
+    return _kernel_forward(features.detach(), rois.contiguous(), levels, with_arg=False, planes=planes)[0]
 
 
 def _kernel_forward(
@@ -55,7 +55,10 @@ def _kernel_forward(
     """Runs the numba kernels: ``(out [K, D], argmax [K, D] or None)``.
 
     Without ``with_arg`` (no gradient needed) the values-only kernels run; they
-    vectorise over channels and read half the memory. The argmax is the cell
+    vectorise over channels and read half the memory. ``feats`` may have any
+    strides: the window kernels read a channels-last copy, made only when the
+    map is not already in that layout (``torch.channels_last``: a feature cache
+    that keeps its maps so pays no copy per call). The argmax is the cell
     index ``y*W + x`` (its channel is the column's): int16 while the map has at
     most 32,767 cells, else int32. ``planes`` (only when ``rois`` is the whole
     map of each image, in order) runs the per-plane kernel instead, which reads
@@ -73,17 +76,22 @@ def _kernel_forward(
     if planes:
         _kernels.set_threads(torch.get_num_threads())
         arg_np = arg.numpy() if with_arg else np.empty((n_win, 0), dtype=np.int16)
-        _kernels.plane_pyramid_max(feats.numpy(), lv, src, out_off, order, out.numpy(), arg_np, with_arg)
+        _kernels.plane_pyramid_max(feats.contiguous().numpy(), lv, src, out_off, order, out.numpy(), arg_np, with_arg)
         return out, arg
     direct = [levels[i] for i in range(len(levels)) if src[i] < 0]
-    la, lb = _table_depth(rois, direct)
     _kernels.set_threads(torch.get_num_threads())
     # Cost model (cells x channels touched): scanning reads every bin row's map
     # rows (~1.5x the window: adaptive bins overlap); the sparse table pays
-    # la*lb copies of the map once, then 4 reads a bin.
+    # la*lb copies of the map once, then 4 reads a bin. la, lb >= 1, so with
+    # la = lb = 1 the table's cost is a lower bound: few small windows scan
+    # without the depth being computed.
     hw = (rois[:, 4] - rois[:, 2] + 1) * (rois[:, 3] - rois[:, 1] + 1)
     scan_cost = 1.5 * float(hw.sum()) * len(direct)
-    table_cost = 2.0 * la * lb * n_img * height * width + 4.0 * n_win * sum(n * n for n in direct)
+    lookups = 4.0 * n_win * sum(n * n for n in direct)
+    la = lb = 1
+    if scan_cost > 2.0 * n_img * height * width + lookups:
+        la, lb = _table_depth(rois, direct)
+    table_cost = 2.0 * la * lb * n_img * height * width + lookups
     feats_cl = feats.permute(0, 2, 3, 1).contiguous().numpy()  # [N, H, W, C]
     r = rois.numpy()
     plan = (lv, src, out_off, buf_off, order, out.numpy())
@@ -110,7 +118,7 @@ class _PyramidMaxKernel(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, features: Tensor, rois: Tensor, levels: tuple[int, ...], planes: bool) -> Tensor:  # type: ignore[override]
-        feats = features.detach().contiguous()
+        feats = features.detach()
         out, arg = _kernel_forward(feats, rois, levels, with_arg=True, planes=planes)
         ctx.save_for_backward(arg, rois)
         ctx.shape = tuple(feats.shape)

@@ -25,6 +25,8 @@ float32 / float64, and never while tracing or exporting.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from sppnet.ops._bins import level_sources
@@ -38,8 +40,10 @@ except ImportError:  # pragma: no cover - exercised only on installs without num
     HAVE_NUMBA = False
 
 
+@functools.lru_cache(maxsize=64)
 def make_plan(levels: tuple[int, ...], channels: int) -> tuple[np.ndarray, ...]:
-    """Arrays that tell the kernel what to compute and where to write it.
+    """Arrays that tell the kernel what to compute and where to write it (cached per
+    ``(levels, channels)``: the kernels only read them).
 
     Returns:
         ``(lv, src, out_off, buf_off, order)``: ``lv[l]`` bins per side of level

@@ -39,29 +39,34 @@ def check_rois(rois: Tensor | Sequence[Tensor], features_shape: Sequence[int]) -
         raise ValueError(f"rois must be a Tensor or a list of Tensors, got {type(rois).__name__}")
     if r.shape[0] == 0:
         return torch.zeros((0, 5), dtype=torch.long)
-    rf = r.to(torch.float64).cpu()
 
     def first_bad(mask: Tensor) -> int:
         return int(mask.nonzero()[0, 0])
 
-    bad = ~torch.isfinite(rf).all(dim=1)
-    if bad.any():
-        i = first_bad(bad)
-        raise ValueError(f"rois must be finite, got row {i} = {rf[i].tolist()}")
-    bad = (rf != rf.round()).any(dim=1)
-    if bad.any():
-        i = first_bad(bad)
-        raise ValueError(
-            f"rois must be whole feature-map cells (map image boxes with map_boxes_to_features), "
-            f"got row {i} = {rf[i].tolist()}"
-        )
-    rl = rf.long()
+    if r.is_floating_point() or r.is_complex():  # integer dtypes hold whole, finite numbers already
+        rf = r.to(torch.float64).cpu()
+        bad = ~torch.isfinite(rf).all(dim=1)
+        if bad.any():
+            i = first_bad(bad)
+            raise ValueError(f"rois must be finite, got row {i} = {rf[i].tolist()}")
+        bad = (rf != rf.round()).any(dim=1)
+        if bad.any():
+            i = first_bad(bad)
+            raise ValueError(
+                f"rois must be whole feature-map cells (map image boxes with map_boxes_to_features), "
+                f"got row {i} = {rf[i].tolist()}"
+            )
+        rl = rf.long()
+    else:
+        rl = r.to("cpu", torch.long)
     b, x1, y1, x2, y2 = rl.unbind(1)
     checks = [
         ((b < 0) | (b >= n_img), f"batch index must be in [0, {n_img})"),
         ((x2 < x1) | (y2 < y1), "windows must satisfy x1 <= x2 and y1 <= y2"),
         ((x1 < 0) | (y1 < 0) | (x2 >= width) | (y2 >= height), f"windows must lie in the {height}x{width} map"),
     ]
+    if not (checks[0][0] | checks[1][0] | checks[2][0]).any():  # one test in the usual case
+        return rl
     for mask, what in checks:
         if mask.any():
             i = first_bad(mask)
@@ -77,8 +82,12 @@ def _rois_from_list(rois: list[Tensor] | tuple[Tensor, ...], n_img: int, device:
         r = torch.as_tensor(r)
         if r.dim() != 2 or r.shape[1] != 4:
             raise ValueError(f"rois[{i}] must be Tensor[L, 4] (x1, y1, x2, y2), got shape {tuple(r.shape)}")
-        idx = torch.full((r.shape[0], 1), i, dtype=torch.float64, device=r.device)
-        parts.append(torch.cat([idx, r.to(torch.float64)], dim=1))
+        exact = not (r.is_floating_point() or r.is_complex())  # integers stay integers: no float64 round trip
+        kind = torch.long if exact else torch.float64
+        idx = torch.full((r.shape[0], 1), i, dtype=kind, device=r.device)
+        parts.append(torch.cat([idx, r.to(kind)], dim=1))
     if not parts:
         return torch.zeros((0, 5), dtype=torch.float64, device=device)
+    if len({p.dtype for p in parts}) > 1:  # integer and float images mixed: check them all as floats
+        parts = [p.to(torch.float64) for p in parts]
     return torch.cat(parts, dim=0).to(device)

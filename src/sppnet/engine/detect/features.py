@@ -353,6 +353,7 @@ class FeatureCache:
             entry = self.compute(i)
             if store and self.mode == "disk":
                 save_cache(self.path(i), entry, key=key, version=self.VERSION)
+        entry = {k: _cells_last(t) if k.startswith("s") else t for k, t in entry.items()}
         size = sum(t.numel() * t.element_size() for t in entry.values())
         self._lru[i] = entry
         self._bytes += size
@@ -393,20 +394,51 @@ class FeatureCache:
         if d.method == "rcnn":
             parts = [self.get(i)["pool5_flip" if flip else "pool5"][index] for i, index, flip, _ in requests]
             return torch.cat(parts).to(dev, torch.float32)
-        parts = []
+        if not requests:
+            return torch.empty((0, d.pooled_dim), device=dev)
+        # Every window of every request mapped onto its map in one pass (a fine-tuning batch
+        # holds ~30 (image, flip) requests of a few windows each: per-request mapping cost
+        # more than the pooling); then each request's windows pooled from its own maps.
+        all_maps, boxes, fy, fx, height, width, scale_ids = [], [], [], [], [], [], []
         for i, index, flip, scale_index in requests:
             entry = self.get(i)
             scales = self.scales(i)
             suffix = "_flip" if flip else ""
             maps = [entry[f"s{k}{suffix}"] for k in range(len(scales))]  # [C5, h_s, w_s], moved when used
-            boxes = self.windows[i].boxes[index]
+            b = self.windows[i].boxes[index]
             if flip:
-                boxes = flip_boxes(boxes, self.windows[i].width)
-            if scale_index is None:
-                scale_index = d.assign_scales(boxes, scales)
-            rois = d.map_windows(boxes, scales, [m.shape[-2:] for m in maps], scale_index)  # [n, 5]
-            parts.append(d.pool_windows(maps, rois))  # [n, D], only the maps some window uses moved to dev
-        return torch.cat(parts) if parts else torch.empty((0, d.pooled_dim), device=dev)
+                b = flip_boxes(b, self.windows[i].width)
+            s = d.assign_scales(b, scales) if scale_index is None else torch.as_tensor(scale_index).long().cpu()
+            per_scale = torch.tensor(  # float64: the factors exactly as map_windows uses them
+                [[sc.fy, sc.fx, m.shape[-2], m.shape[-1]] for sc, m in zip(scales, maps)], dtype=torch.float64
+            )
+            rows = per_scale[s]  # [n, 4]: fy, fx, h, w of each window's scale
+            all_maps.append(maps)
+            boxes.append(b)
+            fy.append(rows[:, 0])
+            fx.append(rows[:, 1])
+            height.append(rows[:, 2].long())
+            width.append(rows[:, 3].long())
+            scale_ids.append(s)
+        cells = d.map_windows_rows(torch.cat(boxes), torch.cat(fy), torch.cat(fx), torch.cat(height), torch.cat(width))
+        rois = torch.cat([torch.cat(scale_ids)[:, None], cells], dim=1)  # [N, 5]
+        parts, start = [], 0
+        for maps, s in zip(all_maps, scale_ids):
+            parts.append(d.pool_windows(maps, rois[start : start + len(s)]))  # only the maps some window uses moved
+            start += len(s)
+        return torch.cat(parts)
+
+
+def _cells_last(m: Tensor) -> Tensor:
+    """``Tensor[C, h, w]`` with the channels of a cell adjacent in memory (a channels-last view).
+
+    The window kernels read maps in that layout: a map kept so in RAM is pooled
+    without a copy of the whole map per call (fine-tuning pools a few windows of
+    each of ~30 maps a batch, where the copy had cost more than the pooling).
+    """
+    if m.dim() != 3 or m.permute(1, 2, 0).is_contiguous():
+        return m
+    return m.permute(1, 2, 0).contiguous().permute(2, 0, 1)
 
 
 def describe(windows: Sequence[WindowSet]) -> dict[str, Any]:

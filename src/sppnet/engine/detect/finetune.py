@@ -410,9 +410,10 @@ def finetune(
                     {"iteration": done, "lr": lr, **running.row(), "seconds": round(time.perf_counter() - t0, 2)}
                 )
                 running = _Running()
-                metrics.plot(out / "finetune.png", x="iteration", title="fine-tuning fc6, fc7, fc8")
             if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
                 checkpoint(done)
+                if dist.is_main:  # drawn with the checkpoint: a figure per row of the log cost 5 % of the stage
+                    metrics.plot(out / "finetune.png", x="iteration", title="fine-tuning fc6, fc7, fc8")
             stop = interrupt.requested
             if dist.distributed:  # every process stops at the same iteration
                 stop = all_reduce_sum([float(stop)], dist)[0] > 0

@@ -252,6 +252,38 @@ def test_window_crops_from_proposals_label_the_background_k_and_are_seeded(tmp_p
         window_crops([rec], [w], classes, 32, crops="all")
 
 
+def test_window_crops_decode_each_image_once_within_their_budget(tmp_path, monkeypatch):
+    import pickle
+
+    from PIL import Image
+
+    from sppnet.engine.detect import backbone as bb
+
+    paths = []
+    for k in range(3):  # 40 x 30 RGB: 3,600 bytes decoded
+        paths.append(str(tmp_path / f"{k}.png"))
+        Image.fromarray(np.random.default_rng(k).integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(paths[-1])
+    items = [(p, (2.0 + j, 3.0, 20.0 + j, 25.0), j % 2) for p in paths for j in range(4)]
+    decoded = []
+    real = bb.load_image
+    monkeypatch.setattr(bb, "load_image", lambda p: decoded.append(p) or real(p))
+
+    cached = bb.WindowCrops(items, 16, ["a", BACKGROUND])
+    plain = bb.WindowCrops(items, 16, ["a", BACKGROUND], max_image_bytes=0)
+    for i in [0, 5, 1, 9, 2, 6, 11, 3, 0]:
+        a, b = cached[i], plain[i]
+        assert a[1] == b[1] == items[i][2] and np.array_equal(np.asarray(a[0]), np.asarray(b[0]))
+        assert a[0].size == (16, 16)
+    assert sorted(set(decoded)) == paths and len(decoded) == 3 + 9  # cached: once per image; plain: every access
+    decoded.clear()
+    tight = bb.WindowCrops(items, 16, ["a", BACKGROUND], max_image_bytes=2 * 3600)  # room for two images
+    for i in [0, 4, 8, 0]:  # images 0, 1, 2 (0 evicted), then 0 again
+        tight[i]
+    assert decoded == [paths[0], paths[1], paths[2], paths[0]] and tight._bytes <= 2 * 3600
+    worker_copy = pickle.loads(pickle.dumps(cached))  # a loader worker starts empty
+    assert worker_copy._bytes == 0 and not worker_copy._images and worker_copy.items == items
+
+
 # ------------------------------------------------------------ in a run: chosen once, saved, resumed
 
 

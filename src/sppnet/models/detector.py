@@ -8,6 +8,7 @@ The detector reads like the algorithm; every step is a named function:
 
     proposals (selective search, ``data/proposals/``)
       -> feature_maps      conv1-conv5 ONCE per image and scale   [C, h_s, w_s] per scale
+                           (over the image regions the windows' cells see: the same cells)
       -> assign_scales     per window, the scale whose scaled window area is closest to 224^2
                            (Sec. 4.2; or the released code's rule, :func:`assign_scales_released`)
       -> map_windows       window -> conv5 cells (Appendix), the backbone's own stride/offset
@@ -81,6 +82,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
+from sppnet.models.geometry import merge_cell_boxes
 from sppnet.models.sppnet import SPPNet
 from sppnet.ops import (
     SpatialPyramidPool,
@@ -515,25 +517,95 @@ class SPPDetector(nn.Module):
         """:func:`image_scales` with the detector's scales and the backbone's minimum size."""
         return image_scales(height, width, self.scales, self.backbone.min_input_size)
 
-    def feature_maps(self, image: Tensor, scales: Sequence[Scale] | None = None) -> tuple[list[Tensor], list[Scale]]:
+    def feature_maps(
+        self,
+        image: Tensor,
+        scales: Sequence[Scale] | None = None,
+        boxes: Tensor | None = None,
+        scale_index: Tensor | None = None,
+    ) -> tuple[list[Tensor], list[Scale]]:
         """conv1-conv5 ONCE per scale of one normalised image (Sec. 4.2).
+
+        With ``boxes``, only the conv5 cells those windows read are computed (in
+        eval mode): at each scale the windows' cells are grouped into disjoint
+        rectangles (:func:`~sppnet.models.geometry.merge_cell_boxes`), and each
+        rectangle is computed from the crop of the resized image that holds its
+        receptive field (``FeatureGeometry.input_span``), started at a multiple of
+        the stride so that every layer's grid lines up with the whole image's.
+        The cells the windows read are then exactly those of the whole-image map
+        (the rest of each map is 0), at a fraction of the pixels where the windows
+        cluster (few proposals on a plain ground); where the crops would cover as
+        many pixels as the image, the whole image is convolved. A scale no window
+        is assigned to is not convolved at all. In training mode the maps are
+        always whole (batch norm's statistics would see other pixels).
 
         Args:
             image (Tensor[3, H, W]): normalised image (see :meth:`normalize`).
             scales: default :meth:`image_scales` of the image.
+            boxes (Tensor[K, 4]): the windows that will be pooled (inclusive
+                pixels, checked by the caller); None: whole maps.
+            scale_index (LongTensor[K]): the scale each window is pooled at;
+                None: every window at every scale (fine-tuning draws the scale).
 
         Returns:
             ``(maps, scales)``: ``maps[s]`` is ``Tensor[C5, h_s, w_s]``.
         """
         if scales is None:
             scales = self.image_scales(image.shape[-2], image.shape[-1])
+        regions = boxes is not None and not self.backbone.training
         maps = []
-        for sc in scales:
+        for s, sc in enumerate(scales):
+            if regions:
+                sel = boxes if scale_index is None else boxes[torch.as_tensor(scale_index).to(boxes.device) == s]
+                if len(sel) == 0:  # no window reads this scale
+                    h, w = self.backbone.feature_size(sc.height, sc.width)
+                    maps.append(image.new_zeros((self.backbone.feature_channels, h, w)))
+                    continue
             resized = F.interpolate(
                 image[None], size=(sc.height, sc.width), mode="bilinear", align_corners=False, antialias=True
             )
-            maps.append(self.backbone.forward_features(resized)[0])
+            if regions:
+                maps.append(self._window_cells(resized, sel, sc))
+            else:
+                maps.append(self.backbone.forward_features(resized)[0])
         return maps, list(scales)
+
+    def _window_cells(self, resized: Tensor, boxes: Tensor, sc: Scale) -> Tensor:
+        """conv5 of ``resized`` (``Tensor[1, 3, H, W]``, scale ``sc``) at the cells ``boxes`` read.
+
+        See :meth:`feature_maps`; the other cells are 0.
+        """
+        backbone, stride = self.backbone, self.stride
+        height, width = resized.shape[-2:]
+        h, w = backbone.feature_size(height, width)
+        n = len(boxes)
+        cells = self.map_windows_rows(
+            boxes.cpu(),
+            torch.full((n,), sc.fy, dtype=torch.float64),
+            torch.full((n,), sc.fx, dtype=torch.float64),
+            torch.full((n,), h, dtype=torch.long),
+            torch.full((n,), w, dtype=torch.long),
+        )
+        rects, _ = merge_cell_boxes(cells, h, w)
+        crops, pixels = [], 0
+        for x1, y1, x2, y2 in rects.tolist():
+            (left, right), (top, bottom) = backbone.geometry.input_span(x1, x2), backbone.geometry.input_span(y1, y2)
+            left, top = max(0, left // stride * stride), max(0, top // stride * stride)
+            right, bottom = min(width - 1, right), min(height - 1, bottom)
+            crop_h, crop_w = backbone.feature_size(bottom - top + 1, right - left + 1)
+            if crop_h <= y2 - top // stride or crop_w <= x2 - left // stride:
+                crops = None  # the crop does not reach the cells (a geometry this rule does not cover)
+                break
+            crops.append((x1, y1, x2, y2, left, top, right, bottom))
+            pixels += (bottom - top + 1) * (right - left + 1)
+        if crops is None or pixels >= height * width:
+            return backbone.forward_features(resized)[0]
+        out = resized.new_zeros((backbone.feature_channels, h, w))
+        for x1, y1, x2, y2, left, top, right, bottom in crops:
+            fmap = backbone.forward_features(resized[:, :, top : bottom + 1, left : right + 1])[0]
+            dx, dy = left // stride, top // stride
+            out[:, y1 : y2 + 1, x1 : x2 + 1] = fmap[:, y1 - dy : y2 - dy + 1, x1 - dx : x2 - dx + 1]
+        return out
 
     def assign_scales(self, boxes: Tensor, scales: Sequence[Scale]) -> Tensor:
         """The scale of each window by the detector's ``scale_rule`` and ``target_size``: ``LongTensor[K]``.
@@ -672,8 +744,10 @@ class SPPDetector(nn.Module):
             for s, e in _chunks(len(boxes), self.warp_chunk):
                 yield s, e, self._warped_pool5(image, boxes[s:e])
             return
-        maps, scales = self.feature_maps(image)
-        rois = self.map_windows(boxes, scales, [m.shape[-2:] for m in maps], self._assign_scales(boxes, scales))
+        scales = self.image_scales(image.shape[-2], image.shape[-1])
+        scale_index = self._assign_scales(boxes, scales)
+        maps, _ = self.feature_maps(image, scales, boxes, scale_index)
+        rois = self.map_windows(boxes, scales, [m.shape[-2:] for m in maps], scale_index)
         for s, e in _chunks(len(boxes), self.chunk_size):
             yield s, e, self.pool_windows(maps, rois[s:e])
 

@@ -24,11 +24,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import nn
+import numpy as np
+import torch
+from torch import Tensor, nn
 
 from sppnet.ops import backbone_geometry
 
-__all__ = ["FeatureGeometry", "Window", "feature_geometry"]
+__all__ = ["FeatureGeometry", "Window", "feature_geometry", "merge_cell_boxes"]
 
 # Layers that keep every cell where it is.
 _ELEMENTWISE = (
@@ -112,6 +114,23 @@ class FeatureGeometry:
         h, w = self.output_length(height), self.output_length(width)
         return (h, w) if h and w else (0, 0)
 
+    def input_span(self, first: int, last: int) -> tuple[int, int]:
+        """The input pixels ``(lo, hi)`` (inclusive) that output cells ``first..last`` see.
+
+        Their joint receptive field, followed back layer by layer (``lo * stride -
+        padding`` to ``hi * stride - padding + span - 1``); it reaches past the
+        input's edges where the layers pad there. Computing the cells from a crop
+        of the input that holds this span gives the same values as computing them
+        from the whole input, when the crop starts at a multiple of :attr:`stride`
+        (so that every layer's grid lines up) or at the input's edge (see
+        ``SPPDetector.feature_maps``).
+        """
+        lo, hi = int(first), int(last)
+        for w in reversed(self.windows):
+            lo = lo * w.stride - w.padding
+            hi = hi * w.stride - w.padding + w.span - 1
+        return lo, hi
+
     @property
     def min_input_size(self) -> int:
         a = 1
@@ -178,3 +197,69 @@ def feature_geometry(module: nn.Module) -> FeatureGeometry:
             or a residual shortcut that is not aligned with its main path.
     """
     return FeatureGeometry(tuple(_windows(module)))
+
+
+def merge_cell_boxes(boxes: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
+    """Groups inclusive cell boxes into disjoint rectangles, each covering whole boxes.
+
+    Recursive XY cuts of the covered cells: the map is cut along every row or
+    column that no box covers, each part trimmed to the cells it covers, until no
+    part has such a line. The parts are disjoint, no box crosses a cut, and
+    groups of boxes with empty space between them end up in separate parts. A
+    detector convolves one image region per part instead of the whole image
+    (``SPPDetector.feature_maps``).
+
+    Args:
+        boxes (LongTensor[K, 4]): ``(x1, y1, x2, y2)`` inclusive cells inside a
+            ``height x width`` map, ``K >= 1``.
+
+    Returns:
+        ``(rects LongTensor[R, 4], member LongTensor[K])``: pairwise disjoint
+        inclusive rectangles, and the one that holds each box.
+    """
+    b = boxes.detach().to("cpu", torch.long)
+    if b.dim() != 2 or b.shape[1] != 4 or len(b) == 0:
+        raise ValueError(f"boxes must be a non-empty LongTensor[K, 4], got shape {tuple(b.shape)}")
+    if (b[:, 0] < 0).any() or (b[:, 1] < 0).any() or (b[:, 2] >= width).any() or (b[:, 3] >= height).any():
+        raise ValueError(f"cell boxes must lie inside the {height}x{width} map")
+    if (b[:, 2] < b[:, 0]).any() or (b[:, 3] < b[:, 1]).any():
+        raise ValueError("cell boxes must have x2 >= x1 and y2 >= y1")
+    # The covered cells: a 2-D difference array, summed up.
+    x1, y1, x2, y2 = (b[:, k].numpy() for k in range(4))
+    diff = np.zeros((height + 1, width + 1), dtype=np.int64)
+    np.add.at(diff, (y1, x1), 1)
+    np.add.at(diff, (y1, x2 + 1), -1)
+    np.add.at(diff, (y2 + 1, x1), -1)
+    np.add.at(diff, (y2 + 1, x2 + 1), 1)
+    covered = diff.cumsum(0).cumsum(1)[:height, :width] > 0
+    rects, todo = [], [(0, 0, width - 1, height - 1)]
+    while todo:
+        left, top, right, bottom = todo.pop()
+        part = covered[top : bottom + 1, left : right + 1]
+        cols, rows = np.flatnonzero(part.any(0)), np.flatnonzero(part.any(1))
+        if len(cols) == 0:
+            continue
+        cut = False
+        for axis, used in ((0, cols), (1, rows)):
+            breaks = np.flatnonzero(np.diff(used) > 1)  # an empty line after used[i] for i in breaks
+            if len(breaks) == 0:
+                continue
+            starts = np.concatenate([used[:1], used[breaks + 1]])
+            ends = np.concatenate([used[breaks], used[-1:]])
+            for a, z in zip(starts.tolist(), ends.tolist()):
+                if axis == 0:
+                    todo.append((left + a, top, left + z, bottom))
+                else:
+                    todo.append((left, top + a, right, top + z))
+            cut = True
+            break
+        if not cut:
+            rects.append((left + int(cols[0]), top + int(rows[0]), left + int(cols[-1]), top + int(rows[-1])))
+    out = torch.tensor(rects, dtype=torch.long)
+    inside = (
+        (b[:, None, 0] >= out[None, :, 0])
+        & (b[:, None, 1] >= out[None, :, 1])
+        & (b[:, None, 0] <= out[None, :, 2])
+        & (b[:, None, 1] <= out[None, :, 3])
+    )
+    return out, inside.to(torch.uint8).argmax(dim=1)

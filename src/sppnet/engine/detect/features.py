@@ -9,7 +9,8 @@
   features of the training set are cached"):
 
   - ``method="spp"``: conv5 of the image at every scale, and of the image
-    FLIPPED horizontally at every scale (fine-tuning flips its windows, as
+    FLIPPED horizontally at every scale (the cells the image's windows read,
+    computed from the image regions they see; ``SPPDetector.feature_maps``) (fine-tuning flips its windows, as
     the released code does). Flipping the conv5 map instead would be cheaper but wrong: conv
     filters are not mirror-symmetric, so conv5(flip(I)) != flip(conv5(I)). We
     pay one more conv pass per image and scale, once.
@@ -25,7 +26,7 @@
   space (pooled in float32 after reading).
   Disk entries: one safetensors file per image (``sppnet.utils.save_cache``, atomic, with a
   checksum). The key mixes the image file's SHA-256, the conv weights, the
-  normalisation, the scales / warp size (and R-CNN's warp context) and a layout version: a stale or
+  normalisation, the scales / warp size (and R-CNN's warp context), the windows and a layout version: a stale or
   corrupt entry is rebuilt, never trusted. Loaded entries stay in RAM up to
   ``max_bytes`` (least recently used out first).
 """
@@ -181,7 +182,7 @@ class FeatureCache:
         dtype: ``float32`` or ``float16``: how the entries are stored.
     """
 
-    VERSION = 1
+    VERSION = 2  # 2: SPP maps hold the cells the windows read (0 elsewhere)
 
     def __init__(
         self,
@@ -238,8 +239,8 @@ class FeatureCache:
             self.refresh()
         if i not in self._keys:
             extra = self._salt
-            if self.detector.method == "rcnn":  # rows follow the windows
-                extra += tensor_digest({"boxes": self.windows[i].boxes})
+            # R-CNN's rows follow the windows; SPP computes the conv5 cells the windows read.
+            extra += tensor_digest({"boxes": self.windows[i].boxes})
             self._keys[i] = file_digest(bytes.fromhex(file_digest(self.records[i]["image_path"])), extra=extra)
         return self._keys[i]
 
@@ -259,13 +260,13 @@ class FeatureCache:
             variants = [("", image)] + ([("_flip", image.flip(-1))] if self.flips else [])
             out: dict[str, Tensor] = {}
             for suffix, img in variants:
+                boxes = self.windows[i].boxes
+                if suffix:
+                    boxes = flip_boxes(boxes, img.shape[-1])
                 if d.method == "rcnn":
-                    boxes = self.windows[i].boxes
-                    if suffix:
-                        boxes = flip_boxes(boxes, img.shape[-1])
                     out["pool5" + suffix] = d.window_pool5(img, boxes.to(img.device)).to("cpu", self.dtype)
-                else:
-                    maps, _ = d.feature_maps(img)
+                else:  # the cells some window reads at some scale (the rest of the maps is 0)
+                    maps, _ = d.feature_maps(img, boxes=boxes.to(img.device))
                     for k, m in enumerate(maps):
                         out[f"s{k}{suffix}"] = m.to("cpu", self.dtype).contiguous()
             return out

@@ -9,9 +9,10 @@
   features of the training set are cached"):
 
   - ``method="spp"``: conv5 of the image at every scale, and of the image
-    FLIPPED horizontally at every scale (the cells the image's windows read,
-    computed from the image regions they see; ``SPPDetector.feature_maps``) (fine-tuning flips its windows, as
-    the released code does). Flipping the conv5 map instead would be cheaper but wrong: conv
+    FLIPPED horizontally at every scale (fine-tuning flips its windows, as
+    the released code does); the cells the image's windows read, computed from
+    the image regions they see (``SPPDetector.feature_maps``; 0 elsewhere).
+    Flipping the conv5 map instead would be cheaper but wrong: conv
     filters are not mirror-symmetric, so conv5(flip(I)) != flip(conv5(I)). We
     pay one more conv pass per image and scale, once.
   - ``method="rcnn"``: pool5 of every warped window (and of its mirror image),

@@ -10,10 +10,11 @@ centre crop). Usage::
     OMP_NUM_THREADS=1 python benchmarks/recipe_probe.py '{"model": "vgg", "w": 16}' vgg-style
 
 Keys: data (default /tmp/shapes), size, epochs, lr, wd, warm, scale, jitter,
-alphastd, grey, bs, ls, onecycle, head (``linear``: the pyramid straight into the
-classifier, no fc6 / fc7), and any ``get_model`` argument (model, width, fc_dim,
-norm, fc_norm, levels); ``model: vgg`` is a plain 3x3 batch-norm CNN of width ``w``
-with global max pooling, the reference point.
+alphastd, grey, bs, ls, onecycle, fcstd (fc6 / fc7 init std), headlr (lr
+multiplier of fc6-fc8), poolbn (batch norm on the pooled vector), head
+(``linear``: the pyramid straight into the classifier, no fc6 / fc7), and any
+``get_model`` argument (model, width, fc_dim, norm, fc_norm, levels);
+``model: vgg`` is a plain 3x3 batch-norm CNN of width ``w`` with global max pooling, the reference point.
 """
 
 import json
@@ -48,6 +49,9 @@ ls = args.pop("ls", 0.0)
 onecycle = args.pop("onecycle", 0)
 alphastd = args.pop("alphastd", 0.1)
 head = args.pop("head", "fc")
+fcstd = args.pop("fcstd", None)
+headlr = args.pop("headlr", 1.0)
+poolbn = args.pop("poolbn", 0)
 tr = ImageFolderDataset(root, "train")
 va = ImageFolderDataset(root, "val")
 K = len(tr.classes)
@@ -81,9 +85,23 @@ else:
     if head == "linear":  # the pyramid straight into the classifier: no fc6 / fc7
         model.fc = nn.Identity()
         model.classifier = nn.Linear(model.pooled_dim, K)
-decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-nod = [p for n, p in model.named_parameters() if p.ndim <= 1]
-opt = torch.optim.AdamW([{"params": decay, "weight_decay": wd}, {"params": nod, "weight_decay": 0}], lr=lr)
+    if fcstd is not None:  # the fc6 / fc7 weights drawn with this std instead of 0.01
+        for m in model.fc.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0.0, fcstd)
+    if poolbn:  # batch norm on the pooled vector, before fc6
+        model.fc = nn.Sequential(nn.BatchNorm1d(model.pooled_dim), *model.fc)
+groups = []
+parts = [(model, 1.0)]
+if headlr != 1.0:
+    parts = [(model.features, 1.0), (nn.ModuleList([model.fc, model.classifier]), headlr)]
+for part, mult in parts:
+    ps = list(part.named_parameters())
+    groups += [
+        {"params": [p for n, p in ps if p.ndim > 1], "weight_decay": wd, "mult": mult},
+        {"params": [p for n, p in ps if p.ndim <= 1], "weight_decay": 0, "mult": mult},
+    ]
+opt = torch.optim.AdamW(groups, lr=lr)
 tf = TrainTransform(size, crop="random", scale=(scale, 1), jitter=jit, alphastd=alphastd)
 steps_per = math.ceil(len(imgs) / bs)
 total = epochs * steps_per
@@ -125,7 +143,7 @@ for ep in range(epochs):
         else:
             cur = lr * min(1, (step + 1) / (warm * steps_per)) if warm > 0 else lr
         for gr in opt.param_groups:
-            gr["lr"] = cur
+            gr["lr"] = cur * gr.get("mult", 1.0)
         lo = model(x)
         loss = F.cross_entropy(lo, y, label_smoothing=ls)
         opt.zero_grad()

@@ -21,6 +21,7 @@ from sppnet.models.detector import (
     image_scales,
     map_windows,
     reorder_pyramid_levels,
+    resize_image,
     warp_windows,
 )
 from sppnet.ops import box_iou, spatial_pyramid_pool
@@ -178,6 +179,39 @@ def test_pooled_window_equals_pyramid_of_the_map_crop(detector):
     for row, (s, x1, y1, x2, y2) in zip(pooled, rois.tolist()):
         crop = maps[s][None, :, y1 : y2 + 1, x1 : x2 + 1]
         torch.testing.assert_close(row, spatial_pyramid_pool(crop, detector.levels)[0])
+
+
+def _bilinear_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """Row i: the weights of plain bilinear interpolation (half-pixel centres, edges clamped)."""
+    a = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for i in range(n_out):
+        src = max((i + 0.5) * n_in / n_out - 0.5, 0.0)
+        lo = min(int(math.floor(src)), n_in - 1)
+        hi = min(lo + 1, n_in - 1)
+        a[i, lo] += 1 - (src - lo)
+        a[i, hi] += src - lo
+    return a
+
+
+@pytest.mark.parametrize("size", [(80, 121), (37, 100), (37, 53), (200, 54)])
+def test_resize_image_upscaling_is_plain_bilinear_which_the_antialiased_filter_equals(size):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 37, 53, generator=gen, dtype=torch.float64)
+    h, w = size
+    expected = torch.einsum("oh,nchw,pw->ncop", _bilinear_matrix(37, h), x, _bilinear_matrix(53, w))
+    torch.testing.assert_close(resize_image(x, h, w), expected, rtol=0, atol=1e-10)
+    aa = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    torch.testing.assert_close(aa, expected, rtol=0, atol=1e-10)  # what shrinking uses, same values here
+
+
+@pytest.mark.parametrize("size", [(20, 30), (80, 40), (36, 53)])
+def test_resize_image_shrinking_on_either_axis_is_antialiased(size):
+    x = torch.rand(1, 3, 37, 53, generator=torch.Generator().manual_seed(1))
+    aa = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    plain = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    assert torch.equal(resize_image(x, *size), aa)
+    if size[0] < 30:  # a real shrink: the plain filter skips source pixels, the antialiased one averages them
+        assert not torch.allclose(aa, plain, atol=1e-3)
 
 
 def test_window_features_match_a_loop_over_windows(detector):

@@ -172,6 +172,19 @@ def image_scales(height: int, width: int, scales: Sequence[int], min_size: int =
     return out
 
 
+def resize_image(images: Tensor, height: int, width: int) -> Tensor:
+    """``Tensor[N, C, H, W]`` resized to ``height x width``: bilinear, antialiased where it shrinks.
+
+    Upscaled on both axes (the usual case for a small image at SPP-net's scales),
+    the antialiased filter's support is the plain bilinear one's, one source
+    pixel each side, so both give the same values (float rounding apart:
+    1e-12 in float64) and the plain one is 2-5x faster on a CPU. Shrunk on
+    either axis, the antialiased filter averages every source pixel it covers.
+    """
+    shrinks = height < images.shape[-2] or width < images.shape[-1]
+    return F.interpolate(images, size=(height, width), mode="bilinear", align_corners=False, antialias=shrinks)
+
+
 def _factors(scale_factors: Tensor | Sequence) -> Tensor:
     """``[S, 2]`` float64 ``(fy, fx)`` from Scales, ``[S]`` isotropic or ``[S, 2]`` factors."""
     if isinstance(scale_factors, Sequence) and scale_factors and isinstance(scale_factors[0], Scale):
@@ -575,22 +588,19 @@ class SPPDetector(nn.Module):
                     h, w = self.backbone.feature_size(sc.height, sc.width)
                     maps.append(image.new_zeros((self.backbone.feature_channels, h, w)))
                     continue
-            resized = F.interpolate(
-                image[None], size=(sc.height, sc.width), mode="bilinear", align_corners=False, antialias=True
-            )
             if regions:
-                maps.append(self._window_cells(resized, sel, sc))
+                maps.append(self._window_cells(image, sel, sc))
             else:
-                maps.append(self.conv5(resized)[0])
+                maps.append(self.conv5(resize_image(image[None], sc.height, sc.width))[0])
         return maps, list(scales)
 
-    def _window_cells(self, resized: Tensor, boxes: Tensor, sc: Scale) -> Tensor:
-        """conv5 of ``resized`` (``Tensor[1, 3, H, W]``, scale ``sc``) at the cells ``boxes`` read.
+    def _window_cells(self, image: Tensor, boxes: Tensor, sc: Scale) -> Tensor:
+        """conv5 of ``image`` (``Tensor[3, H, W]``) resized to scale ``sc``, at the cells ``boxes`` read.
 
         See :meth:`feature_maps`; the other cells are 0.
         """
         backbone, stride = self.backbone, self.stride
-        height, width = resized.shape[-2:]
+        height, width = sc.height, sc.width
         h, w = backbone.feature_size(height, width)
         n = len(boxes)
         cells = self.map_windows_rows(
@@ -613,8 +623,9 @@ class SPPDetector(nn.Module):
             crops.append((x1, y1, x2, y2, left, top, right, bottom))
             pixels += (bottom - top + 1) * (right - left + 1)
         if crops is None or pixels >= height * width:
-            return self.conv5(resized)[0]
-        out = resized.new_zeros((backbone.feature_channels, h, w))
+            return self.conv5(resize_image(image[None], height, width))[0]
+        resized = resize_image(image[None], height, width)
+        out = image.new_zeros((backbone.feature_channels, h, w))
         for x1, y1, x2, y2, left, top, right, bottom in crops:
             fmap = self.conv5(resized[:, :, top : bottom + 1, left : right + 1])[0]
             dx, dy = left // stride, top // stride

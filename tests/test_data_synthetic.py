@@ -118,6 +118,29 @@ def test_cache_stamp_regeneration_and_refusal(tmp_path, monkeypatch):
         make_classification_dataset(tmp_path / "x", min_size=96, max_size=50)
 
 
+def test_a_concurrent_twin_that_finished_first_is_kept_not_deleted(tmp_path, monkeypatch):
+    """Two processes generating the same set at once: the one that finishes second must not
+    delete the first one's folder, which the first process may already be reading."""
+    root = tmp_path / "cls"
+    real_render = synthetic.render_classification_image
+    twin = {}
+
+    def render_and_let_the_twin_finish(*args, **kwargs):
+        if not twin:  # mid-build, another process finishes the same set
+            twin["started"] = True
+            make_classification_dataset(root, seed=0, **TINY_CLS)
+            twin["reader"] = (root / "train" / "circle" / "circle_00000.jpg").open("rb")
+            (root / "train" / "twin-was-here").write_text("1")
+        return real_render(*args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "render_classification_image", render_and_let_the_twin_finish)
+    assert make_classification_dataset(root, seed=0, **TINY_CLS) == root
+    assert (root / "train" / "twin-was-here").is_file()  # the twin's folder, untouched
+    assert len(ImageFolderDataset(root, "train")) == 2 * len(CLASSES)
+    twin["reader"].close()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # our copy was removed
+
+
 def test_default_root_follows_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("SPPNET_DATA", str(tmp_path / "cache"))
     assert synthetic.default_data_root() == tmp_path / "cache"

@@ -270,6 +270,9 @@ def _cached(root: Path, stamp: dict[str, Any], build: Callable[[Path], None]) ->
     try:
         build(tmp)
         (tmp / STAMP_NAME).write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        if _read_stamp(root) == stamp:  # a concurrent twin finished first: keep it (it may be in use)
+            shutil.rmtree(tmp, ignore_errors=True)
+            return root
         if root.exists():
             shutil.rmtree(root)  # a stale generated set, or an empty folder
         try:

@@ -54,7 +54,7 @@ from sppnet.data.imagefolder import ImageFolderDataset
 from sppnet.engine.classify import ClassifyConfig, builtin_data_root, evaluate, load_classifier, train
 from sppnet.engine.classify.config import PAPER_RECIPE
 
-SETS = ("shapes", "digits", "objects", "mnist")
+SETS = ("shapes", "digits", "objects", "mnist", "faces", "textures")
 #: The rows of the table, in the order they run (``--methods``).
 METHODS = ("old", "defaults", "reference")
 LABELS = {

@@ -50,6 +50,8 @@ onecycle = args.pop("onecycle", 0)
 alphastd = args.pop("alphastd", 0.1)
 head = args.pop("head", "fc")
 fcstd = args.pop("fcstd", None)
+fcinit = args.pop("fcinit", None)
+clszero = args.pop("clszero", 0)
 headlr = args.pop("headlr", 1.0)
 poolbn = args.pop("poolbn", 0)
 tr = ImageFolderDataset(root, "train")
@@ -89,6 +91,12 @@ else:
         for m in model.fc.modules():
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, 0.0, fcstd)
+    if fcinit == "kaiming":  # fc6 / fc7 He-initialised (fan in) instead of N(0, 0.01)
+        for m in model.fc.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    if clszero:  # the classifier (fc8) starts at 0: logits 0, nothing but class signal reaches fc7 at first
+        nn.init.zeros_(model.classifier.weight)
     if poolbn:  # batch norm on the pooled vector, before fc6
         model.fc = nn.Sequential(nn.BatchNorm1d(model.pooled_dim), *model.fc)
 groups = []

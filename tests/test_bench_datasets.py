@@ -80,3 +80,28 @@ def test_mnist_detection_boxes_are_the_strokes(tmp_path, wheel):
             assert y2 - y1 + 1 >= 4  # a bar of 4 rows at least 28 px tall, scaled up
             covered[y1 : y2 + 1, x1 : x2 + 1] = True
         assert not (strokes & ~covered).sum() > 0.01 * strokes.sum()  # no unboxed digit
+
+
+def test_textures_imagefolder_with_disjoint_bands(tmp_path, monkeypatch):
+    """Each split's crops come from its own band of rows of each picture: a picture whose row
+    index is its value shows which band every crop was cut from."""
+    from skimage import data
+
+    ramp = np.repeat(np.linspace(0, 250, 500).astype(np.uint8)[:, None], 300, axis=1)  # value = row / 2
+    for picture in bench_sets.TEXTURES.values():
+        monkeypatch.setattr(data, picture, lambda ramp=ramp: ramp)
+    root = bench_sets.make_textures_set(tmp_path / "textures", seed=0, per_class=(6, 3, 3))
+    bands = {"train": (0, 0.6), "val": (0.6, 0.78), "test": (0.78, 1.0)}
+    for split, n in (("train", 6), ("val", 3), ("test", 3)):
+        ds = ImageFolderDataset(root, split)
+        assert ds.classes == sorted(bench_sets.TEXTURES) and len(ds) == 5 * n
+        for f in (root / split).rglob("*.jpg"):
+            img = Image.open(f)
+            assert img.mode == "RGB" and img.width == img.height and 48 <= img.width <= 128
+    # without the brightness / contrast jitter the ramp's crops show the rows they were cut from
+    root = bench_sets.make_textures_set(tmp_path / "plain", seed=0, per_class=(6, 3, 3), jitter=False)
+    for split, (lo, hi) in bands.items():
+        for f in (root / split).rglob("*.jpg"):
+            values = np.asarray(Image.open(f).convert("L"), dtype=np.float32)
+            rows = values / 250 * 499  # back to the picture's rows (rotations keep the values)
+            assert rows.min() >= lo * 500 - 4 and rows.max() <= hi * 500 + 4, (split, f.name)

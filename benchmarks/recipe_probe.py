@@ -10,7 +10,8 @@ centre crop). Usage::
     OMP_NUM_THREADS=1 python benchmarks/recipe_probe.py '{"model": "vgg", "w": 16}' vgg-style
 
 Keys: data (default /tmp/shapes), size, epochs, lr, wd, warm, scale, jitter,
-alphastd, grey, bs, ls, onecycle, fcstd (fc6 / fc7 init std), headlr (lr
+alphastd, grey, bs, ls, onecycle, fcstd (fc6 / fc7 init std), fcinit
+(``kaiming``: fc6 / fc7 He-initialised), clszero (the classifier starts at 0), headlr (lr
 multiplier of fc6-fc8), poolbn (batch norm on the pooled vector), head
 (``linear``: the pyramid straight into the classifier, no fc6 / fc7), and any
 ``get_model`` argument (model, width, fc_dim, norm, fc_norm, levels);

@@ -588,19 +588,20 @@ class SPPDetector(nn.Module):
                     h, w = self.backbone.feature_size(sc.height, sc.width)
                     maps.append(image.new_zeros((self.backbone.feature_channels, h, w)))
                     continue
+            resized = resize_image(image[None], sc.height, sc.width)
             if regions:
-                maps.append(self._window_cells(image, sel, sc))
+                maps.append(self._window_cells(resized, sel, sc))
             else:
-                maps.append(self.conv5(resize_image(image[None], sc.height, sc.width))[0])
+                maps.append(self.conv5(resized)[0])
         return maps, list(scales)
 
-    def _window_cells(self, image: Tensor, boxes: Tensor, sc: Scale) -> Tensor:
-        """conv5 of ``image`` (``Tensor[3, H, W]``) resized to scale ``sc``, at the cells ``boxes`` read.
+    def _window_cells(self, resized: Tensor, boxes: Tensor, sc: Scale) -> Tensor:
+        """conv5 of ``resized`` (``Tensor[1, 3, H, W]``, scale ``sc``) at the cells ``boxes`` read.
 
         See :meth:`feature_maps`; the other cells are 0.
         """
         backbone, stride = self.backbone, self.stride
-        height, width = sc.height, sc.width
+        height, width = resized.shape[-2:]
         h, w = backbone.feature_size(height, width)
         n = len(boxes)
         cells = self.map_windows_rows(
@@ -623,9 +624,8 @@ class SPPDetector(nn.Module):
             crops.append((x1, y1, x2, y2, left, top, right, bottom))
             pixels += (bottom - top + 1) * (right - left + 1)
         if crops is None or pixels >= height * width:
-            return self.conv5(resize_image(image[None], height, width))[0]
-        resized = resize_image(image[None], height, width)
-        out = image.new_zeros((backbone.feature_channels, h, w))
+            return self.conv5(resized)[0]
+        out = resized.new_zeros((backbone.feature_channels, h, w))
         for x1, y1, x2, y2, left, top, right, bottom in crops:
             fmap = self.conv5(resized[:, :, top : bottom + 1, left : right + 1])[0]
             dx, dy = left // stride, top // stride

@@ -54,7 +54,11 @@ fcstd = args.pop("fcstd", None)
 fcinit = args.pop("fcinit", None)
 clszero = args.pop("clszero", 0)
 headlr = args.pop("headlr", 1.0)
+fclr = args.pop("fclr", None)
+ema_decay = args.pop("ema", 0.0)
+lr_steps = args.pop("steps", [])
 poolbn = args.pop("poolbn", 0)
+lvlscale = args.pop("lvlscale", 0.0)
 tr = ImageFolderDataset(root, "train")
 va = ImageFolderDataset(root, "val")
 K = len(tr.classes)
@@ -100,10 +104,21 @@ else:
         nn.init.zeros_(model.classifier.weight)
     if poolbn:  # batch norm on the pooled vector, before fc6
         model.fc = nn.Sequential(nn.BatchNorm1d(model.pooled_dim), *model.fc)
+    if lvlscale:  # each pyramid level's n*n*C values scaled by n**-lvlscale before fc6
+        c5 = model.feature_channels
+        w = torch.cat([torch.full((c5 * n * n,), float(n) ** -lvlscale) for n in model.levels])
+
+        class _Scale(nn.Module):
+            def forward(self, x):
+                return x * w
+
+        model.fc = nn.Sequential(_Scale(), *model.fc)
 groups = []
 parts = [(model, 1.0)]
 if headlr != 1.0:
     parts = [(model.features, 1.0), (nn.ModuleList([model.fc, model.classifier]), headlr)]
+if fclr is not None:  # lr multiplier of fc6 / fc7 only (the classifier keeps 1)
+    parts = [(nn.ModuleList([model.features, model.classifier]), 1.0), (model.fc, fclr)]
 for part, mult in parts:
     ps = list(part.named_parameters())
     groups += [
@@ -123,6 +138,11 @@ def cen(im):
 
 VX = torch.stack([cen(im) for im, _ in vimgs])
 VY = torch.tensor([label for _, label in vimgs])
+ema = None
+if ema_decay:  # an exponential moving average of the weights and the batch-norm statistics
+    ema = torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(ema_decay), use_buffers=True
+    )
 t0 = time.perf_counter()
 step = 0
 out = []
@@ -151,6 +171,7 @@ for ep in range(epochs):
             cur = lr * (f / 0.15 if f < 0.15 else 0.5 * (1 + math.cos(math.pi * (f - 0.15) / 0.85)))
         else:
             cur = lr * min(1, (step + 1) / (warm * steps_per)) if warm > 0 else lr
+            cur *= 0.1 ** sum(ep >= s for s in lr_steps)
         for gr in opt.param_groups:
             gr["lr"] = cur * gr.get("mult", 1.0)
         lo = model(x)
@@ -159,6 +180,8 @@ for ep in range(epochs):
         loss.backward()
         opt.step()
         step += 1
+        if ema is not None:
+            ema.update_parameters(model)
         corr += (lo.argmax(1) == y).sum().item()
         lsum += loss.item() * len(idx)
     if ep % 3 == 2 or ep == epochs - 1:
@@ -168,7 +191,12 @@ for ep in range(epochs):
             for j in range(0, len(VX), 100):
                 c += (model(VX[j : j + 100]).argmax(1) == VY[j : j + 100]).sum().item()
         v = c / len(VX)
+        if ema is not None:
+            ema.eval()
+            with torch.no_grad():
+                c = sum((ema(VX[j : j + 100]).argmax(1) == VY[j : j + 100]).sum().item() for j in range(0, len(VX), 100))
+            out.append(f"ema{ep + 1}:{c / len(VX):.3f}")
     else:
         v = float("nan")
-    out.append(f"{ep + 1}:{corr / len(imgs):.2f}/{v:.2f}")
+    out.append(f"{ep + 1}:{corr / len(imgs):.2f}/{v:.3f}")
 print(name, f"{time.perf_counter() - t0:.0f}s", " ".join(out), flush=True)

@@ -13,8 +13,11 @@ Keys: data (default /tmp/shapes), size, epochs, lr, wd, warm, scale, jitter,
 alphastd, grey, bs, ls, onecycle, fcstd (fc6 / fc7 init std), fcinit
 (``kaiming``: fc6 / fc7 He-initialised), clszero (the classifier starts at 0), headlr (lr
 multiplier of fc6-fc8), poolbn (batch norm on the pooled vector), head
-(``linear``: the pyramid straight into the classifier, no fc6 / fc7), and any
-``get_model`` argument (model, width, fc_dim, norm, fc_norm, levels);
+(``linear``: the pyramid straight into the classifier, no fc6 / fc7), lvlscale
+(level n's values times n**-lvlscale before fc6), fclr (lr multiplier of fc6 / fc7
+only), ema (decay of a weight average, validated beside the raw weights), steps
+(epochs from which lr / 10), aux (weight of an auxiliary classifier's loss on
+conv5's global max pool), and any ``get_model`` argument (model, width, fc_dim, norm, fc_norm, levels);
 ``model: vgg`` is a plain 3x3 batch-norm CNN of width ``w`` with global max pooling, the reference point.
 """
 
@@ -56,6 +59,7 @@ clszero = args.pop("clszero", 0)
 headlr = args.pop("headlr", 1.0)
 fclr = args.pop("fclr", None)
 ema_decay = args.pop("ema", 0.0)
+aux_w = args.pop("aux", 0.0)
 lr_steps = args.pop("steps", [])
 poolbn = args.pop("poolbn", 0)
 lvlscale = args.pop("lvlscale", 0.0)
@@ -113,6 +117,10 @@ else:
                 return x * w
 
         model.fc = nn.Sequential(_Scale(), *model.fc)
+aux_head = None
+if aux_w:  # an auxiliary classifier on the globally max-pooled conv5 (training only)
+    aux_head = nn.Linear(model.feature_channels, K)
+    model.aux_head = aux_head
 groups = []
 parts = [(model, 1.0)]
 if headlr != 1.0:
@@ -174,8 +182,15 @@ for ep in range(epochs):
             cur *= 0.1 ** sum(ep >= s for s in lr_steps)
         for gr in opt.param_groups:
             gr["lr"] = cur * gr.get("mult", 1.0)
-        lo = model(x)
-        loss = F.cross_entropy(lo, y, label_smoothing=ls)
+        if aux_head is not None:
+            maps = model.forward_features(x)
+            lo = model.forward_head(maps)
+            loss = F.cross_entropy(lo, y, label_smoothing=ls) + aux_w * F.cross_entropy(
+                aux_head(maps.amax(dim=(2, 3))), y, label_smoothing=ls
+            )
+        else:
+            lo = model(x)
+            loss = F.cross_entropy(lo, y, label_smoothing=ls)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -194,7 +209,9 @@ for ep in range(epochs):
         if ema is not None:
             ema.eval()
             with torch.no_grad():
-                c = sum((ema(VX[j : j + 100]).argmax(1) == VY[j : j + 100]).sum().item() for j in range(0, len(VX), 100))
+                c = sum(
+                    (ema(VX[j : j + 100]).argmax(1) == VY[j : j + 100]).sum().item() for j in range(0, len(VX), 100)
+                )
             out.append(f"ema{ep + 1}:{c / len(VX):.3f}")
     else:
         v = float("nan")

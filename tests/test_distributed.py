@@ -156,6 +156,8 @@ def test_two_gloo_processes_match_one_process(tmp_path):
         "8",
         "--lr",
         "0.05",
+        "--aux-weight",
+        "1",  # the auxiliary classifier trains under DDP with the network
         "--workers",
         "0",
         "--device",

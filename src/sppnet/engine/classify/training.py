@@ -90,7 +90,7 @@ from sppnet.utils import (
     save_json,
 )
 
-__all__ = ["TrainingInterrupted", "build_model", "build_optimizer", "build_lr_schedule", "train"]
+__all__ = ["AuxiliaryHead", "TrainingInterrupted", "build_model", "build_optimizer", "build_lr_schedule", "train"]
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -118,6 +118,31 @@ def build_model(cfg: ClassifyConfig, num_classes: int, pretrained: bool = True) 
     if cfg.schedule != "single":
         check_size(model, cfg.small_size, "small_size")
     return model
+
+
+class AuxiliaryHead(nn.Module):
+    """The network and, for training only, a linear classifier on conv5's global max pool.
+
+    ``forward(x)`` returns ``(logits, aux_logits)``: the network's own, and the
+    auxiliary classifier's on the per-channel maximum of the conv5 maps (the
+    value the pyramid's 1x1 bin holds). Its loss (``aux_weight`` times its
+    cross-entropy) gives the conv layers a direct class signal from the first
+    step, which the pyramid's wide fc6 input does not (benchmarks/README.md,
+    "An auxiliary classifier on the 1x1 bin"); it is beyond the paper. The
+    network is ``self.model``; the auxiliary layer (``self.aux``) is saved in
+    the resumable checkpoint only, never with the model.
+    """
+
+    def __init__(self, model: nn.Module, num_classes: int) -> None:
+        super().__init__()
+        self.model = model
+        self.aux = nn.Linear(model.feature_channels, num_classes)
+        nn.init.normal_(self.aux.weight, 0.0, 0.01)
+        nn.init.zeros_(self.aux.bias)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        maps = self.model.forward_features(x)
+        return self.model.forward_head(maps), self.aux(maps.amax(dim=(-2, -1)))
 
 
 def build_optimizer(cfg: ClassifyConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -352,7 +377,11 @@ def _train(
     model = build_model(cfg, len(classes), pretrained=not resume).to(ctx.device)  # same initial weights on every rank
     if ctx.rank:
         torch.manual_seed(derive_seed(cfg.seed, ctx.rank))  # own dropout masks per rank
-    optimizer = build_optimizer(cfg, model)
+    # --aux-weight: the auxiliary classifier trains with the network (and under DDP with it);
+    # with every conv layer frozen (--freeze conv) its loss would reach nothing that is trained
+    aux = cfg.aux_weight > 0 and cfg.freeze != "conv"
+    trainee: nn.Module = AuxiliaryHead(model, len(classes)).to(ctx.device) if aux else model
+    optimizer = build_optimizer(cfg, trainee)
     schedule = SizeSchedule(cfg.schedule, cfg.size, cfg.small_size, cfg.seed)
     lr_schedule = build_lr_schedule(cfg, len(classes) if val_set is not None else None)
     metrics = MetricsLog(out / "metrics.csv")
@@ -361,6 +390,8 @@ def _train(
     if resume:
         state = load_state(out / "last.safetensors")
         model.load_state_dict(state["model"])
+        if isinstance(trainee, AuxiliaryHead):
+            trainee.aux.load_state_dict(state["aux"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         if "lr_schedule" in state:  # absent in runs written before the plateau rule (fixed steps only)
@@ -388,7 +419,7 @@ def _train(
     # --compile: conv layers compiled for every forward of this run; the weights saved are
     # model's own (the compiled module is no part of its state_dict)
     compile_conv_layers(model, cfg.compile)
-    ddp_model = wrap_model(model, ctx)
+    ddp_model = wrap_model(trainee, ctx)
 
     if say:
         print(
@@ -436,7 +467,7 @@ def _train(
             weights = [ctx.world_size / size for size in sampler.global_sizes()]
             t0 = time.perf_counter() - elapsed
             scaler = grad_scaler(ctx.device, cfg.amp)  # fp16 on CUDA only; else it passes values through
-            model.train()
+            trainee.train()
             steps = start_step + len(loader)
             bar = progress(loader, desc=f"epoch {epoch + 1}/{cfg.epochs} @{epoch_size}", total=len(loader), enabled=say)
             step = start_step
@@ -447,20 +478,28 @@ def _train(
                 x = transform.photometric(pixels.to(ctx.device, non_blocking=True), colour)
                 y = y.to(ctx.device, non_blocking=True)
                 with autocast_context(ctx.device, cfg.amp):
-                    logits = ddp_model(x)
+                    if aux:
+                        logits, aux_logits = ddp_model(x)
+                        aux_losses = F.cross_entropy(
+                            aux_logits.float(), y, label_smoothing=cfg.label_smoothing, reduction="none"
+                        )
+                    else:
+                        logits, aux_losses = ddp_model(x), None
                     losses = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing, reduction="none")
-                    loss = losses.mean()  # this rank's mean (reported)
+                    loss = losses.mean()  # this rank's mean of the network's own loss (reported)
+                    if aux_losses is not None:
+                        losses = losses + cfg.aux_weight * aux_losses
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(losses.sum() * weight).backward()
                 scaler.step(optimizer)
                 scaler.update()
                 totals.add(loss, logits, y)
                 step += 1
-                _check_loss(float(loss.detach()), ctx, out, epoch, step, steps, lr)
+                _check_loss(float(losses.detach().mean()), ctx, out, epoch, step, steps, lr)
                 if step < steps and _stop_requested(interrupt, ctx):
                     seconds = time.perf_counter() - t0
                     _checkpoint(
-                        out, ctx, model, optimizer, schedule, lr_schedule, epoch, step, totals, seconds, trained
+                        out, ctx, trainee, optimizer, schedule, lr_schedule, epoch, step, totals, seconds, trained
                     )
                     _interrupted(out, ctx, epoch, step, resume_hint)
             del bar, loader
@@ -498,7 +537,7 @@ def _train(
                     last_plot = time.monotonic()
             if cfg.time_budget is not None and trained + (lr_schedule.pace() or 0.0) > cfg.time_budget:
                 lr_schedule.stopped = True  # the next epoch would end past the budget
-            _checkpoint(out, ctx, model, optimizer, schedule, lr_schedule, epoch + 1, 0, totals, 0.0, trained)
+            _checkpoint(out, ctx, trainee, optimizer, schedule, lr_schedule, epoch + 1, 0, totals, 0.0, trained)
             if say:
                 val = f" val top-1 {row['val_top1']:.3f} top-5 {row['val_top5']:.3f}" if "val_top1" in row else ""
                 print(
@@ -527,8 +566,14 @@ def _checkpoint(
     elapsed: float,
     trained: float,
 ) -> None:
-    """``last.safetensors``: the resumable state (all ranks' RNG states and counters)."""
+    """``last.safetensors``: the resumable state (all ranks' RNG states and counters).
+
+    ``model`` is the network, or the :class:`AuxiliaryHead` that trains it (whose
+    auxiliary layer is saved as ``aux``).
+    """
     check_finite_tensors(model, "model parameters", hint="lower --lr and train again")  # nothing non-finite is saved
+    aux = model.aux.state_dict() if isinstance(model, AuxiliaryHead) else None
+    model = model.model if isinstance(model, AuxiliaryHead) else model
     rngs = all_gather_objects(capture_rng_state(), ctx)
     runs = all_gather_objects(totals.as_list(), ctx)
     if ctx.is_main:
@@ -544,6 +589,8 @@ def _checkpoint(
             "elapsed": float(elapsed),
             "trained": float(trained),  # seconds of the completed epochs (for time_budget)
         }
+        if aux is not None:
+            state["aux"] = aux
         save_state(out / "last.safetensors", state)
     barrier(ctx)
 

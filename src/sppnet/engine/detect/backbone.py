@@ -220,7 +220,9 @@ def pretrain_config(cfg: DetectConfig, recipe: str | None = None):
         recipe = AUTO_RECIPES[0]
     if recipe not in ("paper", "modern"):
         raise ValueError(f"recipe must be paper or modern, got {recipe!r}")
-    settings = dict(PAPER_RECIPE) if recipe == "paper" else {}
+    # modern: without the auxiliary classifier of the classification defaults, which was
+    # measured on classification only (seventeenth session); the detector's pretraining is as before
+    settings = dict(PAPER_RECIPE) if recipe == "paper" else {"aux_weight": 0.0}
     settings["lr_schedule"] = "steps"
     return ClassifyConfig(
         **settings,
